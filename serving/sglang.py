@@ -1,0 +1,190 @@
+"""The SGLang command lines: `sglang serve` and `sglang.compile_deep_gemm`, built from a profile.
+
+Two facts shape this module (see REFERENCE.md):
+- compile_deep_gemm IGNORES `--config`, so every flag is passed on the command line, and the
+  compile run gets exactly the serve run's flags; kernels compiled for other shapes are useless.
+- The DeepGEMM cache is only worth something if serving finds it: its key names everything that
+  changes which kernels get compiled.
+
+Profiles are checked against a table of SGLang's options (serving/sglang_flags/<version>.json,
+dumped from SGLang's own parser; tests/test_sglang_contract.py keeps it honest), so a renamed or
+misspelled flag fails when the profile loads, without importing SGLang or torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cache
+from pathlib import Path, PurePath
+
+from pydantic import BaseModel
+
+from serving.profile import FlagValue, Profile
+
+FLAG_TABLES = Path(__file__).parent / "sglang_flags"
+
+SERVE_ENTRYPOINT = ["sglang", "serve"]
+COMPILE_ENTRYPOINT = ["python3", "-m", "sglang.compile_deep_gemm"]
+COMPILE_SUCCESS_LINE = "DeepGEMM Kernels compilation finished successfully."
+
+# Flags that change which GEMM kernels are built (shapes, dtypes, backends, parallel layout).
+# Part of the DeepGEMM cache key; flags outside this set (parsers, metrics, timeouts) are
+# passed to the compile run too, but changing them does not invalidate compiled kernels.
+KERNEL_SHAPING_FLAGS = frozenset(
+    {
+        "attention-backend",
+        "dsa-decode-backend",
+        "dsa-prefill-backend",
+        "moe-runner-backend",
+        "moe-a2a-backend",
+        "fp8-gemm-backend",
+        "quantization",
+        "dtype",
+        "kv-cache-dtype",
+        "dp-size",
+        "enable-dp-attention",
+        "enable-flashinfer-allreduce-fusion",
+        "speculative-algorithm",
+        "speculative-num-steps",
+        "speculative-eagle-topk",
+        "speculative-num-draft-tokens",
+        "chunked-prefill-size",
+        "max-prefill-tokens",
+        "max-running-requests",
+        "cuda-graph-max-bs-decode",
+        "cuda-graph-max-bs-prefill",
+    }
+)
+
+
+class FlagSpec(BaseModel):
+    takes_value: bool
+    choices: list[str] | None = None
+
+
+class Command(BaseModel):
+    """A process to start: its argv and the environment it adds to the container's."""
+
+    argv: list[str]
+    env: dict[str, str]
+
+
+@cache
+def flag_table(version: str) -> dict[str, FlagSpec]:
+    path = FLAG_TABLES / f"{version}.json"
+    if not path.is_file():
+        raise ValueError(f"no SGLang {version} flag table ({path.name}); pin a supported version")
+    options = json.loads(path.read_text())
+    return {name: FlagSpec.model_validate(spec) for name, spec in options.items()}
+
+
+def check_flags(profile: Profile) -> None:
+    """Reject flags SGLang would reject, naming the profile field. No-op for other engines."""
+    engine = profile.engine
+    if engine.kind != "sglang":
+        return
+    table = flag_table(engine.version)
+    for name, value in engine.flags.items():
+        field = f"engine.flags.{name}"
+        spec = table.get(f"--{name}")
+        if spec is None:
+            raise ValueError(f"{field}: SGLang {engine.version} has no flag --{name}")
+        if not spec.takes_value and value is not True:
+            raise ValueError(f"{field}: --{name} is a switch; write `true` or leave it out")
+        if spec.takes_value and isinstance(value, bool):
+            raise ValueError(f"{field}: --{name} takes a value, not {value}")
+        if spec.choices is not None and str(value) not in spec.choices:
+            raise ValueError(f"{field}: {value!r} is not one of {spec.choices}")
+
+
+def _flag_args(flags: dict[str, FlagValue]) -> list[str]:
+    args: list[str] = []
+    for name, value in flags.items():
+        args.append(f"--{name}")
+        if value is not True:
+            args.append(str(value))
+    return args
+
+
+def _model_args(profile: Profile, weights_path: PurePath) -> list[str]:
+    return [
+        "--model-path", str(weights_path),
+        "--tp-size", str(profile.resources.tp),
+        "--ep-size", str(profile.resources.ep),
+    ]  # fmt: skip
+
+
+def serve_command(
+    profile: Profile,
+    *,
+    weights_path: PurePath,
+    deepgemm_path: PurePath | None,
+    port: int,
+    host: str = "0.0.0.0",
+    secrets_config: PurePath | None = None,
+) -> Command:
+    """`sglang serve` for a release. The API key never goes on the argv (it would show in `ps`
+    and in logs): the supervisor writes it to a private YAML file passed as `--config`."""
+    argv = [
+        *SERVE_ENTRYPOINT,
+        *_model_args(profile, weights_path),
+        "--served-model-name", profile.served_model_name,
+        "--host", host,
+        "--port", str(port),
+        *_flag_args(profile.engine.flags),
+    ]  # fmt: skip
+    if secrets_config is not None:
+        argv += ["--config", str(secrets_config)]
+    # Weights are on the volume, verified; reaching for the Hub at serve time is a bug.
+    env = {**profile.engine.env, "HF_HUB_OFFLINE": "1"}
+    if deepgemm_path is not None:
+        env["SGLANG_DG_CACHE_DIR"] = str(deepgemm_path)
+    return Command(argv=argv, env=env)
+
+
+def compile_command(
+    profile: Profile,
+    *,
+    weights_path: PurePath,
+    deepgemm_path: PurePath,
+    port: int,
+    timeout_seconds: int,
+) -> Command:
+    """compile_deep_gemm with the serve flags, spelled out (it ignores `--config`)."""
+    argv = [
+        *COMPILE_ENTRYPOINT,
+        *_model_args(profile, weights_path),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        *_flag_args(profile.engine.flags),
+        "--timeout", str(timeout_seconds),
+    ]  # fmt: skip
+    env = {**profile.engine.env, "HF_HUB_OFFLINE": "1", "SGLANG_DG_CACHE_DIR": str(deepgemm_path)}
+    return Command(argv=argv, env=env)
+
+
+def deepgemm_cache_key(profile: Profile, model_config: bytes) -> str:
+    """What the compiled kernels depend on: a different key means a different cache entry.
+
+    `model_config` is the raw bytes of the revision's config.json (hidden sizes, expert counts
+    and quantization decide the GEMM shapes).
+    """
+    kernel_flags = {
+        name: value
+        for name, value in sorted(profile.engine.flags.items())
+        if name in KERNEL_SHAPING_FLAGS
+    }
+    material = {
+        "sglang": profile.engine.version,
+        "image": profile.engine.image,
+        "gpu": profile.resources.gpu,
+        "architecture": profile.resources.architecture,
+        "tp": profile.resources.tp,
+        "ep": profile.resources.ep,
+        "model_config_sha256": hashlib.sha256(model_config).hexdigest(),
+        "kernel_flags": kernel_flags,
+        "engine_env": dict(sorted(profile.engine.env.items())),
+    }
+    digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+    return digest[:32]

@@ -1,0 +1,69 @@
+"""`rollout plan`: the whole plan offline, and one line + exit 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from serving.profile import available_models
+
+ROLLOUT = [sys.executable, "-m", "rollout.cli"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*ROLLOUT, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("name", available_models())
+def test_plan_json_for_every_profile(name: str) -> None:
+    result = run("plan", name, "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["model"] == name
+    assert plan["serve"]["argv"]
+    assert plan["probes"] and plan["canary_steps"][-1]["weight"] == 100
+
+
+def test_glm51_plan_has_the_dsa_flags_and_the_compile_line() -> None:
+    plan = json.loads(run("plan", "glm-5.1", "--json").stdout)
+    argv = plan["serve"]["argv"]
+    assert argv[argv.index("--attention-backend") + 1] == "dsa"
+    assert argv[argv.index("--dsa-decode-backend") + 1] == "trtllm"
+    assert plan["compile"]["argv"][:3] == ["python3", "-m", "sglang.compile_deep_gemm"]
+    assert plan["gpu"] == "B200:8"
+    assert plan["revision"]["policy"] == "follow"
+
+
+def test_pinned_revision_shows_in_paths_and_app_names() -> None:
+    sha = "f" * 40
+    plan = json.loads(run("plan", "glm-4.7", "--revision", sha, "--json").stdout)
+    assert plan["revision"]["policy"] == "pinned"
+    assert f"glm-4.7-{sha[:8]}" in plan["apps"]
+    assert any(arg.endswith(f"/{sha}") for arg in plan["serve"]["argv"])
+
+
+def test_text_plan_is_readable() -> None:
+    result = run("plan", "qwen3-8b")
+    assert result.returncode == 0
+    assert "H100!:1" in result.stdout and "canary" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["plan", "glm-9"], "unknown model 'glm-9'"),
+        (["plan", "glm-5.1", "--revision", "abc1234"], "looks like a commit"),
+        (["plan", "glm-5.1", "--revision", "x..y"], "neither a 40-hex commit nor a branch"),
+        (["plan"], "the following arguments are required: model"),
+        (["plan", "glm-5.1", "--colour"], "unrecognized arguments: --colour"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
+    result = run(*args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
