@@ -1,0 +1,42 @@
+"""FAKE compile_deep_gemm, for fault injection only: it behaves like the real one's process
+structure (a parent that spawns a "server" child and polls it) so tests can make the child
+die, hang, or the parent lie about success — none of which a real GPU-less run can produce.
+
+    fake_compile_deep_gemm.py MODE [ignored server flags...]
+MODE: ok | child-dies | no-success-line | exit-1 | hang
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+import time
+
+SUCCESS = "DeepGEMM Kernels compilation finished successfully."
+
+
+def server(mode: str) -> None:
+    print("server: capturing DeepGEMM calls", flush=True)
+    if mode == "child-dies":
+        time.sleep(0.5)
+        raise SystemExit(7)
+    time.sleep(3600 if mode == "hang" else 0.5)
+
+
+def main() -> None:
+    mode = sys.argv[1]
+    print("Begin DeepGEMM Kernels compilation...", flush=True)
+    child = multiprocessing.Process(target=server, args=(mode,))
+    child.start()
+    # Like the real tool: poll the server and never notice it died (until a long timeout).
+    if mode in ("child-dies", "hang"):
+        time.sleep(3600)
+    child.join()
+    if mode == "exit-1":
+        raise SystemExit(1)
+    if mode != "no-success-line":
+        print(SUCCESS, flush=True)
+
+
+if __name__ == "__main__":
+    main()
