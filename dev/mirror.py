@@ -1,0 +1,854 @@
+"""A local Hugging-Face-compatible mirror, for tests and benchmarks.
+
+It serves a directory of model repos over loopback with exactly the routes that the real
+`huggingface_hub` client uses (snapshot_download, hf_hub_download, HfApi.model_info/list_repo_tree/
+list_repo_refs), so the production download path runs unchanged against it via `HF_ENDPOINT`.
+Fault knobs (throttle, cut, 5xx, corrupt) make failure modes reproducible.
+
+    with run_mirror(root) as mirror:
+        snapshot_download(repo_id, revision=sha, endpoint=mirror.url, local_dir=...)
+
+    python -m dev.mirror --root DIR --port N
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path, PurePosixPath
+from types import FrameType
+from typing import Any, BinaryIO, Literal
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from pydantic import BaseModel, Field
+
+KiB = 1024
+MiB = 1024 * KiB
+
+# HF stores files of 1 MiB or more, and weight formats of any size, in LFS; the client then
+# expects the sha256 as ETag and the LFS metadata in listings.
+LFS_MIN_SIZE = 1 * MiB
+LFS_SUFFIXES = (".safetensors", ".bin", ".gguf")
+# Large enough that a 1 GiB pull is not dominated by per-chunk overhead.
+STREAM_CHUNK = 1 * MiB
+# Throttled responses send small slices so the pacing is smooth rather than bursty.
+THROTTLE_SLICES_PER_S = 20
+# snapshot_download opens 8 connections at once; leave headroom for several clients.
+LISTEN_BACKLOG = 128
+# An idle keep-alive connection is dropped after this long so a crashed client cannot pin a thread.
+IDLE_CONNECTION_TIMEOUT_S = 60.0
+
+COMMIT_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+HF_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S.000Z"
+CONTROL_PREFIX = "/_mirror/"
+LFS_SPEC = "https://git-lfs.github.com/spec/v1"
+
+FileSource = Path | bytes
+
+
+# --------------------------------------------------------------------------------------------
+# On-disk store
+# --------------------------------------------------------------------------------------------
+
+
+class LfsMeta(BaseModel):
+    sha256: str
+    pointer_size: int
+    # Git stores the pointer text, not the content: HF reports the pointer's blob id as `oid`.
+    pointer_blob_id: str
+
+
+class FileMeta(BaseModel):
+    path: str
+    size: int
+    git_sha1: str  # git blob sha1 of the content itself
+    lfs: LfsMeta | None = None
+
+    @property
+    def blob_id(self) -> str:
+        return self.lfs.pointer_blob_id if self.lfs else self.git_sha1
+
+    @property
+    def etag(self) -> str:
+        return self.lfs.sha256 if self.lfs else self.git_sha1
+
+
+class RevisionMeta(BaseModel):
+    sha: str
+    parent: str | None
+    created_at: datetime
+    files: list[FileMeta]
+
+    def file(self, path: str) -> FileMeta | None:
+        return next((f for f in self.files if f.path == path), None)
+
+
+class Refs(BaseModel):
+    branches: dict[str, str] = Field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+def git_blob_sha1_header(size: int) -> bytes:
+    return b"blob %d\0" % size
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    return f"version {LFS_SPEC}\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+def is_lfs(path: str, size: int) -> bool:
+    return size >= LFS_MIN_SIZE or path.endswith(LFS_SUFFIXES)
+
+
+def hash_file(path: Path, repo_path: str) -> FileMeta:
+    """One pass over the file computes both the git sha1 and (for LFS files) the sha256."""
+    size = path.stat().st_size
+    git = hashlib.sha1(git_blob_sha1_header(size))
+    sha256 = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(STREAM_CHUNK):
+            git.update(chunk)
+            sha256.update(chunk)
+    lfs = None
+    if is_lfs(repo_path, size):
+        pointer = lfs_pointer(sha256.hexdigest(), size)
+        lfs = LfsMeta(
+            sha256=sha256.hexdigest(),
+            pointer_size=len(pointer),
+            pointer_blob_id=hashlib.sha1(git_blob_sha1_header(len(pointer)) + pointer).hexdigest(),
+        )
+    return FileMeta(path=repo_path, size=size, git_sha1=git.hexdigest(), lfs=lfs)
+
+
+def commit_sha(parent: str | None, files: Iterable[FileMeta]) -> str:
+    h = hashlib.sha1(f"parent {parent or ''}\n".encode())
+    for f in sorted(files, key=lambda f: f.path):
+        h.update(f"{f.path}\0{f.size}\0{f.git_sha1}\n".encode())
+    return h.hexdigest()
+
+
+def check_repo_id(repo_id: str) -> tuple[str, str]:
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(NAME_RE.match(p) for p in parts):
+        raise ValueError(f"repo_id must be 'org/name', got {repo_id!r}")
+    return parts[0], parts[1]
+
+
+def check_repo_path(path: str) -> str:
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or not pure.parts or any(p in ("", ".", "..") for p in pure.parts):
+        raise ValueError(f"invalid file path in repo: {path!r}")
+    return pure.as_posix()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
+
+
+def _place_file(source: FileSource, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(source, bytes):
+        dest.write_bytes(source)
+        return
+    try:
+        os.link(source, dest)  # revisions share weights without copying gigabytes
+    except OSError:
+        shutil.copyfile(source, dest)
+
+
+class MirrorStore:
+    """Repos on disk: `<root>/<org>/<name>/{refs.json, revisions/<sha>/..., revisions/<sha>.json}`.
+
+    The per-revision metadata (sizes, hashes) lives next to, not inside, the revision directory, so
+    it is never served as a repo file, and it is computed once at `add_revision` time.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._revision_cache: dict[tuple[str, str], RevisionMeta] = {}
+
+    def repo_dir(self, repo_id: str) -> Path:
+        org, name = check_repo_id(repo_id)
+        return self.root / org / name
+
+    def has_repo(self, repo_id: str) -> bool:
+        try:
+            return (self.repo_dir(repo_id) / "refs.json").is_file()
+        except ValueError:
+            return False
+
+    def refs(self, repo_id: str) -> Refs:
+        path = self.repo_dir(repo_id) / "refs.json"
+        return Refs.model_validate_json(path.read_text()) if path.is_file() else Refs()
+
+    def resolve(self, repo_id: str, revision: str) -> str | None:
+        """Branch, tag or full commit sha -> commit sha, or None if unknown."""
+        refs = self.refs(repo_id)
+        for table, prefix in ((refs.branches, "refs/heads/"), (refs.tags, "refs/tags/")):
+            name = revision.removeprefix(prefix)
+            if name in table:
+                return table[name]
+        if COMMIT_SHA_RE.match(revision) and self._meta_path(repo_id, revision).is_file():
+            return revision
+        return None
+
+    def revision(self, repo_id: str, sha: str) -> RevisionMeta:
+        key = (repo_id, sha)
+        with self._lock:
+            cached = self._revision_cache.get(key)
+        if cached is not None:
+            return cached
+        meta = RevisionMeta.model_validate_json(self._meta_path(repo_id, sha).read_text())
+        with self._lock:
+            self._revision_cache[key] = meta
+        return meta
+
+    def file_path(self, repo_id: str, sha: str, path: str) -> Path:
+        return self.repo_dir(repo_id) / "revisions" / sha / check_repo_path(path)
+
+    def add_revision(
+        self,
+        repo_id: str,
+        files: Mapping[str, FileSource],
+        *,
+        branch: str = "main",
+        tags: Iterable[str] = (),
+    ) -> str:
+        """Create a revision on top of `branch`, move the branch to it, tag it; return its sha."""
+        repo = self.repo_dir(repo_id)
+        revisions = repo / "revisions"
+        revisions.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            parent = self.refs(repo_id).branches.get(branch)
+            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=revisions))
+            try:
+                metas = []
+                for raw_path, source in sorted(files.items()):
+                    repo_path = check_repo_path(raw_path)
+                    _place_file(source, staging / repo_path)
+                    metas.append(hash_file(staging / repo_path, repo_path))
+                sha = commit_sha(parent, metas)
+                final = revisions / sha
+                if final.exists():
+                    shutil.rmtree(staging)
+                else:
+                    staging.rename(final)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            meta = RevisionMeta(sha=sha, parent=parent, created_at=datetime.now(UTC), files=metas)
+            if not self._meta_path(repo_id, sha).is_file():
+                _atomic_write_text(self._meta_path(repo_id, sha), meta.model_dump_json(indent=1))
+            refs = self.refs(repo_id)
+            refs.branches[branch] = sha
+            for tag in tags:
+                refs.tags[tag] = sha
+            _atomic_write_text(repo / "refs.json", refs.model_dump_json(indent=1))
+        return sha
+
+    def _meta_path(self, repo_id: str, sha: str) -> Path:
+        return self.repo_dir(repo_id) / "revisions" / f"{sha}.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Fault knobs
+# --------------------------------------------------------------------------------------------
+
+
+class PathFault(BaseModel):
+    # fnmatch glob over the decoded URL path, e.g. "*/resolve/*.safetensors"; "*" matches "/" too.
+    paths: str = "*"
+    # Apply to the first `times` matching requests only; None = every time.
+    times: int | None = Field(default=None, ge=1)
+    # Only these HTTP methods (e.g. ["GET"] to fail downloads but not HEAD); None = all.
+    methods: list[str] | None = None
+
+
+class CutFault(PathFault):
+    after_bytes: int = Field(ge=0)
+
+
+class ErrorFault(PathFault):
+    status: int = Field(default=500, ge=400, le=599)
+
+
+class CorruptFault(PathFault):
+    pass
+
+
+class Faults(BaseModel):
+    throttle_bytes_per_s: int | None = Field(default=None, gt=0)  # per connection
+    cut: CutFault | None = None
+    error: ErrorFault | None = None
+    corrupt: CorruptFault | None = None
+
+
+FaultKind = Literal["cut", "error", "corrupt"]
+
+
+class FaultState:
+    """The active knobs plus how many more times each limited fault may fire."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._faults = Faults()
+        self._fired: dict[FaultKind, int] = {}
+
+    def set(self, faults: Faults) -> None:
+        with self._lock:
+            self._faults = faults
+            self._fired = {}
+
+    @property
+    def current(self) -> Faults:
+        with self._lock:
+            return self._faults
+
+    def take(self, kind: FaultKind, method: str, path: str) -> PathFault | None:
+        """This kind of fault if it applies to the request now; firing counts toward `times`."""
+        with self._lock:
+            fault: PathFault | None = getattr(self._faults, kind)
+            if fault is None or not fnmatch.fnmatchcase(path, fault.paths):
+                return None
+            if fault.methods is not None and method.upper() not in fault.methods:
+                return None
+            fired = self._fired.get(kind, 0)
+            if fault.times is not None and fired >= fault.times:
+                return None
+            self._fired[kind] = fired + 1
+            return fault
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP server
+# --------------------------------------------------------------------------------------------
+
+
+class RequestRecord(BaseModel):
+    method: str
+    path: str
+    query: str = ""
+    status: int
+    range: str | None = None
+
+
+class HubError(Exception):
+    """An error answered the way the Hub does, so huggingface_hub raises its typed errors."""
+
+    def __init__(
+        self, status: int, code: str | None, message: str, commit: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.commit = commit
+
+
+def _repo_not_found(repo_id: str) -> HubError:
+    return HubError(404, "RepoNotFound", f"Repository not found: {repo_id}")
+
+
+def _revision_not_found(revision: str) -> HubError:
+    return HubError(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+
+
+def _entry_not_found(path: str, commit: str) -> HubError:
+    return HubError(404, "EntryNotFound", f"Entry not found: {path}", commit=commit)
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """`bytes=a-b`, `bytes=a-` or `bytes=-n` -> inclusive (start, end); None = whole file.
+
+    Raises ValueError for a syntactically valid but unsatisfiable range (-> 416).
+    """
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None  # no range, or a multi-range we choose not to support: serve the whole file
+    first, _, last = header.removeprefix("bytes=").strip().partition("-")
+    try:
+        if first == "":
+            start, end = max(size - int(last), 0), size - 1
+        else:
+            start = int(first)
+            end = min(int(last), size - 1) if last else size - 1
+    except ValueError:
+        return None
+    if start >= size or start > end:
+        raise ValueError(header)
+    return start, end
+
+
+class _MirrorHTTPServer(ThreadingHTTPServer):
+    daemon_threads = False  # stop() joins every handler thread
+    block_on_close = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, address: tuple[str, int], mirror: MirrorServer) -> None:
+        self.mirror = mirror
+        self.open_sockets: set[socket.socket] = set()
+        self.sockets_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the client's connection pool expects
+    timeout = IDLE_CONNECTION_TIMEOUT_S
+    server: _MirrorHTTPServer
+    # Set per request by _handle; empty while the request line is still unparsed.
+    _decoded_path = ""
+    _query = ""
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.sockets_lock:
+            self.server.open_sockets.add(self.connection)
+
+    def finish(self) -> None:
+        with contextlib.suppress(OSError):
+            super().finish()
+        with self.server.sockets_lock:
+            self.server.open_sockets.discard(self.connection)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # the structured request log replaces stderr noise
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        # Logged before the client can see any byte of the answer, so a test that has its
+        # response never races the log.
+        if self._decoded_path and not self._decoded_path.startswith(CONTROL_PREFIX):
+            self.mirror._record(
+                RequestRecord(
+                    method=self.command,
+                    path=self._decoded_path,
+                    query=self._query,
+                    status=code,
+                    range=self.headers.get("Range"),
+                )
+            )
+        super().send_response(code, message)
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_HEAD(self) -> None:
+        self._handle()
+
+    def do_POST(self) -> None:
+        self._handle()
+
+    def do_DELETE(self) -> None:
+        self._handle()
+
+    @property
+    def mirror(self) -> MirrorServer:
+        return self.server.mirror
+
+    def _handle(self) -> None:
+        split = urlsplit(self.path)
+        raw_segments = [s for s in split.path.split("/") if s]
+        decoded_path = unquote(split.path)
+        self._decoded_path = decoded_path  # what fault globs match against
+        self._query = split.query
+        if decoded_path.startswith(CONTROL_PREFIX):
+            self._control(decoded_path)
+            return
+        try:
+            self._route(decoded_path, raw_segments, parse_qs(split.query))
+        except HubError as e:
+            self._send_hub_error(e)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client went away mid-body
+
+    def _send_json(self, status: int, body: Any, headers: Mapping[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _send_hub_error(self, e: HubError) -> None:
+        headers = {"X-Error-Message": e.message}
+        if e.code:
+            headers["X-Error-Code"] = e.code
+        if e.commit:
+            headers["X-Repo-Commit"] = e.commit
+        self._send_json(e.status, {"error": e.message}, headers)
+
+    # -- control routes ---------------------------------------------------------------------
+
+    def _control(self, path: str) -> None:
+        route = (self.command, path.rstrip("/"))
+        if route == ("GET", "/_mirror/requests"):
+            self._send_json(200, [r.model_dump() for r in self.mirror.requests])
+        elif route == ("POST", "/_mirror/requests/clear"):
+            self.mirror.clear_requests()
+            self._send_json(200, {"ok": True})
+        elif route == ("GET", "/_mirror/faults"):
+            self._send_json(200, self.mirror.faults.model_dump())
+        elif route == ("POST", "/_mirror/faults"):
+            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                faults = Faults.model_validate_json(self.rfile.read(length) or b"{}")
+            except ValueError as e:
+                self._send_json(422, {"error": str(e)})
+                return
+            self.mirror.set_faults(faults)
+            self._send_json(200, faults.model_dump())
+        elif route == ("DELETE", "/_mirror/faults"):
+            self.mirror.clear_faults()
+            self._send_json(200, {"ok": True})
+        else:
+            self._send_json(404, {"error": f"no control route {self.command} {path}"})
+
+    # -- hub routes -------------------------------------------------------------------------
+
+    def _route(self, path: str, segs: list[str], query: dict[str, list[str]]) -> None:
+        error = self.mirror.fault_state.take("error", self.command, path)
+        if isinstance(error, ErrorFault):
+            raise HubError(error.status, None, f"injected fault: HTTP {error.status}")
+        if self.command not in ("GET", "HEAD"):
+            self.close_connection = True  # an unread request body would desync keep-alive
+            raise HubError(405, None, f"method {self.command} not allowed")
+
+        if len(segs) >= 4 and segs[:2] == ["api", "models"]:
+            repo_id = f"{unquote(segs[2])}/{unquote(segs[3])}"
+            rest = segs[4:]
+            if not rest:
+                return self._model_info(repo_id, "main", query)
+            if rest[0] == "revision" and len(rest) == 2:
+                return self._model_info(repo_id, unquote(rest[1]), query)
+            if rest[0] == "tree" and len(rest) >= 2:
+                sub = "/".join(unquote(s) for s in rest[2:])
+                return self._tree(repo_id, unquote(rest[1]), sub, query)
+            if rest == ["refs"]:
+                return self._refs(repo_id)
+        if len(segs) >= 5 and segs[2] == "resolve":
+            repo_id = f"{unquote(segs[0])}/{unquote(segs[1])}"
+            return self._resolve(repo_id, unquote(segs[3]), "/".join(unquote(s) for s in segs[4:]))
+        raise HubError(404, None, f"no route for {path}")
+
+    def _revision(self, repo_id: str, revision: str) -> RevisionMeta:
+        store = self.mirror.store
+        if not store.has_repo(repo_id):
+            raise _repo_not_found(repo_id)
+        sha = store.resolve(repo_id, revision)
+        if sha is None:
+            raise _revision_not_found(revision)
+        return store.revision(repo_id, sha)
+
+    def _model_info(self, repo_id: str, revision: str, query: dict[str, list[str]]) -> None:
+        rev = self._revision(repo_id, revision)
+        with_blobs = query.get("blobs", [""])[0].lower() in ("true", "1")
+        info = model_info_json(repo_id, rev, with_blobs=with_blobs)
+        expand = query.get("expand", []) + query.get("expand[]", [])
+        if expand:
+            # Like the Hub: an expanded request returns only the asked properties plus the ids.
+            info = {k: v for k, v in info.items() if k in ("_id", "id", *expand)}
+        self._send_json(200, info)
+
+    def _tree(self, repo_id: str, revision: str, sub: str, query: dict[str, list[str]]) -> None:
+        rev = self._revision(repo_id, revision)
+        recursive = query.get("recursive", [""])[0].lower() in ("true", "1")
+        entries = tree_json(rev, sub.strip("/"), recursive=recursive)
+        if entries is None:
+            raise _entry_not_found(sub, rev.sha)
+        self._send_json(200, entries)
+
+    def _refs(self, repo_id: str) -> None:
+        if not self.mirror.store.has_repo(repo_id):
+            raise _repo_not_found(repo_id)
+        self._send_json(200, refs_json(self.mirror.store.refs(repo_id)))
+
+    def _resolve(self, repo_id: str, revision: str, path: str) -> None:
+        rev = self._revision(repo_id, revision)
+        meta = rev.file(path)
+        if meta is None:
+            raise _entry_not_found(path, rev.sha)
+        try:
+            span = parse_range(self.headers.get("Range"), meta.size)
+        except ValueError:
+            self._send_json(
+                416,
+                {"error": "range not satisfiable"},
+                {
+                    "Content-Range": f"bytes */{meta.size}",
+                    "X-Repo-Commit": rev.sha,
+                },
+            )
+            return
+        start, end = span if span is not None else (0, meta.size - 1)
+        length = end - start + 1 if meta.size else 0
+
+        self.send_response(206 if span is not None else 200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(length))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", f'"{meta.etag}"')
+        self.send_header("X-Repo-Commit", rev.sha)
+        if meta.lfs is not None:
+            self.send_header("X-Linked-Etag", f'"{meta.lfs.sha256}"')
+            self.send_header("X-Linked-Size", str(meta.size))
+        if span is not None:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{meta.size}")
+        self.end_headers()
+        if self.command == "GET" and length:
+            with self.mirror.store.file_path(repo_id, rev.sha, path).open("rb") as f:
+                self._stream(f, start, length)
+
+    def _stream(self, f: BinaryIO, start: int, length: int) -> None:
+        faults = self.mirror.fault_state
+        throttle = faults.current.throttle_bytes_per_s
+        cut = faults.take("cut", self.command, self._decoded_path)
+        corrupt = faults.take("corrupt", self.command, self._decoded_path) is not None
+        if throttle is None and cut is None and not corrupt:
+            self.connection.sendfile(f, start, length)  # zero-copy fast path
+            return
+        limit = length if not isinstance(cut, CutFault) else min(length, cut.after_bytes)
+        chunk_size = STREAM_CHUNK
+        if throttle is not None:
+            chunk_size = max(1, min(STREAM_CHUNK, throttle // THROTTLE_SLICES_PER_S))
+        f.seek(start)
+        sent = 0
+        began = time.monotonic()
+        while sent < limit:
+            chunk = f.read(min(chunk_size, limit - sent))
+            if not chunk:
+                break
+            if corrupt:
+                chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]  # same length, different bytes
+            self.wfile.write(chunk)
+            sent += len(chunk)
+            if throttle is not None:
+                ahead = sent / throttle - (time.monotonic() - began)
+                if ahead > 0:
+                    time.sleep(ahead)
+        if sent < length:
+            # Promised Content-Length not delivered: the client must see a truncated body.
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime(HF_DATE_FORMAT)
+
+
+def model_info_json(repo_id: str, rev: RevisionMeta, *, with_blobs: bool) -> dict[str, Any]:
+    org, _ = check_repo_id(repo_id)
+    siblings: list[dict[str, Any]] = []
+    for f in rev.files:
+        sibling: dict[str, Any] = {"rfilename": f.path}
+        if with_blobs:
+            sibling |= {"size": f.size, "blobId": f.blob_id}
+            if f.lfs is not None:
+                sibling["lfs"] = {
+                    "sha256": f.lfs.sha256,
+                    "size": f.size,
+                    "pointerSize": f.lfs.pointer_size,
+                }
+        siblings.append(sibling)
+    return {
+        "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24],
+        "id": repo_id,
+        "modelId": repo_id,
+        "author": org,
+        "sha": rev.sha,
+        "lastModified": _iso(rev.created_at),
+        "createdAt": _iso(rev.created_at),
+        "private": False,
+        "disabled": False,
+        "gated": False,
+        "downloads": 0,
+        "likes": 0,
+        "tags": [],
+        "siblings": siblings,
+    }
+
+
+def _file_entry(f: FileMeta) -> dict[str, Any]:
+    entry: dict[str, Any] = {"type": "file", "oid": f.blob_id, "size": f.size, "path": f.path}
+    if f.lfs is not None:
+        entry["lfs"] = {"oid": f.lfs.sha256, "size": f.size, "pointerSize": f.lfs.pointer_size}
+    return entry
+
+
+def _dir_entry(rev: RevisionMeta, path: str) -> dict[str, Any]:
+    tree_id = hashlib.sha1(f"{rev.sha}:{path}".encode()).hexdigest()
+    return {"type": "directory", "oid": tree_id, "size": 0, "path": path}
+
+
+def tree_json(rev: RevisionMeta, sub: str, *, recursive: bool) -> list[dict[str, Any]] | None:
+    """Entries under directory `sub` ("" = root), or None if there is no such directory."""
+    prefix = f"{sub}/" if sub else ""
+    files = [f for f in rev.files if f.path.startswith(prefix)]
+    if sub and not files:
+        return None
+    dirs: set[str] = set()
+    entries: list[dict[str, Any]] = []
+    for f in files:
+        parents = PurePosixPath(f.path).parents
+        for parent in (p.as_posix() for p in parents):
+            if parent != "." and parent.startswith(prefix) and parent != sub:
+                dirs.add(parent)
+        if recursive or "/" not in f.path.removeprefix(prefix):
+            entries.append(_file_entry(f))
+    for d in dirs:
+        if recursive or "/" not in d.removeprefix(prefix):
+            entries.append(_dir_entry(rev, d))
+    return sorted(entries, key=lambda e: e["path"])
+
+
+def refs_json(refs: Refs) -> dict[str, Any]:
+    def ref_list(table: dict[str, str], kind: str) -> list[dict[str, str]]:
+        return [
+            {"name": name, "ref": f"refs/{kind}/{name}", "targetCommit": sha}
+            for name, sha in sorted(table.items())
+        ]
+
+    return {
+        "branches": ref_list(refs.branches, "heads"),
+        "tags": ref_list(refs.tags, "tags"),
+        "converts": [],
+        "pullRequests": [],
+    }
+
+
+class MirrorServer:
+    """The mirror on a loopback port; `start()`/`stop()` or use as a context manager."""
+
+    def __init__(self, root: Path | MirrorStore, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.store = root if isinstance(root, MirrorStore) else MirrorStore(root)
+        self.fault_state = FaultState()
+        self._log: list[RequestRecord] = []
+        self._log_lock = threading.Lock()
+        self._httpd = _MirrorHTTPServer((host, port), self)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._httpd.server_address[0]}:{self.port}"
+
+    # -- request log ------------------------------------------------------------------------
+
+    def _record(self, record: RequestRecord) -> None:
+        with self._log_lock:
+            self._log.append(record)
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        with self._log_lock:
+            return list(self._log)
+
+    def clear_requests(self) -> None:
+        with self._log_lock:
+            self._log.clear()
+
+    # -- faults -----------------------------------------------------------------------------
+
+    @property
+    def faults(self) -> Faults:
+        return self.fault_state.current
+
+    def set_faults(self, faults: Faults | None = None, **knobs: Any) -> Faults:
+        """Replace the active faults, e.g. `set_faults(cut=CutFault(after_bytes=10, times=1))`."""
+        faults = faults if faults is not None else Faults.model_validate(knobs)
+        self.fault_state.set(faults)
+        return faults
+
+    def clear_faults(self) -> None:
+        self.fault_state.set(Faults())
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> MirrorServer:
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name=f"mirror:{self.port}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        try:
+            self._httpd.serve_forever()
+        finally:
+            self._close()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._close()
+
+    def _close(self) -> None:
+        # Keep-alive handler threads block reading the next request: wake them so close() can join.
+        with self._httpd.sockets_lock:
+            for sock in list(self._httpd.open_sockets):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        self._httpd.server_close()
+
+    def __enter__(self) -> MirrorServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def run_mirror(
+    root: Path | MirrorStore, *, host: str = "127.0.0.1", port: int = 0
+) -> Iterator[MirrorServer]:
+    """A mirror serving `root` in a background thread for the duration of the block."""
+    with MirrorServer(root, host=host, port=port) as mirror:
+        yield mirror
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    mirror = MirrorServer(args.root, host=args.host, port=args.port)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    print(json.dumps({"url": mirror.url, "root": str(args.root)}), flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        mirror.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
