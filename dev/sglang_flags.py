@@ -15,17 +15,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from serving.sglang import FLAG_TABLES
-
-
-def sglang_parser() -> tuple[str, argparse.ArgumentParser]:
-    import sglang
-    from sglang.srt.server_args import ServerArgs
-
-    # allow_abbrev=False: "--tp" must not silently mean "--tp-size" in our command lines.
-    parser = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False)
-    ServerArgs.add_cli_args(parser)
-    return sglang.__version__, parser
+from serving.sglang import FLAG_TABLES, sglang_parser
 
 
 def compile_parser() -> argparse.ArgumentParser:

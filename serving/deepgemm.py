@@ -29,6 +29,9 @@ from pydantic import BaseModel
 from serving.profile import Profile
 from serving.sglang import COMPILE_SUCCESS_LINE, Command, compile_command, deepgemm_cache_key
 
+# compile_deep_gemm's own timeout. Platforms give their job a margin beyond it, so the child
+# gives up first and its log says why.
+COMPILE_TIMEOUT_SECONDS = 170 * 60
 # How often the group is checked for a dead server child.
 WATCH_INTERVAL = 0.5
 # The server child takes a moment to appear; before that, "no child" means "not yet".

@@ -3,6 +3,7 @@
 Weights:  <weights root>/<org>/<name>/<40-hex revision>/   one directory per revision, so files
           deleted upstream never linger and an old revision stays servable during a canary.
 DeepGEMM: <deepgemm root>/<architecture>/                  an H200 cache never serves a B200.
+          <deepgemm root>/<architecture>/models/<org>/<name>/<sha>/  config only, for compiling
 """
 
 from __future__ import annotations
@@ -34,3 +35,11 @@ def deepgemm_dir(root: P, profile: Profile) -> P:
     if architecture is None:
         raise ValueError(f"{profile.name} runs on the CPU and has no DeepGEMM cache")
     return root / architecture
+
+
+def compile_model_dir(deepgemm_root: P, profile: Profile, revision: str) -> P:
+    """config.json (+ remote code) of a revision, where the compile can read it before the
+    weights are complete; it runs with dummy weights."""
+    if not is_commit_sha(revision):
+        raise ValueError(f"compiles are keyed per resolved commit, not per ref ({revision!r})")
+    return deepgemm_dir(deepgemm_root, profile) / "models" / profile.hub.repo / revision

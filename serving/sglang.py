@@ -13,6 +13,7 @@ misspelled flag fails when the profile loads, without importing SGLang or torch.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from functools import cache
@@ -27,6 +28,9 @@ FLAG_TABLES = Path(__file__).parent / "sglang_flags"
 SERVE_ENTRYPOINT = ["sglang", "serve"]
 COMPILE_ENTRYPOINT = ["python3", "-m", "sglang.compile_deep_gemm"]
 COMPILE_SUCCESS_LINE = "DeepGEMM Kernels compilation finished successfully."
+# The compile server needs the model's shapes, not its weights or tokenizer (its one request
+# is token ids): it can start as soon as config.json is on the volume.
+COMPILE_ONLY_FLAGS = ["--load-format", "dummy", "--skip-tokenizer-init"]
 
 # Flags that change which GEMM kernels are built (shapes, dtypes, backends, parallel layout).
 # Part of the DeepGEMM cache key; flags outside this set (parsers, metrics, timeouts) are
@@ -151,13 +155,18 @@ def compile_command(
     port: int,
     timeout_seconds: int,
 ) -> Command:
-    """compile_deep_gemm with the serve flags, spelled out (it ignores `--config`)."""
+    """compile_deep_gemm with the serve flags, spelled out (it ignores `--config`).
+
+    `weights_path` needs only config.json: kernel shapes come from the config, so the compile
+    runs on dummy weights and may start before the download finishes.
+    """
     argv = [
         *COMPILE_ENTRYPOINT,
         *_model_args(profile, weights_path),
         "--host", "127.0.0.1",
         "--port", str(port),
         *_flag_args(profile.engine.flags),
+        *COMPILE_ONLY_FLAGS,
         "--timeout", str(timeout_seconds),
     ]  # fmt: skip
     env = {**profile.engine.env, "HF_HUB_OFFLINE": "1", "SGLANG_DG_CACHE_DIR": str(deepgemm_path)}
@@ -188,3 +197,28 @@ def deepgemm_cache_key(profile: Profile, model_config: bytes) -> str:
     }
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
     return digest[:32]
+
+
+def sglang_parser() -> tuple[str, argparse.ArgumentParser]:
+    """SGLang's own server argument parser (needs sglang importable, e.g. in the engine image).
+
+    allow_abbrev=False: "--tp" must not silently mean "--tp-size" in our command lines.
+    """
+    import sglang
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False)
+    ServerArgs.add_cli_args(parser)
+    return sglang.__version__, parser
+
+
+def parse_serve_argv(argv: list[str]) -> str | None:
+    """What SGLang's parser says about a serve argv: None if accepted, else its complaint."""
+    version, parser = sglang_parser()
+    try:
+        _, unknown = parser.parse_known_args(argv[len(SERVE_ENTRYPOINT) :])
+    except argparse.ArgumentError as exc:
+        return f"SGLang {version} rejects the serve command: {exc}"
+    if unknown:
+        return f"SGLang {version} rejects the serve command: unrecognized {unknown}"
+    return None

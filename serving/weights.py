@@ -78,6 +78,9 @@ HF_LOCAL_CACHE = ".cache"
 HF_DOWNLOAD_DIR = Path(".cache") / "huggingface" / "download"
 INCOMPLETE_SUFFIX = ".incomplete"
 HIGH_PERFORMANCE_ENV = "HF_XET_HIGH_PERFORMANCE"
+# What an engine needs to build a model without its weights: trust_remote_code configs name
+# Python files of the repo.
+MODEL_CONFIG_PATTERNS = ["config.json", "*.py"]
 
 
 class WeightsError(RuntimeError):
@@ -652,7 +655,7 @@ def merge(
     return manifest
 
 
-def config_json(
+def fetch_model_config(
     repo: str,
     revision: str,
     directory: Path,
@@ -660,27 +663,30 @@ def config_json(
     token: str | None = None,
     endpoint: str | None = None,
 ) -> Path:
-    """Just `config.json`, first, so the DeepGEMM compile (kernel shapes depend on it alone)
-    can start while the shards are still downloading."""
+    """The model's config.json (and any remote code it names) alone, into its own directory.
+
+    The DeepGEMM compile runs on these with dummy weights, so it can start while the shards
+    are still downloading; a separate directory keeps it clear of the download's bookkeeping.
+    """
     directory = Path(directory)
     _require_commit(revision)
-    if (directory / SENTINEL_NAME).is_file() and (directory / "config.json").is_file():
-        return directory / "config.json"
+    if (directory / "config.json").is_file():
+        return directory
     _make_dir(directory)
     retry = _Retry(repo, revision, token, DOWNLOAD_ATTEMPTS, BACKOFF_FIRST_S)
-    path = retry.run(
+    retry.run(
         "config.json",
-        lambda: hf_hub_download(
+        lambda: snapshot_download(
             repo,
-            "config.json",
             revision=revision,
             local_dir=directory,
+            allow_patterns=MODEL_CONFIG_PATTERNS,
             token=token,
             endpoint=endpoint,
         ),
         directory,
     )
-    return Path(path)
+    return directory
 
 
 def remove_orphans(directory: Path, files: Sequence[FileEntry] | None = None) -> list[Path]:

@@ -13,7 +13,7 @@ from pathlib import PurePosixPath
 
 import pytest
 
-from dev.sglang_flags import compile_parser, option_table, sglang_parser
+from dev.sglang_flags import compile_parser, option_table
 from serving.profile import available_models, load_profile
 from serving.sglang import (
     COMPILE_ENTRYPOINT,
@@ -21,6 +21,7 @@ from serving.sglang import (
     SERVE_ENTRYPOINT,
     compile_command,
     serve_command,
+    sglang_parser,
 )
 
 WEIGHTS = PurePosixPath("/weights/org/model/" + "a" * 40)

@@ -26,11 +26,11 @@ from serving.weights import (
     FileEntry,
     Progress,
     WeightsError,
-    config_json,
     download,
     download_files,
     download_repo,
     fetch_files,
+    fetch_model_config,
     merge,
     plan_shards,
     read_sentinel,
@@ -384,12 +384,14 @@ def test_sharded_download_merges_into_one_manifest(
     assert mirror.requests == []
 
 
-def test_config_json_comes_alone_and_first(
+def test_model_config_comes_alone(
     mirror: MirrorServer, synthetic_repo: SyntheticRepo, tmp_path: Path
 ) -> None:
-    path = config_json(synthetic_repo.repo_id, synthetic_repo.v2, tmp_path, endpoint=mirror.url)
+    directory = fetch_model_config(
+        synthetic_repo.repo_id, synthetic_repo.v2, tmp_path, endpoint=mirror.url
+    )
 
-    assert json.loads(path.read_text())["num_shards"] == SHARD_COUNT
+    assert json.loads((directory / "config.json").read_text())["num_shards"] == SHARD_COUNT
     assert resolve_gets(mirror) == ["config.json"]
     assert [p.name for p in tmp_path.iterdir() if p.name != ".cache"] == ["config.json"]
 

@@ -3,14 +3,17 @@ structure (a parent that spawns a "server" child and polls it) so tests can make
 die, hang, or the parent lie about success — none of which a real GPU-less run can produce.
 
     fake_compile_deep_gemm.py MODE [ignored server flags...]
-MODE: ok | child-dies | no-success-line | exit-1 | hang
+MODE: ok | child-dies | no-success-line | exit-1 | hang | flaky
+flaky fails (exit 1) the first $FAKE_COMPILE_FAILURES times, counted in $FAKE_COMPILE_COUNTER.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 import time
+from pathlib import Path
 
 SUCCESS = "DeepGEMM Kernels compilation finished successfully."
 
@@ -23,8 +26,15 @@ def server(mode: str) -> None:
     time.sleep(3600 if mode == "hang" else 0.5)
 
 
+def flaky_mode() -> str:
+    counter = Path(os.environ["FAKE_COMPILE_COUNTER"])
+    attempt = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(attempt))
+    return "exit-1" if attempt <= int(os.environ["FAKE_COMPILE_FAILURES"]) else "ok"
+
+
 def main() -> None:
-    mode = sys.argv[1]
+    mode = flaky_mode() if sys.argv[1] == "flaky" else sys.argv[1]
     print("Begin DeepGEMM Kernels compilation...", flush=True)
     child = multiprocessing.Process(target=server, args=(mode,))
     child.start()

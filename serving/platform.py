@@ -1,0 +1,94 @@
+"""The Platform seam: what the Prefect tasks ask of a target, and nothing more.
+
+Two implementations: `serving.local.LocalPlatform` (directories as volumes, processes as
+containers) and `serving.modal_platform.ModalPlatform` (Volumes, GPU functions, one App per
+release). Tasks never talk to Modal or to processes directly.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, Field
+
+from serving.deepgemm import CompileResult
+from serving.profile import Profile
+from serving.weights import DownloadResult, ProgressCallback, VerifyReport
+
+Target = Literal["local", "modal"]
+
+
+class Release(BaseModel):
+    """One deployed revision of a model: an engine behind the router."""
+
+    model: str
+    revision: str
+    id: str
+    url: str
+    deployed_at: datetime
+
+
+class VerifyResult(BaseModel):
+    """Stage 4: the weights, the kernels and the serve command, proven before any deploy."""
+
+    weights: VerifyReport
+    repaired: list[str] = Field(description="files that were bad or missing and re-fetched")
+    compile_status: Literal["compiled", "skipped", "missing", "not-required"]
+    compile_key: str | None
+    problems: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return self.weights.passed and not self.problems
+
+
+def release_id(profile: Profile, revision: str) -> str:
+    return f"{profile.name}-{revision[:8]}"
+
+
+class Platform(Protocol):
+    target: Target
+    # Names where this platform keeps prepared weights and kernels (a ROLLOUT_HOME, a Modal
+    # environment): cached stage results are only valid in the same scope.
+    cache_scope: str
+
+    def resolve(self, profile: Profile, revision: str) -> str:
+        """A branch or tag → its 40-hex commit (a commit is returned as is, no request)."""
+        ...
+
+    def download(
+        self, profile: Profile, revision: str, progress: ProgressCallback | None = None
+    ) -> DownloadResult: ...
+
+    def compile(self, profile: Profile, revision: str) -> CompileResult: ...
+
+    def verify(self, profile: Profile, revision: str) -> VerifyResult: ...
+
+    def deploy(self, profile: Profile, revision: str) -> Release:
+        """Start a release at 0% traffic; returns once it is ready and passed its probes."""
+        ...
+
+    def set_traffic(self, profile: Profile, weights: dict[str, int]) -> None:
+        """Route `weights` (release id → percent) for the model; applies to new requests."""
+        ...
+
+    def retire(self, profile: Profile, release: Release, drain_seconds: float) -> None:
+        """Out of routing, drain in-flight requests up to the deadline, then stop."""
+        ...
+
+    def router_url(self, profile: Profile) -> str: ...
+
+    def shutdown(self) -> None:
+        """Stop what this process started, unless it was asked to keep serving."""
+        ...
+
+
+def get_platform(target: Target) -> Platform:
+    if target == "local":
+        from serving.local import LocalPlatform
+
+        return LocalPlatform.from_env()
+    from serving.modal_platform import ModalPlatform
+
+    return ModalPlatform()

@@ -1,0 +1,91 @@
+"""Stage 4, verify: prove the weights, the kernels and the serve command before any deploy.
+
+- every file of the revision hashed again against the manifest (the Hub's metadata), only bad
+  files re-fetched, then hashed again;
+- the DeepGEMM marker present for the CURRENT cache key (a changed flag or image means the
+  compiled kernels are for something else);
+- the serve command accepted by SGLang's own parser where SGLang is installed (the engine
+  image), else by the flag table the profile was already checked against.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from serving.deepgemm import read_marker
+from serving.layout import deepgemm_dir, weights_dir
+from serving.platform import VerifyResult
+from serving.profile import Profile
+from serving.sglang import deepgemm_cache_key, parse_serve_argv, serve_command
+from serving.weights import VerifyReport, download, read_sentinel, verify
+
+
+def verify_revision(
+    profile: Profile,
+    revision: str,
+    *,
+    weights_root: Path,
+    deepgemm_root: Path | None,
+    compile_required: bool,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> VerifyResult:
+    """`compile_required` is False where kernels cannot be compiled (the local CPU target):
+    then a missing marker is reported as skipped rather than as a problem."""
+    directory = weights_dir(weights_root, profile, revision)
+    manifest = read_sentinel(directory, profile.hub.repo, revision)
+    if manifest is None:
+        return VerifyResult(
+            weights=VerifyReport(),
+            repaired=[],
+            compile_status="not-required",
+            compile_key=None,
+            problems=[f"no verified download of {profile.hub.repo}@{revision[:8]} in {directory}"],
+        )
+    report = verify(directory, manifest.files)
+    repaired: list[str] = []
+    if not report.passed:
+        repaired = report.bad + report.missing
+        download(profile, revision, weights_root, token=token, endpoint=endpoint, reverify=True)
+        report = verify(directory, manifest.files)
+
+    problems = [] if report.passed else [f"weights: {report.summary()}"]
+    compile_status, compile_key = _check_kernels(
+        profile, directory, deepgemm_root, compile_required, problems
+    )
+    problem = _check_serve_command(profile, directory)
+    if problem:
+        problems.append(problem)
+    return VerifyResult(
+        weights=report,
+        repaired=repaired,
+        compile_status=compile_status,
+        compile_key=compile_key,
+        problems=problems,
+    )
+
+
+def _check_kernels(
+    profile: Profile,
+    directory: Path,
+    deepgemm_root: Path | None,
+    compile_required: bool,
+    problems: list[str],
+) -> tuple[str, str | None]:
+    if not profile.deepgemm:
+        return "not-required", None
+    key = deepgemm_cache_key(profile, (directory / "config.json").read_bytes())
+    if deepgemm_root is not None and read_marker(deepgemm_dir(deepgemm_root, profile), key):
+        return "compiled", key
+    if compile_required:
+        problems.append(f"DeepGEMM kernels for cache key {key} were never compiled")
+        return "missing", key
+    return "skipped", key
+
+
+def _check_serve_command(profile: Profile, directory: Path) -> str | None:
+    if profile.engine.kind != "sglang" or importlib.util.find_spec("sglang") is None:
+        return None  # the flag table check ran when the profile loaded
+    command = serve_command(profile, weights_path=directory, deepgemm_path=None, port=8000)
+    return parse_serve_argv(command.argv)
