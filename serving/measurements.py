@@ -1,0 +1,306 @@
+"""Per-backend request measurements for the canary router.
+
+Two views of the same events:
+
+* a sliding window of per-request records (bounded deque, pruned by age) from which
+  the orchestrator's questions -- "error rate and TTFT p99 of the canary since the bake
+  started" -- are computed on demand;
+* cumulative counters and histogram buckets exported as Prometheus text, because
+  Prometheus wants monotonic counters, not windows.
+
+Accounting choice for retries: an attempt that failed on backend A before any byte reached
+the client and was retried on backend B is recorded as one *error* on A (flagged
+``retried``, i.e. hidden from the client) and as one normal request on B (flagged
+``retry``). Per-backend error rates therefore reflect the health of each release, which is
+what the promotion gate needs, while ``client_errors`` counts only what clients saw.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import NamedTuple
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.registry import Collector
+from pydantic import BaseModel
+
+# Bounds memory even at high request rates: at 1000 req/s a 15 min window would need
+# 900k records per backend; beyond this cap the oldest records go first.
+MAX_RECORDS_PER_BACKEND = 200_000
+DEFAULT_RETENTION_S = 15 * 60.0
+PERCENTILES = (50, 90, 99)
+# Latency buckets (seconds) spanning sub-ms proxying to multi-minute generations.
+HISTOGRAM_BUCKETS_S: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)
+
+
+class ErrorKind(StrEnum):
+    """Why an attempt failed. Counted separately because they mean different things."""
+
+    HTTP_5XX = "http_5xx"  # backend answered with a 5xx status
+    CONNECT = "connect"  # could not connect (refused, reset, connect timeout)
+    TIMEOUT = "timeout"  # first-byte, idle or total deadline exceeded
+    PROTOCOL = "protocol"  # backend closed before headers or mid-body
+
+
+class Record(NamedTuple):
+    """One attempt on one backend. Tuples keep the hot path cheap."""
+
+    started_at: float  # unix time, for "since" queries
+    ttft_s: float | None  # None if no body byte ever arrived
+    latency_s: float
+    status: int  # HTTP status returned (0 if none)
+    error: ErrorKind | None
+    retried: bool  # failed here, then retried on another backend (client did not see it)
+    is_retry: bool  # this attempt is the retry of a failure elsewhere
+    client_disconnected: bool
+
+
+class Percentiles(BaseModel):
+    count: int
+    mean: float | None
+    p50: float | None
+    p90: float | None
+    p99: float | None
+    max: float | None
+
+
+class ErrorCounts(BaseModel):
+    total: int
+    http_5xx: int
+    connect: int
+    timeout: int
+    protocol: int
+    # errors hidden from the client by a successful retry on another backend
+    retried: int
+
+
+class BackendStats(BaseModel):
+    name: str
+    requests: int
+    successes: int
+    errors: ErrorCounts
+    error_rate: float
+    client_errors: int  # errors the client actually received (not retried away)
+    status_4xx: int
+    retries_served: int  # requests this backend served as the retry of another's failure
+    client_disconnects: int
+    in_flight: int
+    ttft_s: Percentiles
+    latency_s: Percentiles
+
+
+class ModelStats(BaseModel):
+    model: str
+    since: float
+    until: float
+    backends: dict[str, BackendStats]
+
+
+def percentiles(values: list[float]) -> Percentiles:
+    """Nearest-rank percentiles: exact sample values, no interpolation surprises."""
+    if not values:
+        return Percentiles(count=0, mean=None, p50=None, p90=None, p99=None, max=None)
+    ordered = sorted(values)
+    n = len(ordered)
+
+    def rank(p: int) -> float:
+        return ordered[max(0, math.ceil(p / 100 * n) - 1)]
+
+    return Percentiles(
+        count=n,
+        mean=sum(ordered) / n,
+        p50=rank(50),
+        p90=rank(90),
+        p99=rank(99),
+        max=ordered[-1],
+    )
+
+
+@dataclass
+class _Histogram:
+    counts: list[int] = field(default_factory=lambda: [0] * (len(HISTOGRAM_BUCKETS_S) + 1))
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(HISTOGRAM_BUCKETS_S, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*HISTOGRAM_BUCKETS_S, math.inf), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == math.inf else repr(bound), running))
+        return out
+
+
+@dataclass
+class _BackendSeries:
+    records: deque[Record] = field(
+        default_factory=lambda: deque(maxlen=MAX_RECORDS_PER_BACKEND)
+    )
+    in_flight: int = 0
+    # cumulative, for Prometheus
+    by_status: dict[int, int] = field(default_factory=dict)
+    by_error: dict[str, int] = field(default_factory=dict)
+    ttft: _Histogram = field(default_factory=_Histogram)
+    latency: _Histogram = field(default_factory=_Histogram)
+
+
+class Measurements:
+    """All per-(model, backend) measurements of one router. Single event loop, no locks."""
+
+    def __init__(self, retention_s: float = DEFAULT_RETENTION_S) -> None:
+        self.retention_s = retention_s
+        self._series: dict[tuple[str, str], _BackendSeries] = {}
+        self._retries_total: dict[str, int] = {}
+
+    def _get(self, model: str, backend: str) -> _BackendSeries:
+        key = (model, backend)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _BackendSeries()
+        return series
+
+    def started(self, model: str, backend: str) -> None:
+        self._get(model, backend).in_flight += 1
+
+    def finished(self, model: str, backend: str, record: Record) -> None:
+        series = self._get(model, backend)
+        series.in_flight -= 1
+        series.records.append(record)
+        series.by_status[record.status] = series.by_status.get(record.status, 0) + 1
+        if record.error is not None:
+            series.by_error[record.error] = series.by_error.get(record.error, 0) + 1
+        if record.ttft_s is not None:
+            series.ttft.observe(record.ttft_s)
+        series.latency.observe(record.latency_s)
+        if record.is_retry:
+            self._retries_total[model] = self._retries_total.get(model, 0) + 1
+        self._prune(series.records, record.started_at)
+
+    def _prune(self, records: deque[Record], now: float) -> None:
+        horizon = now - self.retention_s
+        while records and records[0].started_at < horizon:
+            records.popleft()
+
+    def in_flight(self, model: str, backend: str) -> int:
+        series = self._series.get((model, backend))
+        return series.in_flight if series else 0
+
+    def models(self) -> list[str]:
+        return sorted({model for model, _ in self._series})
+
+    def stats(self, model: str, since: float, until: float | None = None) -> ModelStats:
+        """Per-backend stats of requests *started* in [since, until]."""
+        until = time.time() if until is None else until
+        backends: dict[str, BackendStats] = {}
+        for (m, name), series in self._series.items():
+            if m != model:
+                continue
+            window = [r for r in series.records if since <= r.started_at <= until]
+            backends[name] = _backend_stats(name, window, series.in_flight)
+        return ModelStats(model=model, since=since, until=until, backends=backends)
+
+    def collector(self) -> Collector:
+        return _PrometheusCollector(self)
+
+    def _iter_series(self) -> Iterator[tuple[str, str, _BackendSeries]]:
+        for (model, backend), series in list(self._series.items()):
+            yield model, backend, series
+
+
+def _backend_stats(name: str, window: Iterable[Record], in_flight: int) -> BackendStats:
+    errors = dict.fromkeys(ErrorKind, 0)
+    requests = successes = retried = status_4xx = retries_served = disconnects = 0
+    ttfts: list[float] = []
+    latencies: list[float] = []
+    for r in window:
+        requests += 1
+        if r.error is not None:
+            errors[r.error] += 1
+            retried += r.retried
+        else:
+            successes += 1
+            # latency of failures would mix "fast refusal" with "real work"; keep them out
+            latencies.append(r.latency_s)
+            if r.ttft_s is not None:
+                ttfts.append(r.ttft_s)
+        status_4xx += 400 <= r.status < 500
+        retries_served += r.is_retry
+        disconnects += r.client_disconnected
+    total_errors = sum(errors.values())
+    return BackendStats(
+        name=name,
+        requests=requests,
+        successes=successes,
+        errors=ErrorCounts(
+            total=total_errors,
+            http_5xx=errors[ErrorKind.HTTP_5XX],
+            connect=errors[ErrorKind.CONNECT],
+            timeout=errors[ErrorKind.TIMEOUT],
+            protocol=errors[ErrorKind.PROTOCOL],
+            retried=retried,
+        ),
+        error_rate=total_errors / requests if requests else 0.0,
+        client_errors=total_errors - retried,
+        status_4xx=status_4xx,
+        retries_served=retries_served,
+        client_disconnects=disconnects,
+        in_flight=in_flight,
+        ttft_s=percentiles(ttfts),
+        latency_s=percentiles(latencies),
+    )
+
+
+class _PrometheusCollector(Collector):
+    """Renders the cumulative counters at scrape time; the hot path only bumps ints."""
+
+    def __init__(self, measurements: Measurements) -> None:
+        self._m = measurements
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+        labels = ["model", "backend"]
+        requests = CounterMetricFamily(
+            "rollout_router_requests", "Attempts forwarded to a backend, by HTTP status "
+            "(code 0: no response)", labels=[*labels, "code"],
+        )
+        errors = CounterMetricFamily(
+            "rollout_router_errors", "Failed attempts by kind", labels=[*labels, "kind"]
+        )
+        in_flight = GaugeMetricFamily(
+            "rollout_router_in_flight", "Attempts currently in flight", labels=labels
+        )
+        ttft = HistogramMetricFamily(
+            "rollout_router_ttft_seconds", "Time to first response body byte", labels=labels
+        )
+        latency = HistogramMetricFamily(
+            "rollout_router_request_duration_seconds", "End-to-end attempt latency",
+            labels=labels,
+        )
+        retries = CounterMetricFamily(
+            "rollout_router_retries", "Requests retried on another backend", labels=["model"]
+        )
+        for model, backend, s in self._m._iter_series():
+            for code, count in sorted(s.by_status.items()):
+                requests.add_metric([model, backend, str(code)], count)
+            for kind in ErrorKind:
+                errors.add_metric([model, backend, kind.value], s.by_error.get(kind, 0))
+            in_flight.add_metric([model, backend], s.in_flight)
+            ttft.add_metric([model, backend], s.ttft.cumulative(), s.ttft.total)
+            latency.add_metric([model, backend], s.latency.cumulative(), s.latency.total)
+        for model, count in sorted(self._m._retries_total.items()):
+            retries.add_metric([model], count)
+        yield from (requests, errors, in_flight, ttft, latency, retries)

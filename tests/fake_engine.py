@@ -1,0 +1,159 @@
+"""FAKE inference engine for router tests -- not a model, not SGLang.
+
+A tiny OpenAI-compatible HTTP server (``/v1/chat/completions``, ``/v1/completions``, streaming
+and not, ``/v1/models``, ``/health``). It exists only to inject faults a real engine cannot
+produce on demand: a delay before the first byte, a 5xx rate, wrong answers, dying abruptly
+after N requests, slow streams. Its answers are canned strings.
+
+Faults are set on the command line and can be changed at runtime with
+``PUT /fake/config`` (JSON, any subset of ``FakeConfig``); ``GET /fake/stats`` returns how
+many requests it saw. A request may override the delay with the ``x-fake-delay-ms`` header.
+
+Run: ``python tests/fake_engine.py --port 18001 --name smollm2-135m-aaaa [--api-key-env VAR]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import uvicorn
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+RIGHT_ANSWER = "The answer is 4."
+WRONG_ANSWER = "The answer is 5."
+
+
+class FakeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    delay_s: float = Field(default=0.0, ge=0)  # before the first response byte
+    error_rate: float = Field(default=0.0, ge=0, le=1)
+    error_status: int = Field(default=500, ge=500, le=599)
+    wrong_answer_rate: float = Field(default=0.0, ge=0, le=1)
+    die_after: int | None = Field(default=None, ge=0)  # exit abruptly on request N+1
+    stream_chunks: int = Field(default=5, ge=1)
+    chunk_interval_s: float = Field(default=0.0, ge=0)
+    healthy: bool = True
+
+
+class FakeEngine:
+    def __init__(self, name: str, config: FakeConfig, api_key: str | None, seed: int) -> None:
+        self.name = name
+        self.config = config
+        self.api_key = api_key
+        self.rng = random.Random(seed)
+        self.requests = 0
+        self.errors = 0
+
+    def authorized(self, request: Request) -> bool:
+        return self.api_key is None or (
+            request.headers.get("authorization") == f"Bearer {self.api_key}"
+        )
+
+    async def completions(self, request: Request) -> Response:
+        if not self.authorized(request):
+            return JSONResponse({"error": {"message": "bad key"}}, status_code=401)
+        self.requests += 1
+        cfg = self.config
+        if cfg.die_after is not None and self.requests > cfg.die_after:
+            os._exit(1)  # abrupt death: no response, connection reset
+        body = json.loads(await request.body() or b"{}")
+        delay_ms = request.headers.get("x-fake-delay-ms")
+        await asyncio.sleep(float(delay_ms) / 1000 if delay_ms else cfg.delay_s)
+        if self.rng.random() < cfg.error_rate:
+            self.errors += 1
+            return JSONResponse({"error": {"message": "injected failure"}},
+                                status_code=cfg.error_status)
+        answer = WRONG_ANSWER if self.rng.random() < cfg.wrong_answer_rate else RIGHT_ANSWER
+        chat = request.url.path.endswith("/chat/completions")
+        model = body.get("model", "fake")
+        headers = {"x-fake-engine": self.name}
+        if body.get("stream"):
+            return StreamingResponse(self._stream(answer, model, chat),
+                                     media_type="text/event-stream", headers=headers)
+        return JSONResponse(_completion(answer, model, chat, self.name), headers=headers)
+
+    async def _stream(self, answer: str, model: str, chat: bool) -> AsyncIterator[bytes]:
+        words = answer.split(" ")
+        n = self.config.stream_chunks
+        pieces = [" ".join(words[i * len(words) // n:(i + 1) * len(words) // n]) for i in range(n)]
+        for i, piece in enumerate(pieces):
+            if i and self.config.chunk_interval_s:
+                await asyncio.sleep(self.config.chunk_interval_s)
+            delta = {"delta": {"content": piece}} if chat else {"text": piece}
+            event = {"id": "fake", "object": "chunk", "model": model,
+                     "choices": [{"index": 0, **delta, "finish_reason": None}]}
+            yield f"data: {json.dumps(event)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    async def health(self, request: Request) -> Response:
+        status = 200 if self.config.healthy else 503
+        return JSONResponse({"status": "ok" if status == 200 else "unhealthy"}, status)
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model"}]})
+
+    async def set_config(self, request: Request) -> Response:
+        update = json.loads(await request.body() or b"{}")
+        self.config = FakeConfig.model_validate({**self.config.model_dump(), **update})
+        return JSONResponse(self.config.model_dump())
+
+    async def stats(self, request: Request) -> Response:
+        return JSONResponse({"name": self.name, "requests": self.requests,
+                             "errors": self.errors})
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/v1/chat/completions", self.completions, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/models", self.models),
+            Route("/health", self.health),
+            Route("/fake/config", self.set_config, methods=["PUT"]),
+            Route("/fake/stats", self.stats),
+        ])
+
+
+def _completion(answer: str, model: str, chat: bool, engine: str) -> dict[str, object]:
+    choice: dict[str, object] = (
+        {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}
+        if chat else {"index": 0, "text": answer, "finish_reason": "stop"}
+    )
+    return {
+        "id": f"fake-{uuid.uuid4().hex[:8]}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": engine,
+        "choices": [choice],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="FAKE OpenAI-compatible engine for tests")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--api-key-env", help="env var holding the key this engine requires")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", default="{}", help="FakeConfig as JSON")
+    args = parser.parse_args()
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    engine = FakeEngine(args.name, FakeConfig.model_validate_json(args.config), api_key,
+                        args.seed)
+    uvicorn.run(engine.app(), host="127.0.0.1", port=args.port, log_level="warning",
+                access_log=False)
+
+
+if __name__ == "__main__":
+    main()
