@@ -1,0 +1,171 @@
+"""Canary analysis: the router's measurements of canary vs stable over the same window, and the
+golden prompts asked of both, turned into a verdict with the numbers behind it.
+
+    pass          every gate holds
+    fail          a gate is broken: roll back
+    inconclusive  too few canary requests in the window to judge
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import httpx
+from pydantic import BaseModel, Field
+
+from serving.profile import Gates, GoldenPrompt
+
+GOLDEN_TIMEOUT_SECONDS = 120.0
+
+Verdict = Literal["pass", "fail", "inconclusive"]
+
+
+class Window(BaseModel):
+    """One backend's measurements over the analysis window (from the router's /admin/stats)."""
+
+    requests: int = 0
+    errors: int = 0
+    error_rate: float = 0.0
+    ttft_p50: float | None = None
+    ttft_p99: float | None = None
+
+    @classmethod
+    def from_router_stats(cls, stats: dict) -> Window:
+        ttft = stats.get("ttft_s") or {}
+        return cls(
+            requests=stats.get("requests", 0),
+            errors=(stats.get("errors") or {}).get("total", 0),
+            error_rate=stats.get("error_rate", 0.0),
+            ttft_p50=ttft.get("p50"),
+            ttft_p99=ttft.get("p99"),
+        )
+
+
+class GateResult(BaseModel):
+    gate: str
+    passed: bool
+    observed: float | None
+    limit: float
+    detail: str
+
+
+class GoldenResult(BaseModel):
+    agreement: float = Field(ge=0, le=1)
+    answers: list[tuple[str, str]] = Field(description="(canary, stable) per prompt")
+
+
+class Analysis(BaseModel):
+    verdict: Verdict
+    canary: Window
+    stable: Window | None
+    gates: list[GateResult]
+    golden: GoldenResult | None = None
+
+    @property
+    def reason(self) -> str:
+        broken = [gate.detail for gate in self.gates if not gate.passed]
+        if self.verdict == "inconclusive":
+            return broken[0] if broken else "too few requests"
+        return "; ".join(broken) if broken else "all gates held"
+
+
+def analyse(
+    gates: Gates, canary: Window, stable: Window | None, golden: GoldenResult | None = None
+) -> Analysis:
+    if canary.requests < gates.min_requests:
+        enough = GateResult(
+            gate="min_requests",
+            passed=False,
+            observed=canary.requests,
+            limit=gates.min_requests,
+            detail=f"only {canary.requests} canary requests (need {gates.min_requests})",
+        )
+        return Analysis(
+            verdict="inconclusive", canary=canary, stable=stable, gates=[enough], golden=golden
+        )
+    results = [
+        _at_most("error_rate", canary.error_rate, gates.max_error_rate, "canary error rate")
+    ]
+    if stable is not None and stable.requests and stable.error_rate > 0:
+        results.append(
+            _at_most(
+                "error_rate_ratio",
+                canary.error_rate / stable.error_rate,
+                gates.max_error_rate_ratio,
+                "canary/stable error rate",
+            )
+        )
+    for name, limit, ours, theirs in (
+        ("ttft_p50_ratio", gates.max_ttft_p50_ratio, canary.ttft_p50, _get(stable, "ttft_p50")),
+        ("ttft_p99_ratio", gates.max_ttft_p99_ratio, canary.ttft_p99, _get(stable, "ttft_p99")),
+    ):
+        if ours is not None and theirs:
+            results.append(_at_most(name, ours / theirs, limit, f"canary/stable {name[:8]}"))
+    if golden is not None:
+        passed = golden.agreement >= gates.min_golden_agreement
+        results.append(
+            GateResult(
+                gate="golden_agreement",
+                passed=passed,
+                observed=golden.agreement,
+                limit=gates.min_golden_agreement,
+                detail=f"golden agreement {golden.agreement:.0%}"
+                f" ({'≥' if passed else '<'} {gates.min_golden_agreement:.0%})",
+            )
+        )
+    verdict: Verdict = "pass" if all(result.passed for result in results) else "fail"
+    return Analysis(verdict=verdict, canary=canary, stable=stable, gates=results, golden=golden)
+
+
+def _get(window: Window | None, field: str) -> float | None:
+    return getattr(window, field) if window is not None else None
+
+
+def _at_most(gate: str, observed: float, limit: float, what: str) -> GateResult:
+    passed = observed <= limit
+    return GateResult(
+        gate=gate,
+        passed=passed,
+        observed=round(observed, 6),
+        limit=limit,
+        detail=f"{what} {observed:.3g} ({'≤' if passed else '>'} {limit:g})",
+    )
+
+
+def golden_agreement(
+    prompts: list[GoldenPrompt],
+    *,
+    model: str,
+    canary_url: str,
+    stable_url: str,
+    api_key: str | None = None,
+) -> GoldenResult:
+    """Ask both releases the same prompts at temperature 0; agreement is the share of
+    identical answers (after trimming whitespace and case)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    answers = []
+    with httpx.Client(timeout=GOLDEN_TIMEOUT_SECONDS, headers=headers) as client:
+        for prompt in prompts:
+            answers.append(
+                (_ask(client, canary_url, model, prompt), _ask(client, stable_url, model, prompt))
+            )
+    same = sum(_normal(ours) == _normal(theirs) for ours, theirs in answers)
+    return GoldenResult(agreement=same / len(answers) if answers else 1.0, answers=answers)
+
+
+def _ask(client: httpx.Client, base_url: str, model: str, prompt: GoldenPrompt) -> str:
+    response = client.post(
+        f"{base_url}/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [message.model_dump() for message in prompt.messages],
+            "max_tokens": prompt.max_tokens,
+            "temperature": 0,
+        },
+    )
+    response.raise_for_status()
+    return response.json()["choices"][0]["message"].get("content") or ""
+
+
+def _normal(answer: str) -> str:
+    return " ".join(answer.split()).lower()

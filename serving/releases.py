@@ -1,0 +1,117 @@
+"""The release record of a model: what is stable, what is canary, and what happened before.
+
+Written only by the rollout flow; read by `rollout status`, by the reconcile step at the start
+of every run (a SIGKILLed orchestrator leaves `canary` set), and by `refresh` (which skips the
+revision that last failed). Durable and atomic on both targets: a JSON file replaced atomically
+under a lock locally, a `modal.Dict` entry on Modal.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, Field
+
+from serving.platform import Release
+
+# Enough history to see a model's recent rollouts; older entries are dropped.
+HISTORY_LIMIT = 50
+
+Outcome = Literal["promoted", "rolled-back", "no-op", "failed"]
+
+
+class HistoryEntry(BaseModel):
+    revision: str
+    at: datetime
+    outcome: Outcome
+    reason: str
+    flow_run_id: str | None = None
+
+
+class ReleaseRecord(BaseModel):
+    model: str
+    stable: Release | None = None
+    canary: Release | None = None
+    # The flow run that owns the canary: a run that finds someone else's canary reconciles it.
+    canary_owner: str | None = None
+    history: list[HistoryEntry] = Field(default_factory=list)
+
+    def with_history(self, entry: HistoryEntry) -> ReleaseRecord:
+        history = [*self.history, entry][-HISTORY_LIMIT:]
+        return self.model_copy(update={"history": history})
+
+    def last_failed_revision(self) -> str | None:
+        for entry in reversed(self.history):
+            if entry.outcome in ("rolled-back", "failed"):
+                return entry.revision
+            if entry.outcome == "promoted":
+                return None
+        return None
+
+
+class ReleaseStore(Protocol):
+    def read(self, model: str) -> ReleaseRecord: ...
+
+    def write(self, record: ReleaseRecord) -> None: ...
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class FileReleaseStore:
+    """One JSON file per model, replaced atomically (write, fsync, rename) under a lock."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _path(self, model: str) -> Path:
+        return self.directory / f"{model}.json"
+
+    def read(self, model: str) -> ReleaseRecord:
+        path = self._path(model)
+        if not path.is_file():
+            return ReleaseRecord(model=model)
+        return ReleaseRecord.model_validate_json(path.read_text())
+
+    def write(self, record: ReleaseRecord) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self._path(record.model)
+        with self._locked(record.model):
+            temporary = path.with_suffix(f".{os.getpid()}.tmp")
+            with temporary.open("w") as handle:
+                handle.write(record.model_dump_json(indent=1))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+
+    @contextmanager
+    def _locked(self, model: str) -> Iterator[None]:
+        with (self.directory / f".{model}.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+
+class DictReleaseStore:
+    """The same record in a `modal.Dict` (or any mapping with get/put), one key per model.
+
+    A Dict write of one key is atomic; entries expire after 7 days without access, which the
+    router's and refresh's regular reads prevent.
+    """
+
+    def __init__(self, mapping: object) -> None:
+        self.mapping = mapping
+
+    def read(self, model: str) -> ReleaseRecord:
+        raw = self.mapping.get(model)  # type: ignore[attr-defined]
+        return ReleaseRecord(model=model) if raw is None else ReleaseRecord.model_validate_json(raw)
+
+    def write(self, record: ReleaseRecord) -> None:
+        self.mapping.put(record.model, record.model_dump_json())  # type: ignore[attr-defined]
+
