@@ -1,0 +1,658 @@
+"""The engine supervisor: one release's engine process, from start to a graceful stop.
+
+The same code runs inside a Modal container and as a local process (`python -m serving.server`):
+
+1. `start()`    launch the engine in its own process group, stream its output line by line
+                (prefixed with the release, secrets redacted), keep the last lines for errors;
+2. `wait_ready()` poll `/health` until 200, failing at once if the engine exits meanwhile;
+3. `run_probes()` the profile's probes: real chat requests whose answers must meet their
+                expectation, or the release fails before it takes traffic;
+4. `watch()`    a crash monitor: an engine exit after startup calls `on_crash` (in a Modal
+                container `exit_process_on_crash`, so Modal replaces the container);
+5. `stop()`     SIGTERM the group, wait for the drain deadline (SGLang drains with no deadline
+                of its own), SIGKILL the group, reap.
+
+Memory-snapshot profiles add `prepare_snapshot()` (warm up, release GPU memory) and
+`restore_snapshot()` (resume it), around Modal's CPU+GPU snapshot.
+
+No prefect or modal import here: this module is also the container's entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import FrameType
+from typing import Any, Literal, TextIO
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serving.engine import engine_command, request_model, write_secrets_config
+from serving.profile import Probe, Profile, ProfileError, load_profile
+from serving.sglang import Command
+
+logger = logging.getLogger(__name__)
+
+LOG_TAIL_LINES = 50
+REDACTED = "[REDACTED]"
+# Environment variables whose values are secrets wherever they appear in engine output.
+API_KEY_ENV = "ROLLOUT_API_KEY"
+SECRET_ENV_VARS = (API_KEY_ENV, "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+HEALTH_PATH = "/health"
+CHAT_PATH = "/v1/chat/completions"
+RELEASE_MEMORY_PATH = "/release_memory_occupation"
+RESUME_MEMORY_PATH = "/resume_memory_occupation"
+
+HEALTH_POLL_SECONDS = 0.25
+# SGLang's /health generates one token; a busy engine may take a moment to answer it.
+HEALTH_REQUEST_TIMEOUT_SECONDS = 5.0
+CONNECT_TIMEOUT_SECONDS = 5.0
+# The first requests after startup pay for graph capture and JIT (the GLM guide allows 300 s).
+PROBE_REQUEST_TIMEOUT_SECONDS = 300.0
+# Releasing or resuming GPU memory moves weights between GPU and CPU: tens of GB.
+SNAPSHOT_REQUEST_TIMEOUT_SECONDS = 300.0
+CRASH_POLL_SECONDS = 0.5
+DEFAULT_DRAIN_SECONDS = 30.0
+# After SIGKILL a process only lingers in uninterruptible sleep (e.g. a stuck GPU driver call).
+KILL_REAP_SECONDS = 10.0
+# Output still in the pipe when the engine exits belongs in the error message.
+LOG_DRAIN_SECONDS = 2.0
+ANSWER_SNIPPET_CHARS = 200
+
+
+class EngineFailed(RuntimeError):
+    """The engine could not start, exited, or refused a control request. The message carries
+    the engine's last log lines, secrets redacted."""
+
+
+class ProbeFailed(RuntimeError):
+    """A probe's answer violated its expectation; the message names the probe and the fault."""
+
+
+class ShutdownRequested(Exception):
+    """SIGTERM or SIGINT arrived while the release was still starting."""
+
+
+# --------------------------------------------------------------------------------------------
+# Secrets
+# --------------------------------------------------------------------------------------------
+
+
+class Redactor:
+    """Masks known secret values in text: engine output can echo its config or environment."""
+
+    def __init__(self, secrets: Iterable[str | None]) -> None:
+        # Longest first, so a secret that contains another is masked whole.
+        self._secrets = sorted({secret for secret in secrets if secret}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+
+def secrets_in_env(env: dict[str, str]) -> list[str]:
+    return [env[name] for name in SECRET_ENV_VARS if env.get(name)]
+
+
+# --------------------------------------------------------------------------------------------
+# Probes: what is sent, what comes back, what a valid answer is
+# --------------------------------------------------------------------------------------------
+
+
+class _Lenient(BaseModel):
+    # Engines add fields of their own (usage, logprobs, ids); only these matter.
+    model_config = ConfigDict(extra="ignore")
+
+
+class FunctionCall(_Lenient):
+    name: str
+    arguments: Any = None  # a JSON string per OpenAI; some engines send the object itself
+
+
+class ToolCall(_Lenient):
+    function: FunctionCall
+
+
+class AssistantMessage(_Lenient):
+    content: str | None = None
+    reasoning_content: str | None = None  # SGLang's reasoning parsers
+    reasoning: str | None = None  # the newer OpenAI-compatible spelling
+    tool_calls: list[ToolCall] | None = None
+
+
+class Choice(_Lenient):
+    message: AssistantMessage
+
+
+class ChatCompletion(_Lenient):
+    choices: list[Choice] = Field(min_length=1)
+
+
+def probe_payload(probe: Probe, model: str) -> dict[str, Any]:
+    """The chat request for a probe: deterministic (temperature 0), non-streaming."""
+    messages = [message.model_dump() for message in probe.messages]
+    if probe.pad_to_chars:
+        messages[-1]["content"] = pad_text(messages[-1]["content"], probe.pad_to_chars)
+    payload: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": probe.max_tokens,
+        "temperature": 0,
+        "stream": False,
+    }
+    if probe.chat_template_kwargs is not None:
+        payload["chat_template_kwargs"] = probe.chat_template_kwargs
+    if probe.tools is not None:
+        payload["tools"] = probe.tools
+    return payload
+
+
+def pad_text(text: str, chars: int) -> str:
+    """The text repeated whole until it is at least `chars` long: a long, natural prompt."""
+    return text * max(1, math.ceil(chars / len(text)))
+
+
+def check_answer(probe: Probe, message: AssistantMessage) -> str | None:
+    """What is wrong with the answer to `probe`, or None when it meets the expectation."""
+    content = (message.content or "").strip()
+    reasoning = (message.reasoning_content or message.reasoning or "").strip()
+    if probe.expect == "tool_call":
+        return _tool_call_problem(probe, message.tool_calls or [], content)
+    if probe.expect == "content" and not content:
+        return "empty content" + (" (the model only reasoned)" if reasoning else "")
+    if probe.expect == "reasoning" and not reasoning:
+        return f"no reasoning_content (content: {_snippet(content)!r})"
+    if probe.expect == "content_or_reasoning" and not (content or reasoning):
+        return "neither content nor reasoning_content"
+    answer = {"content": content, "reasoning": reasoning}.get(
+        probe.expect, f"{content}\n{reasoning}"
+    )
+    if probe.contains and probe.contains.lower() not in answer.lower():
+        return f"answer does not contain {probe.contains!r}: {_snippet(answer)!r}"
+    return None
+
+
+def _tool_call_problem(probe: Probe, calls: list[ToolCall], content: str) -> str | None:
+    if not calls:
+        return f"no tool call (content: {_snippet(content)!r})"
+    for call in calls:
+        problem = _arguments_problem(call.function.arguments)
+        if problem:
+            return f"tool call {call.function.name!r}: {problem}"
+    names = [call.function.name for call in calls]
+    if probe.tool_name and probe.tool_name not in names:
+        return f"called {names}, not {probe.tool_name!r}"
+    return None
+
+
+def _arguments_problem(arguments: Any) -> str | None:
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return f"arguments are not JSON: {_snippet(arguments)!r}"
+    if not isinstance(arguments, dict):
+        return f"arguments are not a JSON object: {_snippet(json.dumps(arguments))!r}"
+    return None
+
+
+def _snippet(text: str) -> str:
+    return text if len(text) <= ANSWER_SNIPPET_CHARS else text[:ANSWER_SNIPPET_CHARS] + "…"
+
+
+# --------------------------------------------------------------------------------------------
+# The supervisor
+# --------------------------------------------------------------------------------------------
+
+
+CrashCallback = Callable[[EngineFailed], None]
+
+
+def new_release_id() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def exit_process_on_crash(failure: EngineFailed) -> None:
+    """The crash callback in a Modal container: die, so Modal replaces the container instead
+    of routing requests to a dead engine (502s). os._exit: no cleanup may block it."""
+    logger.critical("%s; exiting the container", failure)
+    logging.shutdown()
+    os._exit(1)
+
+
+class Supervisor:
+    """One engine process: start, readiness, probes, crash monitor, graceful stop."""
+
+    def __init__(
+        self,
+        profile: Profile,
+        command: Command,
+        *,
+        port: int,
+        host: str = "127.0.0.1",
+        model: str | None = None,
+        api_key: str | None = None,
+        release_id: str | None = None,
+        on_crash: CrashCallback | None = None,
+        probe_timeout_seconds: float = PROBE_REQUEST_TIMEOUT_SECONDS,
+    ) -> None:
+        self.profile = profile
+        self.command = command
+        self.release_id = release_id or new_release_id()
+        self.label = f"{profile.name}-{self.release_id}"
+        self.base_url = f"http://{host}:{port}"
+        self.model = model or profile.served_model_name
+        self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **command.env}
+        self._redact = Redactor([api_key, *secrets_in_env(self._env)])
+        self._on_crash = on_crash
+        self._probe_timeout = probe_timeout_seconds
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # trust_env=False: a proxy from the environment must never see engine traffic.
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(HEALTH_REQUEST_TIMEOUT_SECONDS, connect=CONNECT_TIMEOUT_SECONDS),
+            trust_env=False,
+        )
+        self._process: subprocess.Popen[str] | None = None
+        self._tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self._tail_lock = threading.Lock()
+        self._log_reader: threading.Thread | None = None
+        self._monitor: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._stopped = False
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.poll() if self._process else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def log_tail(self) -> list[str]:
+        """The engine's last output lines, secrets redacted."""
+        with self._tail_lock:
+            return list(self._tail)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def startup(self, budget_seconds: float | None = None) -> float:
+        """start → wait_ready → run_probes → watch. Returns seconds until healthy. On any
+        failure (or an interrupt) the engine is killed before the exception propagates."""
+        try:
+            self.start()
+            ready_after = self.wait_ready(budget_seconds)
+            self.run_probes()
+            self.watch()
+        except BaseException:
+            self.stop(drain_seconds=0)  # nothing routes to a release that never got ready
+            raise
+        return ready_after
+
+    def start(self) -> None:
+        if self._process is not None:
+            raise RuntimeError(f"{self.label}: already started")
+        logger.info("[%s] starting: %s", self.label, self._redact(" ".join(self.command.argv)))
+        try:
+            self._process = subprocess.Popen(
+                self.command.argv,
+                env=self._env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                bufsize=1,
+                # Its own process group: stop() signals the engine and every worker it spawned,
+                # and a terminal's Ctrl-C reaches the supervisor only.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise EngineFailed(
+                self._redact(f"{self.label}: cannot start the engine: {exc}")
+            ) from None
+        self._log_reader = threading.Thread(
+            target=self._pump_logs,
+            args=(self._process.stdout,),
+            name=f"logs-{self.label}",
+            daemon=True,
+        )
+        self._log_reader.start()
+
+    def wait_ready(self, budget_seconds: float | None = None) -> float:
+        """Poll /health until 200; returns the seconds it took since this call. Raises
+        EngineFailed as soon as the engine exits, or when the budget runs out."""
+        budget = (
+            budget_seconds if budget_seconds is not None else self.profile.startup_budget_seconds
+        )
+        started = time.monotonic()
+        deadline = started + budget
+        while True:
+            self._raise_if_exited("during startup")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise EngineFailed(self._with_tail(f"not healthy within {budget:g} s"))
+            if self._healthy(min(HEALTH_REQUEST_TIMEOUT_SECONDS, remaining)):
+                elapsed = time.monotonic() - started
+                logger.info("[%s] healthy after %.1f s", self.label, elapsed)
+                return elapsed
+            time.sleep(max(0.0, min(HEALTH_POLL_SECONDS, deadline - time.monotonic())))
+
+    def run_probes(self) -> None:
+        for probe in self.profile.probes:
+            self.run_probe(probe)
+
+    def run_probe(self, probe: Probe) -> AssistantMessage:
+        """Send one probe; raise ProbeFailed unless its answer meets the expectation."""
+        started = time.monotonic()
+        try:
+            response = self._http.post(
+                CHAT_PATH, json=probe_payload(probe, self.model), timeout=self._probe_timeout
+            )
+        except httpx.TransportError as exc:
+            self._raise_if_exited(f"during probe {probe.name!r}")
+            raise ProbeFailed(
+                self._redact(f"probe {probe.name!r}: request failed: {exc!r}")
+            ) from None
+        if response.status_code != 200:
+            raise ProbeFailed(
+                self._redact(
+                    f"probe {probe.name!r}: HTTP {response.status_code}: {_snippet(response.text)}"
+                )
+            )
+        try:
+            message = ChatCompletion.model_validate_json(response.content).choices[0].message
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"])
+            raise ProbeFailed(
+                self._redact(f"probe {probe.name!r}: malformed response: {where}: {error['msg']}")
+            ) from None
+        problem = check_answer(probe, message)
+        if problem:
+            raise ProbeFailed(self._redact(f"probe {probe.name!r}: {problem}"))
+        logger.info(
+            "[%s] probe %r passed (%.1f s)", self.label, probe.name, time.monotonic() - started
+        )
+        return message
+
+    def watch(self) -> None:
+        """Start the crash monitor: from now on an engine exit is a failed replica."""
+        if self._monitor is not None:
+            return
+        self._monitor = threading.Thread(
+            target=self._monitor_crashes, name=f"monitor-{self.label}", daemon=True
+        )
+        self._monitor.start()
+
+    def stop(self, drain_seconds: float = DEFAULT_DRAIN_SECONDS) -> int | None:
+        """SIGTERM the engine's process group, let it drain up to `drain_seconds`, then SIGKILL
+        the group. Take the release out of routing first: a draining engine refuses new work.
+        Idempotent; always reaps. Returns the engine's exit code (negative: killed by signal)."""
+        with self._stop_lock:
+            if not self._stopped:
+                self._stopping.set()  # before any signal, so the monitor sees no crash
+                try:
+                    if self._process is not None:
+                        self._terminate(self._process, drain_seconds)
+                finally:
+                    self._stopped = True
+                    self._http.close()
+        return self.returncode
+
+    def __enter__(self) -> Supervisor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- memory snapshots ----------------------------------------------------------------------
+
+    def prepare_snapshot(self) -> None:
+        """Before Modal snapshots the container: warm up (the snapshot should hold an engine
+        that has served), then release GPU memory so the snapshot can be taken."""
+        self._require_memory_snapshot()
+        self.run_probes()
+        self._control(RELEASE_MEMORY_PATH)
+
+    def restore_snapshot(self) -> None:
+        """After Modal restored the container: take the GPU memory back."""
+        self._require_memory_snapshot()
+        self._control(RESUME_MEMORY_PATH)
+
+    def _require_memory_snapshot(self) -> None:
+        if not self.profile.engine.memory_snapshot:
+            raise ValueError(f"{self.profile.name} does not use memory snapshots")
+
+    def _control(self, path: str) -> None:
+        try:
+            response = self._http.post(path, json={}, timeout=SNAPSHOT_REQUEST_TIMEOUT_SECONDS)
+        except httpx.TransportError as exc:
+            self._raise_if_exited(f"during {path}")
+            raise EngineFailed(self._with_tail(f"{path} failed: {exc!r}")) from None
+        if response.status_code != 200:
+            raise EngineFailed(
+                self._with_tail(f"{path}: HTTP {response.status_code}: {_snippet(response.text)}")
+            )
+        logger.info("[%s] %s done", self.label, path)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _pump_logs(self, stream: TextIO) -> None:
+        for raw in stream:
+            # Progress bars redraw with \r: keep what a terminal would finally show.
+            line = self._redact(raw.rstrip("\n").rsplit("\r", 1)[-1])
+            if not line.strip():
+                continue
+            with self._tail_lock:
+                self._tail.append(line)
+            logger.info("[%s] %s", self.label, line)
+        stream.close()
+
+    def _drain_logs(self) -> None:
+        # Only an exited engine has output left to collect; a running one would just stall us.
+        # A worker still holding the pipe open keeps the reader alive: bounded wait.
+        if self._log_reader is not None and self.returncode is not None:
+            self._log_reader.join(LOG_DRAIN_SECONDS)
+
+    def _with_tail(self, message: str) -> str:
+        self._drain_logs()
+        tail = "\n".join(f"  {line}" for line in self.log_tail()) or "  (no output)"
+        return self._redact(f"{self.label}: {message}; last engine output:\n{tail}")
+
+    def _raise_if_exited(self, when: str) -> None:
+        code = self.returncode
+        if code is not None:
+            raise EngineFailed(self._with_tail(f"engine exited with code {code} {when}"))
+
+    def _healthy(self, timeout: float) -> bool:
+        try:
+            return self._http.get(HEALTH_PATH, timeout=timeout).status_code == 200
+        except httpx.TransportError:
+            return False  # not listening yet
+
+    def _monitor_crashes(self) -> None:
+        process = self._process
+        assert process is not None
+        while not self._stopping.wait(CRASH_POLL_SECONDS):
+            if process.poll() is None:
+                continue
+            if self._stopping.is_set():
+                return  # a requested stop, not a crash
+            failure = EngineFailed(self._with_tail(f"engine exited with code {process.returncode}"))
+            logger.error("[%s] crashed: %s", self.label, failure)
+            if self._on_crash is not None:
+                self._on_crash(failure)
+            return
+
+    def _terminate(self, process: subprocess.Popen[str], drain_seconds: float) -> None:
+        if process.poll() is None:
+            logger.info("[%s] SIGTERM; draining up to %g s", self.label, drain_seconds)
+            self._signal_group(process, signal.SIGTERM)
+            try:
+                process.wait(timeout=drain_seconds)
+            except subprocess.TimeoutExpired:
+                logger.warning("[%s] still running after %g s: SIGKILL", self.label, drain_seconds)
+        # Whatever the leader did, no worker of this release may outlive it.
+        self._signal_group(process, signal.SIGKILL)
+        try:
+            process.wait(timeout=KILL_REAP_SECONDS)
+        except subprocess.TimeoutExpired:
+            logger.error(
+                "[%s] pid %d survived SIGKILL for %g s", self.label, process.pid, KILL_REAP_SECONDS
+            )
+        self._drain_logs()
+        logger.info("[%s] stopped (exit code %s)", self.label, process.poll())
+
+    @staticmethod
+    def _signal_group(process: subprocess.Popen[str], signum: signal.Signals) -> None:
+        # start_new_session made the engine a group leader: its pid is the group id.
+        # ProcessLookupError: the whole group is already gone.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signum)
+
+
+# --------------------------------------------------------------------------------------------
+# Process entry point: python -m serving.server --model NAME --weights PATH --port N
+# --------------------------------------------------------------------------------------------
+
+
+class ServerEvent(BaseModel):
+    """One JSON line on stdout, read by the local platform: `ready` once, then `stopped` or
+    `crashed`; or `failed` instead of `ready`."""
+
+    event: Literal["ready", "failed", "crashed", "stopped"]
+    model: str
+    release_id: str
+    url: str | None = None
+    pid: int | None = None
+    engine_pid: int | None = None
+    startup_seconds: float | None = None
+    error: str | None = None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m serving.server", description="Supervise one release's engine."
+    )
+    parser.add_argument("--model", required=True, help="profile name (models/NAME.yaml)")
+    parser.add_argument(
+        "--weights", required=True, type=Path, help="the revision's weights directory"
+    )
+    parser.add_argument("--port", required=True, type=int)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--release-id", default=None)
+    parser.add_argument("--deepgemm", type=Path, default=None, help="DeepGEMM cache directory")
+    parser.add_argument("--drain-seconds", type=float, default=DEFAULT_DRAIN_SECONDS)
+    parser.add_argument("--startup-budget", type=float, default=None, help="default: the profile's")
+    parser.add_argument("--api-key-env", default=API_KEY_ENV, help="variable holding the API key")
+    return parser.parse_args(argv)
+
+
+def _emit(event: ServerEvent) -> None:
+    print(event.model_dump_json(exclude_none=True), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health poll otherwise
+    release_id = args.release_id or new_release_id()
+    try:
+        profile = load_profile(args.model)
+    except ProfileError as exc:
+        _emit(ServerEvent(event="failed", model=args.model, release_id=release_id, error=str(exc)))
+        return 2
+    api_key = os.environ.get(args.api_key_env) or None
+    shutdown = threading.Event()
+    ready = threading.Event()
+    crashes: list[EngineFailed] = []
+
+    def on_crash(failure: EngineFailed) -> None:
+        crashes.append(failure)
+        shutdown.set()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        first = not shutdown.is_set()
+        shutdown.set()
+        # Interrupt a startup in progress (once); after ready, the main loop notices the event.
+        if first and not ready.is_set():
+            raise ShutdownRequested(signal.Signals(signum).name)
+
+    event = {"model": profile.name, "release_id": release_id}
+    with tempfile.TemporaryDirectory(prefix="rollout-engine-") as private:
+        command = engine_command(
+            profile,
+            weights_path=args.weights,
+            deepgemm_path=args.deepgemm,
+            port=args.port,
+            host=args.host,
+            secrets_config=write_secrets_config(Path(private), api_key),
+        )
+        supervisor = Supervisor(
+            profile,
+            command,
+            port=args.port,
+            host=args.host,
+            model=request_model(profile, args.weights),
+            api_key=api_key,
+            release_id=release_id,
+            on_crash=on_crash,
+        )
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        try:
+            startup_seconds = supervisor.startup(args.startup_budget)
+            ready.set()
+            _emit(
+                ServerEvent(
+                    event="ready", url=supervisor.base_url, pid=os.getpid(),
+                    engine_pid=supervisor.pid, startup_seconds=round(startup_seconds, 3), **event,
+                )
+            )  # fmt: skip
+            while not shutdown.wait(timeout=1.0):
+                pass
+        except (EngineFailed, ProbeFailed) as exc:
+            logger.error("[%s] release failed: %s", supervisor.label, exc)
+            _emit(ServerEvent(event="failed", error=str(exc), **event))
+            return 1
+        except ShutdownRequested:
+            _emit(ServerEvent(event="stopped", error="shutdown requested during startup", **event))
+            return 0
+        finally:
+            supervisor.stop(args.drain_seconds)
+        if crashes:
+            _emit(ServerEvent(event="crashed", error=str(crashes[0]), **event))
+            return 1
+        _emit(ServerEvent(event="stopped", **event))
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
