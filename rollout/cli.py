@@ -2,6 +2,9 @@
 
     rollout plan MODEL [--revision REV] [--json]
     rollout prep MODEL [--revision REV] [--target local|modal] [--json]
+    rollout run MODEL [--revision REV] [--target local|modal] [--approve] [--keep-serving] [--json]
+    rollout status MODEL [--target local|modal] [--json]
+    rollout abort MODEL [--target local|modal]
 
 Bad input (unknown model, bad revision, inconsistent profile) exits 2 with one line on stderr,
 before anything touches the network.
@@ -10,10 +13,13 @@ before anything touches the network.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 from rollout.plan import build_plan, render_text
-from serving.profile import ProfileError, check_revision, load_profile
+from serving.platform import Release, get_platform
+from serving.profile import Profile, ProfileError, check_revision, load_profile
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -42,6 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--revision", help="40-hex commit, branch or tag (default: the profile's)")
     prep.add_argument("--target", choices=["local", "modal"], default="local")
     prep.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    run = commands.add_parser("run", help="roll a revision out: canary, then promote or roll back")
+    run.add_argument("model")
+    run.add_argument("--revision", help="40-hex commit, branch or tag (default: the profile's)")
+    run.add_argument("--target", choices=["local", "modal"], default="local")
+    run.add_argument("--approve", action="store_true", help="pre-approve every approval gate")
+    run.add_argument(
+        "--keep-serving", action="store_true", help="local target: leave the releases running"
+    )
+    run.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    status = commands.add_parser("status", help="stable, canary, router and history of a model")
+    status.add_argument("model")
+    status.add_argument("--target", choices=["local", "modal"], default="local")
+    status.add_argument("--json", action="store_true")
+    abort = commands.add_parser("abort", help="roll back the running canary of a model")
+    abort.add_argument("model")
+    abort.add_argument("--target", choices=["local", "modal"], default="local")
     return parser
 
 
@@ -53,13 +75,19 @@ def plan_command(args: argparse.Namespace) -> None:
     print(plan.model_dump_json(indent=2) if args.json else render_text(plan))
 
 
-def prep_command(args: argparse.Namespace) -> None:
+def _checked(args: argparse.Namespace) -> Profile:
+    """Bad input fails here, before Prefect starts or anything is spent."""
     try:
         profile = load_profile(args.model)
-        if args.revision:
+        if getattr(args, "revision", None):
             check_revision(args.revision)
     except (ProfileError, ValueError) as exc:
         fail(str(exc))
+    return profile
+
+
+def prep_command(args: argparse.Namespace) -> None:
+    profile = _checked(args)
     # Imported only now: starting Prefect costs seconds, and bad input must fail before it.
     from flows.prep import prep
 
@@ -78,6 +106,67 @@ def prep_command(args: argparse.Namespace) -> None:
         )
 
 
+def run_command(args: argparse.Namespace) -> None:
+    profile = _checked(args)
+    if args.keep_serving:
+        os.environ["ROLLOUT_KEEP_SERVING"] = "1"
+    from flows.rollout import rollout
+
+    try:
+        report = rollout(profile.name, args.revision, args.target, args.approve)
+    except Exception as exc:
+        print(f"rollout: run failed: {_one_line(exc)}", file=sys.stderr)
+        raise SystemExit(EXIT_FAILED) from None
+    finally:
+        # Nothing this process started keeps running (or costing) unless asked to.
+        get_platform(args.target).shutdown()
+    if args.json:
+        print(report.model_dump_json())
+    else:
+        print(report.markdown())
+    if report.decision == "rolled-back":
+        raise SystemExit(EXIT_FAILED)
+
+
+def status_command(args: argparse.Namespace) -> None:
+    profile = _checked(args)
+    platform = get_platform(args.target)
+    record = platform.release_store().read(profile.name)
+    running = [release.id for release in platform.running_releases(profile)]
+    status = {
+        "model": profile.name,
+        "stable": record.stable.model_dump(mode="json") if record.stable else None,
+        "canary": record.canary.model_dump(mode="json") if record.canary else None,
+        "running": running,
+        "router_url": platform.router_url(profile) if running else None,
+        "history": [entry.model_dump(mode="json") for entry in record.history],
+    }
+    if args.json:
+        print(json.dumps(status))
+        return
+    print(f"{profile.name}: stable {_id(record.stable)}, canary {_id(record.canary)}")
+    print(f"running: {', '.join(running) or 'nothing'}; router: {status['router_url'] or '-'}")
+    for entry in record.history[-10:]:
+        print(f"  {entry.at:%Y-%m-%d %H:%M} {entry.revision[:8]} {entry.outcome}: {entry.reason}")
+
+
+def _id(release: Release | None) -> str:
+    return release.id if release else "none"
+
+
+def abort_command(args: argparse.Namespace) -> None:
+    profile = _checked(args)
+    from tasks.release import revert
+
+    platform = get_platform(args.target)
+    record = platform.release_store().read(profile.name)
+    if record.canary is None:
+        print(f"{profile.name}: no canary to abort")
+        return
+    revert(profile, platform, record, "aborted (rollout abort)")
+    print(f"{profile.name}: canary {record.canary.id} rolled back; stable {_id(record.stable)}")
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
@@ -85,7 +174,14 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    {"plan": plan_command, "prep": prep_command}[args.command](args)
+    commands = {
+        "plan": plan_command,
+        "prep": prep_command,
+        "run": run_command,
+        "status": status_command,
+        "abort": abort_command,
+    }
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

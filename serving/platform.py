@@ -8,12 +8,15 @@ release). Tasks never talk to Modal or to processes directly.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
 from serving.deepgemm import CompileResult
 from serving.profile import Profile
+
+if TYPE_CHECKING:
+    from serving.releases import ReleaseStore
 from serving.weights import DownloadResult, ProgressCallback, VerifyReport
 
 Target = Literal["local", "modal"]
@@ -78,6 +81,17 @@ class Platform(Protocol):
         ...
 
     def router_url(self, profile: Profile) -> str: ...
+
+    def stats(self, profile: Profile, since: float) -> dict:
+        """The router's per-backend measurements for the model since a unix time
+        (GET /admin/stats: {"backends": {release id: {...}}})."""
+        ...
+
+    def running_releases(self, profile: Profile) -> list[Release]:
+        """Releases of the model that are up now, whoever started them."""
+        ...
+
+    def release_store(self) -> ReleaseStore: ...
 
     def shutdown(self) -> None:
         """Stop what this process started, unless it was asked to keep serving."""

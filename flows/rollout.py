@@ -1,0 +1,104 @@
+"""The `rollout` flow: prepare a revision, canary it against the stable release, then promote it
+or roll it back.
+
+    reconcile → resolve → (no-op if already stable)
+    → prep (download ‖ compile → verify, a subflow)
+    → deploy canary at 0% (readiness + warmup probes) → canary steps → promote | roll back
+
+Decisions (a failed gate, an inconclusive window) roll back by themselves; an unexpected failure
+after the canary is deployed is undone by the transaction's rollback hook; cancellation and
+crashes by the flow's hooks; a SIGKILLed orchestrator by the next run's `reconcile`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow
+from prefect.client.schemas.objects import FlowRun
+from prefect.runtime import flow_run
+from prefect.states import State
+from prefect.transactions import transaction
+
+from flows.prep import prep
+from serving.platform import Target, get_platform
+from serving.profile import load_profile
+from tasks.canary import CanaryRun
+from tasks.release import (
+    deploy_canary,
+    promote,
+    reconcile,
+    record_outcome,
+    revert,
+    rollback,
+)
+from tasks.report import RolloutReport, Stage, publish
+from tasks.weights import resolve
+
+
+def _settle(flow: object, run: FlowRun, state: State) -> None:
+    """Cancelled, crashed or failed: weights back to stable, canary retired, reason recorded."""
+    model, target = run.parameters["model"], run.parameters.get("target", "local")
+    profile, platform = load_profile(model), get_platform(target)
+    record = platform.release_store().read(model)
+    reason = f"flow run {state.name.lower()}: {state.message or ''}".strip()
+    if record.canary is not None and record.canary_owner == str(run.id):
+        revert(profile, platform, record, reason)
+
+
+@flow(
+    name="rollout",
+    on_cancellation=[_settle],
+    on_crashed=[_settle],
+    on_failure=[_settle],
+)
+def rollout(
+    model: str, revision: str | None = None, target: Target = "local", approve: bool = False
+) -> RolloutReport:
+    profile = load_profile(model)
+    report = RolloutReport(model=model)
+    clock = _Clock(report)
+
+    record = reconcile(model, target)
+    sha = resolve(model, revision or profile.hub.revision, target)
+    report.revision = sha
+    clock.lap("resolve")
+    if record.stable is not None and record.stable.revision == sha:
+        record_outcome(model, target, sha, "no-op", f"{sha[:8]} is already stable")
+        return _finish(report, "no-op", f"{sha[:8]} is already stable")
+
+    prepared = prep(model, sha, target)
+    report.bytes_downloaded = prepared.bytes_downloaded
+    clock.lap("prep", f"compile {prepared.compile_status}: {prepared.compile_reason}")
+
+    with transaction():
+        canary = deploy_canary(model, sha, target, owner=str(flow_run.id))
+        clock.lap("deploy canary", canary.id)
+        run = CanaryRun(model, target, canary, record.stable, approve)
+        decision = run.drive()
+        report.steps = run.steps
+        clock.lap("canary steps")
+        if decision.kind == "promote":
+            promote(model, target, canary, decision.reason)
+        else:
+            rollback(model, target, decision.reason)
+        clock.lap(decision.kind)
+    outcome = "promoted" if decision.kind == "promote" else "rolled-back"
+    return _finish(report, outcome, decision.reason)
+
+
+def _finish(report: RolloutReport, decision: str, reason: str) -> RolloutReport:
+    report.decision, report.reason = decision, reason  # type: ignore[assignment]
+    publish(report)
+    return report
+
+
+class _Clock:
+    def __init__(self, report: RolloutReport) -> None:
+        self.report = report
+        self.last = time.monotonic()
+
+    def lap(self, stage: str, detail: str = "") -> None:
+        now = time.monotonic()
+        self.report.stages.append(Stage(name=stage, seconds=now - self.last, detail=detail))
+        self.last = now
