@@ -18,13 +18,12 @@ def _mounts(info: object) -> dict[str, tuple[str, bool]]:
     return {path: (mount.name, mount.read_only) for path, mount in volumes.items()}
 
 
-def test_glm51_compile_asks_for_eight_b200_and_mounts_both_volumes() -> None:
+def test_glm51_compile_asks_for_eight_b200_and_mounts_only_the_cache_volume() -> None:
     info = modal_app.build_compile_app(load_profile("glm-5.1")).compile.info()
     assert info.gpus == [("B200", 8)]
-    assert _mounts(info) == {
-        "/weights": ("glm51-weights", True),
-        "/deepgemm": ("glm51-deepgemm-cache", False),
-    }
+    # It compiles on dummy weights from the config it fetches into the cache volume: the
+    # weights volume is not needed, so the compile never waits for the download.
+    assert _mounts(info) == {"/deepgemm": ("glm51-deepgemm-cache", False)}
     assert info.timeout == modal_app.COMPILE_TIMEOUT
     assert info.max_retries == 0  # retries belong to the Prefect task, not a second GPU job
     assert info.secrets == ["modal.Secret.from_name('huggingface-secret')"]
@@ -33,12 +32,27 @@ def test_glm51_compile_asks_for_eight_b200_and_mounts_both_volumes() -> None:
 def test_weights_functions_are_cpu_only_and_retried() -> None:
     app = modal_app.build_weights_app(load_profile("glm-5.1"))
     assert app.app.name == "glm-5.1-weights"
-    for function in (app.download, app.verify):
+    for function in (app.download, app.merge, app.verify):
         info = function.info()
         assert info.gpus == []
-        assert _mounts(info) == {"/weights": ("glm51-weights", False)}
         assert info.max_retries == 2
+        assert info.secrets == ["modal.Secret.from_name('huggingface-secret')"]
+    assert _mounts(app.download.info()) == {"/weights": ("glm51-weights", False)}
+    assert _mounts(app.merge.info()) == {"/weights": ("glm51-weights", False)}
     assert app.download.info().memory_mib == modal_app.DOWNLOAD_MEMORY_MIB
+    # Merging reads no weights: a small container.
+    assert app.merge.info().memory_mib == modal_app.MERGE_MEMORY_MIB
+    assert app.merge.info().timeout == modal_app.MERGE_TIMEOUT
+
+
+def test_verify_reads_the_compile_marker_from_a_read_only_cache_mount() -> None:
+    glm = modal_app.build_weights_app(load_profile("glm-5.1")).verify.info()
+    assert _mounts(glm) == {
+        "/weights": ("glm51-weights", False),  # verify re-fetches bad files
+        "/deepgemm": ("glm51-deepgemm-cache", True),
+    }
+    smol = modal_app.build_weights_app(load_profile("smollm2-135m")).verify.info()
+    assert _mounts(smol) == {"/weights": ("smollm2-weights", False)}
 
 
 @pytest.mark.parametrize(
