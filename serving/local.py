@@ -2,16 +2,33 @@
 
     $ROLLOUT_HOME/volumes/<volume name>/...   weights and DeepGEMM caches, same layout as Modal
     $ROLLOUT_HOME/state/...                   release records, routing state, call ids
+    $ROLLOUT_HOME/state/processes/*.json      one record per running process (inventory)
+    $ROLLOUT_HOME/releases/<release id>/      a release's working directory (see deploy)
+    $ROLLOUT_HOME/logs/<release id>.log       a release's supervisor and engine output
 
 ROLLOUT_HOME defaults to `.rollout/` in the repository. The Hub endpoint comes from HF_ENDPOINT
 (the local mirror in tests and in `make demo`).
+
+Serving: each release is a `python -m serving.server` process (own session, so its group can be
+signalled whole) behind one router per home (serving/local_routing.py). Processes outlive the
+orchestrator only when asked (ROLLOUT_KEEP_SERVING=1); those of a SIGKILLed orchestrator are
+found through their inventory records and stopped by the next platform (`reconcile_orphans`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
-from pathlib import Path
+import shutil
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any
+
+import httpx
+from pydantic import Field, TypeAdapter, ValidationError
 
 from serving.deepgemm import (
     COMPILE_TIMEOUT_SECONDS,
@@ -21,9 +38,31 @@ from serving.deepgemm import (
     run_compile,
     unavailable_reason,
 )
-from serving.layout import compile_model_dir, deepgemm_dir
-from serving.platform import Target, VerifyResult
-from serving.profile import Profile
+from serving.layout import compile_model_dir, deepgemm_dir, weights_dir
+from serving.local_processes import (
+    Inventory,
+    Owner,
+    ProcessRecord,
+    free_port,
+    spawn,
+    start_ticks,
+    stop_process,
+    sweep,
+    wait_for,
+)
+from serving.local_routing import (
+    DEFAULT_ROUTER_PORT,
+    REPO_ROOT,
+    ROUTER_PORT_ENV,
+    ROUTER_RECORD,
+    LocalRouter,
+    RouterUnavailable,
+)
+from serving.platform import Release, Target, VerifyResult, release_id
+from serving.profile import Profile, models_dir
+from serving.releases import FileReleaseStore, ReleaseStore
+from serving.router import Backend
+from serving.server import ServerEvent
 from serving.sglang import COMPILE_ENTRYPOINT, Command
 from serving.verification import verify_revision
 from serving.weights import (
@@ -35,10 +74,13 @@ from serving.weights import (
     resolve_revision,
 )
 
-DEFAULT_HOME = Path(__file__).resolve().parent.parent / ".rollout"
+DEFAULT_HOME = REPO_ROOT / ".rollout"
 # Replaces `python3 -m sglang.compile_deep_gemm` by another program. Exists for fault injection
 # in tests (a compile that fails N times), because no real compile runs without a GPU.
 COMPILE_ENTRYPOINT_ENV = "ROLLOUT_COMPILE_ENTRYPOINT"
+KEEP_SERVING_ENV = "ROLLOUT_KEEP_SERVING"
+
+logger = logging.getLogger(__name__)
 
 
 class LocalPlatform:
@@ -50,20 +92,33 @@ class LocalPlatform:
         *,
         endpoint: str | None = None,
         compile_entrypoint: list[str] | None = None,
+        keep_serving: bool = False,
+        router_port: int = DEFAULT_ROUTER_PORT,
     ) -> None:
         self.home = home
         self.cache_scope = f"local:{home.resolve()}"
         self.endpoint = endpoint
         self.compile_entrypoint = compile_entrypoint
+        self.keep_serving = keep_serving
+        self.router_port = router_port
+        self.inventory = Inventory(home / "state" / "processes")
+        # Every process this platform starts names this interpreter as its owner: any
+        # LocalPlatform of the same process (each Prefect task builds one) may stop it.
+        self.owner = Owner.current()
 
     @classmethod
     def from_env(cls) -> LocalPlatform:
         override = os.environ.get(COMPILE_ENTRYPOINT_ENV)
-        return cls(
+        platform = cls(
             Path(os.environ.get("ROLLOUT_HOME", DEFAULT_HOME)),
             endpoint=os.environ.get("HF_ENDPOINT") or None,
             compile_entrypoint=shlex.split(override) if override else None,
+            keep_serving=os.environ.get(KEEP_SERVING_ENV) == "1",
+            router_port=int(os.environ.get(ROUTER_PORT_ENV) or DEFAULT_ROUTER_PORT),
         )
+        # A SIGKILLed orchestrator cannot stop what it started: the next one does.
+        platform.reconcile_orphans()
+        return platform
 
     def volume(self, name: str) -> Path:
         return self.home / "volumes" / name
@@ -141,3 +196,371 @@ class LocalPlatform:
             token=self._token(profile),
             endpoint=self.endpoint,
         )
+
+    # -- serving ------------------------------------------------------------------------------
+
+    def deploy(self, profile: Profile, revision: str) -> Release:
+        """Start the release's supervisor, wait for `ready` (healthy and probes passed), and
+        register it with the router at weight 0. A release already running is returned as is
+        (a re-run converges). On failure nothing is left running: DeployFailed, one line."""
+        rid = release_id(profile, revision)
+        for release in self.running_releases(profile):
+            if release.id == rid:
+                return release
+        weights = weights_dir(self._weights_root(profile), profile, revision)
+        if not weights.is_dir():
+            raise DeployFailed(f"{rid}: no weights at {weights} (download and verify first)")
+        router = self._router()
+        try:
+            router.ensure_running()  # fails before an engine is paid for
+        except RouterUnavailable as exc:
+            raise DeployFailed(f"{rid}: {exc}") from None
+        leftover = self.inventory.get(rid)
+        if leftover is not None:  # a dead or half-started earlier attempt
+            self._stop(leftover, drain_seconds=0)
+        record = self._start_server(profile, revision, weights)
+        try:
+            ready = self._await_ready(record, profile)
+            release = Release(
+                model=profile.name, revision=revision, id=rid, url=str(ready.url),
+                deployed_at=datetime.now(UTC),
+            )  # fmt: skip
+            record = record.model_copy(
+                update={
+                    "engine_pid": ready.engine_pid,
+                    "engine_ticks": start_ticks(ready.engine_pid) if ready.engine_pid else None,
+                    "release": release,
+                }
+            )
+            self.inventory.write(record)
+            backend = self._backend(profile, release, weight=0)
+            router.update(profile.served_model_name, lambda current: _with(current, backend))
+        except BaseException as exc:
+            self._stop(record, drain_seconds=0)
+            if isinstance(exc, RouterUnavailable):
+                raise DeployFailed(f"{rid}: {exc}") from None
+            raise
+        logger.info("%s: ready at %s (0%% traffic)", rid, release.url)
+        return release
+
+    def set_traffic(self, profile: Profile, weights: dict[str, int]) -> None:
+        """Route `weights` (release id → percent) for the model, to the running releases; a
+        running release not named gets 0. Written to the state file and pushed to the router,
+        which reports it before this returns. In-flight requests keep their backend."""
+        try:
+            wanted = WEIGHTS.validate_python(weights)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise ValueError(f"bad traffic weights {weights}: {error['msg']}") from None
+        running = {release.id: release for release in self.running_releases(profile)}
+        missing = sorted(rid for rid, weight in wanted.items() if weight and rid not in running)
+        if missing:
+            # A release that died cannot take traffic; a rollback must still zero the canary.
+            logger.warning("%s: not running, left out of routing: %s", profile.name, missing)
+        backends = [
+            self._backend(profile, release, weight=wanted.get(rid, 0))
+            for rid, release in sorted(running.items())
+        ]
+        router = self._router()
+        router.ensure_running()
+        router.update(profile.served_model_name, lambda _current: backends)
+
+    def retire(self, profile: Profile, release: Release, drain_seconds: float) -> None:
+        """Out of routing (weight 0, then removed), wait for the router's in-flight requests
+        up to the deadline, SIGTERM the supervisor (which drains the engine), SIGKILL both
+        process groups at the deadline. Idempotent."""
+        record = self.inventory.get(release.id)
+        if record is None:
+            self._unroute(profile.served_model_name, release.id)
+            return
+        self._stop(record, drain_seconds)
+        logger.info("%s: retired", release.id)
+
+    def router_url(self, profile: Profile) -> str:
+        return self._router().url
+
+    def stats(self, profile: Profile, since: float) -> dict[str, Any]:
+        """GET /admin/stats of the model since `since` (unix time): per-backend requests,
+        errors, TTFT and latency percentiles, in-flight counts and weights."""
+        router = self._router()
+        if not router.answers():
+            return {"model": profile.served_model_name, "since": since, "backends": {}}
+        return router.stats(profile.served_model_name, since)
+
+    def running_releases(self, profile: Profile) -> list[Release]:
+        return [
+            record.release
+            for record in self.inventory.records()
+            if record.kind == "release"
+            and record.model == profile.name
+            and record.release is not None
+            and record.running()
+        ]
+
+    def release_store(self) -> ReleaseStore:
+        return FileReleaseStore(self.home / "state" / "releases")
+
+    def shutdown(self) -> None:
+        """Stop what this process started (releases, then the router if no one else still
+        uses it); with keep_serving, mark it all `keep` instead, for a later run to reuse."""
+        mine = [record for record in self.inventory.records() if record.owner == self.owner]
+        if self.keep_serving:
+            for record in mine:
+                self.inventory.write(record.model_copy(update={"keep": True}))
+            return
+        for record in mine:
+            if record.kind == "release":
+                self._stop(record, SHUTDOWN_DRAIN_SECONDS)
+        if any(record.kind == "router" for record in mine):
+            self._release_router()
+
+    def reconcile_orphans(self) -> list[str]:
+        """Stop the processes of dead orchestrators (not kept), drop records of processes that
+        are gone. Returns the names of the records it stopped or dropped."""
+        handled: list[str] = []
+        for record in self.inventory.records():
+            if record.kind == "release" and (not record.running() or record.orphaned()):
+                logger.warning("%s: %s; stopping it", record.name, _orphan_reason(record))
+                self._stop(record, drain_seconds=0)
+                handled.append(record.name)
+        router = self.inventory.get(ROUTER_RECORD)
+        if router is not None and (not router.running() or router.orphaned()):
+            self._release_router()
+            handled.append(router.name)
+        return handled
+
+    def stop_all(self) -> None:
+        """Stop every process of this home, whoever started it and whether kept or not."""
+        for record in self.inventory.records():
+            if record.kind == "release":
+                self._stop(record, drain_seconds=0)
+        router = self.inventory.get(ROUTER_RECORD)
+        if router is not None:
+            self._stop(router, drain_seconds=0)
+
+    # -- serving internals ----------------------------------------------------------------------
+
+    def _router(self) -> LocalRouter:
+        # A live router of this home is used where it runs, even if the configured port
+        # changed since it started: one router per home.
+        record = self.inventory.get(ROUTER_RECORD)
+        port = record.port if record is not None and record.running() else self.router_port
+        return LocalRouter(self.home, port, self.inventory, self.owner, keep=self.keep_serving)
+
+    def _backend(self, profile: Profile, release: Release, *, weight: int) -> Backend:
+        # The router reads the engine's key from its own environment: only the name is stored.
+        return Backend(
+            name=release.id, url=release.url, weight=weight, api_key_env=profile.secrets.api_key
+        )
+
+    def _release_workdir(self, profile: Profile, rid: str, weights: Path) -> Path:
+        """The release's working directory, where the served model name is a symlink to the
+        weights: `transformers serve <served name>` run here loads the weights and answers to
+        the name clients send through the router (a pinned server accepts exactly its model
+        argument as `model`, and keeps an existing local path as its model id)."""
+        workdir = self.home / "releases" / rid
+        shutil.rmtree(workdir, ignore_errors=True)
+        link = workdir / _served_path(profile)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(weights.resolve(), target_is_directory=True)
+        return workdir
+
+    def _start_server(self, profile: Profile, revision: str, weights: Path) -> ProcessRecord:
+        rid = release_id(profile, revision)
+        workdir = self._release_workdir(profile, rid, weights)
+        # SGLang serves the profile's served name itself: it gets the real directory.
+        weights_arg = (
+            str(_served_path(profile)) if profile.engine.kind == "transformers" else str(weights)
+        )
+        port = free_port()
+        argv = [
+            sys.executable, "-m", "serving.server",
+            "--model", profile.name,
+            "--weights", weights_arg,
+            "--port", str(port),
+            # The supervisor labels its log lines <profile>-<id>: the release id.
+            "--release-id", revision[:8],
+            "--drain-seconds", f"{profile.canary.retire_grace_seconds:g}",
+            "--startup-budget", f"{profile.startup_budget_seconds:g}",
+        ]  # fmt: skip
+        if profile.secrets.api_key:
+            argv += ["--api-key-env", profile.secrets.api_key]  # a variable name, not the key
+        logs = self.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_path = logs / f"{rid}.log"
+        events = _events_path(logs, rid)
+        # Events go to a file, not a pipe: a kept release outlives this process, and a server
+        # writing to a closed pipe would fail at its next event.
+        with log_path.open("ab") as log, events.open("wb") as out:
+            process = spawn(argv, cwd=workdir, env=_server_env(), stdout=out, stderr=log)
+        record = ProcessRecord(
+            kind="release", name=rid, pid=process.pid, pgid=process.pid,
+            ticks=start_ticks(process.pid), port=port, owner=self.owner, keep=self.keep_serving,
+            log=str(log_path), release_id=rid, model=profile.name, revision=revision,
+            route=profile.served_model_name,
+        )  # fmt: skip
+        self.inventory.write(record)
+        return record
+
+    def _await_ready(self, record: ProcessRecord, profile: Profile) -> ServerEvent:
+        """The supervisor's `ready` event; DeployFailed on `failed`, an exit, or the budget."""
+        budget = profile.startup_budget_seconds + DEPLOY_MARGIN_SECONDS
+        events = _events_path(Path(record.log).parent, record.name)
+        deadline = time.monotonic() + budget
+        while True:
+            exited = start_ticks(record.pid) != record.ticks  # read before the events: no race
+            event = _last_event(events)
+            if event is not None and event.event == "ready":
+                return event
+            if event is not None:
+                reason = _one_line(event.error or event.event)
+                raise DeployFailed(f"{record.name}: {reason} (log: {record.log})")
+            if exited:
+                raise DeployFailed(
+                    f"{record.name}: the server exited before it was ready (log: {record.log})"
+                )
+            if time.monotonic() >= deadline:
+                raise DeployFailed(
+                    f"{record.name}: not ready within {budget:g} s (log: {record.log})"
+                )
+            time.sleep(EVENT_POLL_SECONDS)
+
+    def _stop(self, record: ProcessRecord, drain_seconds: float) -> None:
+        """Retire one record's process: out of routing, router drain, SIGTERM, SIGKILL at the
+        deadline (never sooner than a short grace for a clean stop), record removed."""
+        deadline = time.monotonic() + drain_seconds
+        if record.kind == "release" and record.route is not None:
+            router = self._unroute(record.route, record.name)
+            if router is not None and record.running():
+                _drain(router, record.route, record.name, deadline)
+        grace = max(deadline - time.monotonic(), STOP_GRACE_SECONDS)
+        gone = stop_process(record.pid, record.ticks, groups=record.extra_groups(),
+                            term_seconds=grace)  # fmt: skip
+        if not gone:
+            logger.error("%s: pid %d survived SIGKILL", record.name, record.pid)
+        if record.kind == "release":
+            workdir = self.home / "releases" / record.name
+            # Everything of a release works in its directory, the engine included.
+            if stray := sweep(workdir):
+                logger.warning("%s: killed stray processes %s", record.name, stray)
+            shutil.rmtree(workdir, ignore_errors=True)
+        self.inventory.remove(record.name)
+
+    def _unroute(self, route: str, rid: str) -> LocalRouter | None:
+        """Weight 0 (no new requests), then out of the table. Returns the router when it runs,
+        for the drain; without one only the state file changes."""
+        router = self._router()
+        if not any(backend.name == rid for backend in router.backends(route)):
+            return router if router.answers() else None
+        try:
+            router.update(route, lambda current: [_weight(b, rid, 0) for b in current])
+            router.update(route, lambda current: [b for b in current if b.name != rid])
+        except (RouterUnavailable, httpx.HTTPError) as exc:
+            # Stopping must go on: a release that cannot be unrouted still costs money.
+            logger.warning("%s: routing not updated: %s", rid, exc)
+        return router if router.answers() else None
+
+    def _release_router(self) -> None:
+        """Stop the router unless running releases still need it; then hand it to them."""
+        record = self.inventory.get(ROUTER_RECORD)
+        if record is None:
+            return
+        users = [
+            other for other in self.inventory.records()
+            if other.kind == "release" and other.running() and not other.orphaned()
+        ]  # fmt: skip
+        if users and record.running():
+            keep = any(user.keep for user in users)
+            self.inventory.write(record.model_copy(update={"owner": users[0].owner, "keep": keep}))
+            return
+        self._stop(record, drain_seconds=0)
+
+
+class DeployFailed(RuntimeError):
+    """A release did not become ready; the message is one line with the supervisor's reason
+    and the log file. Nothing of the release is left running."""
+
+
+# Release id → percent of the model's traffic.
+WEIGHTS = TypeAdapter(dict[str, Annotated[int, Field(ge=0, le=100, strict=True)]])
+# Beyond the profile's startup budget: interpreter start, and the probes after /health.
+DEPLOY_MARGIN_SECONDS = 60.0
+EVENT_POLL_SECONDS = 0.1
+DRAIN_POLL_SECONDS = 0.1
+# A SIGTERMed supervisor stops its engine gracefully; this long even when the drain is over.
+STOP_GRACE_SECONDS = 5.0
+# Requests in flight when the orchestrator finishes get this long to complete.
+SHUTDOWN_DRAIN_SECONDS = 5.0
+ONE_LINE_CHARS = 500
+
+
+def _with(backends: list[Backend], new: Backend) -> list[Backend]:
+    return [*(backend for backend in backends if backend.name != new.name), new]
+
+
+def _weight(backend: Backend, name: str, weight: int) -> Backend:
+    return backend.model_copy(update={"weight": weight}) if backend.name == name else backend
+
+
+def _drain(router: LocalRouter, route: str, rid: str, deadline: float) -> None:
+    def drained() -> bool:
+        try:
+            return router.in_flight(route, rid) == 0
+        except httpx.HTTPError:
+            return True  # no router, nothing in flight through it
+
+    remaining = deadline - time.monotonic()
+    if not wait_for(drained, max(0.0, remaining), DRAIN_POLL_SECONDS):
+        logger.warning("%s: requests still in flight at the drain deadline", rid)
+
+
+def _served_path(profile: Profile) -> PurePosixPath:
+    """The served model name as a relative path, refused when it would not round-trip (the
+    engine must report exactly the name the router routes on)."""
+    name = profile.served_model_name
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or str(path) != name:
+        raise DeployFailed(f"{profile.name}: served_model_name {name!r} is not a plain name")
+    return path
+
+
+def _server_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The supervisor runs in the release's directory: paths it inherits must be absolute.
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
+    env["ROLLOUT_MODELS_DIR"] = str(models_dir().resolve())
+    return env
+
+
+def _events_path(logs: Path, rid: str) -> Path:
+    return logs / f"{rid}.events.jsonl"
+
+
+def _last_event(path: Path) -> ServerEvent | None:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        try:
+            return ServerEvent.model_validate_json(line)
+        except ValidationError:
+            continue  # a partial last line, or not an event
+    return None
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return "no reason given"
+    # The first line says what failed; the last is the engine's last word about why.
+    line = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
+    return line if len(line) <= ONE_LINE_CHARS else line[:ONE_LINE_CHARS] + "…"
+
+
+def _orphan_reason(record: ProcessRecord) -> str:
+    if not record.running():
+        return "its process is gone"
+    return f"its orchestrator (pid {record.owner.pid}) is gone"
