@@ -20,13 +20,18 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Any, Protocol
 
 import modal
 
 from serving.deepgemm import CompileFailed, compile_kernels
+from serving.engine import engine_command, request_model, write_secrets_config
 from serving.layout import (
     DEEPGEMM_MOUNT,
     WEIGHTS_MOUNT,
@@ -35,6 +40,8 @@ from serving.layout import (
     weights_dir,
 )
 from serving.profile import Profile, load_profile, models_dir
+from serving.server import CrashCallback, Supervisor, exit_process_on_crash
+from serving.sglang import Command
 from serving.verification import verify_revision
 from serving.weights import (
     DownloadResult,
@@ -44,9 +51,16 @@ from serving.weights import (
     fetch_files,
     fetch_model_config,
     merge,
+    read_sentinel,
     select_files,
 )
 from serving.weights import download as download_revision
+
+if TYPE_CHECKING:
+    # The router's modules are imported where they run: an engine container never needs them.
+    import uvicorn
+
+    from serving.router import RouterConfig, RoutingTable
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +90,11 @@ ROUTER_PACKAGES = [
     "starlette==1.10.0",
     "uvicorn==0.54.0",
     "prometheus-client==0.26.0",
+    "certifi==2026.10.19.post1",
+    # serving.router_upstream parses backend responses with httptools; uvloop is the router's
+    # measured-faster event loop (serving.router picks it when installed).
+    "httptools==0.9.0",
+    "uvloop==0.23.0",
 ]
 
 CONTAINER_MODELS_DIR = "/root/models"
@@ -97,6 +116,39 @@ COMPILE_CHILD_TIMEOUT = COMPILE_TIMEOUT - 10 * MINUTES
 SERVER_TIMEOUT = 24 * HOURS
 # Modal caps a server's exit grace period at one hour.
 MAX_EXIT_GRACE = 1 * HOURS
+# Of a release's exit grace, what the supervisor keeps for SIGKILL, reaping (its own
+# KILL_REAP_SECONDS) and the last log lines after the engine's drain deadline.
+EXIT_STOP_MARGIN_SECONDS = 15
+# The engine must be healthy this long before Modal's startup_timeout, leaving time for the
+# probes and for the supervisor's own error (with the engine's last output) to be raised.
+READINESS_MARGIN_SECONDS = 60
+
+# Modal's proxy reaches a container's port from outside its loopback; the supervisor talks to
+# the engine over loopback.
+ENGINE_BIND_HOST = "0.0.0.0"
+SUPERVISOR_HOST = "127.0.0.1"
+ROUTER_BIND_HOST = "0.0.0.0"
+SERVER_NAME = "Server"
+ROUTER_NAME = "Router"
+
+ROUTER_CPU = 2.0
+ROUTER_MEMORY_MIB = 2 * 1024
+ROUTER_STARTUP_TIMEOUT = 2 * MINUTES
+ROUTER_EXIT_GRACE = 5 * MINUTES
+# uvicorn lets open requests (streams of minutes) finish within the exit grace, less a margin
+# for the thread to wind down before Modal kills the container.
+ROUTER_STOP_MARGIN_SECONDS = 15
+ROUTER_DRAIN_SECONDS = ROUTER_EXIT_GRACE - ROUTER_STOP_MARGIN_SECONDS
+ROUTER_START_SECONDS = 30.0
+ROUTER_START_POLL_SECONDS = 0.05
+ROUTER_KEEPALIVE_SECONDS = 75
+# The platform writes routing to the model's Dict; the router re-reads it this often.
+ROUTER_POLL_SECONDS = 1.0
+# Keys of a model's routes Dict: the RoutingTable JSON, and one Release JSON per release.
+ROUTES_KEY = "routes"
+RELEASE_KEY_PREFIX = "release:"
+# The release records of every model, one key per model (serving.releases.DictReleaseStore).
+RELEASES_DICT_NAME = "rollout-releases"
 
 
 def _with_project(image: modal.Image) -> modal.Image:
@@ -535,20 +587,288 @@ def build_compile_app(profile: Profile) -> CompileApp:
     return CompileApp(app=app, compile=compile_fn)
 
 
+# --------------------------------------------------------------------------------------------
+# Bodies: what runs inside a release container and the router container
+# --------------------------------------------------------------------------------------------
+# The Server classes below are thin: each lifecycle method calls one of these functions with
+# the mounts and the environment, so tests run them here against a temporary directory, the
+# FAKE engine and a plain dict standing in for the modal.Dict.
+
+
+class ReleaseStartFailed(RuntimeError):
+    """A release container cannot serve: weights missing or unverified, or no API key."""
+
+
+def exit_grace_seconds(profile: Profile) -> int:
+    """How long Modal lets a stopping release container run its exit handler."""
+    return int(min(profile.canary.retire_grace_seconds, MAX_EXIT_GRACE))
+
+
+def release_drain_seconds(profile: Profile) -> float:
+    """The engine's drain deadline inside the exit grace period: SIGKILL, reaping and the last
+    log lines need their margin, or Modal kills the container before the supervisor has."""
+    return float(max(0, exit_grace_seconds(profile) - EXIT_STOP_MARGIN_SECONDS))
+
+
+def readiness_budget(profile: Profile) -> float:
+    """The supervisor gives up before Modal's startup_timeout kills the container, so the
+    failure carries the engine's last log lines instead of a bare timeout."""
+    budget = profile.startup_budget_seconds
+    return max(budget - READINESS_MARGIN_SECONDS, budget / 2)
+
+
+def container_api_key(profile: Profile) -> str | None:
+    """The engine's API key from the Modal Secret; a profile that names a key must have one.
+    Passed on, never logged."""
+    if not profile.secrets.api_key:
+        return None
+    key = os.environ.get(API_KEY_ENV)
+    if not key:
+        raise ReleaseStartFailed(
+            f"{profile.name}: secret {profile.secrets.api_key!r} gives no {API_KEY_ENV}"
+        )
+    return key
+
+
+def _reload_read_only(volumes: Sequence[Syncable]) -> None:
+    # modal 1.6.4 allows reload() on a read_only() mount (only writes check the flag client
+    # side). A fresh container already mounts the latest commit, so a failed reload is worth a
+    # warning, not a lost container.
+    for volume in volumes:
+        try:
+            volume.reload()
+        except Exception as exc:
+            log.warning("volume reload failed (%s); serving the mounted state", type(exc).__name__)
+
+
+def start_release(
+    profile: Profile,
+    revision: str,
+    *,
+    weights_root: PurePath,
+    deepgemm_root: PurePath | None,
+    volumes: Sequence[Syncable],
+    private_dir: Path,
+    api_key: str | None,
+    port: int = ENGINE_PORT,
+    bind_host: str = ENGINE_BIND_HOST,
+    on_crash: CrashCallback = exit_process_on_crash,
+    budget_seconds: float | None = None,
+    build_command: Callable[..., Command] = engine_command,
+) -> Supervisor:
+    """The release container's first @modal.enter: the engine started, healthy and probed.
+
+    A memory-snapshot profile then warms up and releases its GPU memory (Modal snapshots the
+    container next); the crash monitor starts in `resume_release`, after the snapshot. On any
+    failure the engine is killed and the exception propagates: the container fails to start,
+    Modal never routes to it, and the deploy's health wait sees no 200.
+    `build_command` is serving.engine.engine_command (tests pass the FAKE engine's).
+    """
+    _reload_read_only(volumes)
+    weights = weights_dir(weights_root, profile, revision)
+    # Verified weights only: the sentinel is written last, after verification.
+    if read_sentinel(Path(weights), profile.hub.repo, revision) is None:
+        raise ReleaseStartFailed(
+            f"{release_app_name(profile, revision)}: no verified weights at {weights}"
+        )
+    deepgemm = (
+        deepgemm_dir(deepgemm_root, profile)
+        if profile.deepgemm and deepgemm_root is not None
+        else None
+    )
+    command = build_command(
+        profile,
+        weights_path=weights,
+        deepgemm_path=deepgemm,
+        port=port,
+        host=bind_host,
+        # The key goes to the engine in a 0600 file, never on its argv.
+        secrets_config=write_secrets_config(private_dir, api_key),
+    )
+    supervisor = Supervisor(
+        profile,
+        command,
+        port=port,
+        host=SUPERVISOR_HOST,
+        model=request_model(profile, weights),
+        api_key=api_key,
+        release_id=revision[:8],
+        on_crash=on_crash,
+    )
+    budget = budget_seconds if budget_seconds is not None else readiness_budget(profile)
+    try:
+        supervisor.start()
+        supervisor.wait_ready(budget)
+        supervisor.run_probes()
+        if profile.engine.memory_snapshot:
+            supervisor.prepare_snapshot()
+    except BaseException:
+        supervisor.stop(drain_seconds=0)  # nothing routes to a release that never got ready
+        raise
+    return supervisor
+
+
+def resume_release(supervisor: Supervisor) -> None:
+    """The release container's last @modal.enter (after a snapshot restore, or straight after
+    `start_release`): GPU memory back for snapshot profiles, then the crash monitor, so an
+    engine that dies from now on takes the container with it and Modal replaces it."""
+    try:
+        if supervisor.profile.engine.memory_snapshot:
+            supervisor.restore_snapshot()
+    except BaseException:
+        supervisor.stop(drain_seconds=0)
+        raise
+    supervisor.watch()
+
+
+def stop_release(supervisor: Supervisor | None, drain_seconds: float) -> None:
+    """@modal.exit: SIGTERM the engine, let it drain, SIGKILL at the deadline."""
+    if supervisor is not None:
+        supervisor.stop(drain_seconds=drain_seconds)
+
+
+class KeyValue(Protocol):
+    """What the bodies and the platform need of a modal.Dict (a dict-backed fake in tests)."""
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+
+    def put(self, key: str, value: Any) -> Any: ...
+
+
+def routes_poll(routes: KeyValue) -> Callable[[], RoutingTable | None]:
+    """The router's routing_poll: the RoutingTable JSON the platform writes under ROUTES_KEY.
+    None (no change) while nothing is written; the router applies a table only when it
+    changed, so reading every second is cheap for it. The read also keeps the Dict entry from
+    expiring (7 days without access)."""
+    from serving.router import RoutingTable
+
+    def poll() -> RoutingTable | None:
+        raw = routes.get(ROUTES_KEY)
+        return None if raw is None else RoutingTable.model_validate_json(raw)
+
+    return poll
+
+
+def router_config(profile: Profile, routes: KeyValue) -> RouterConfig:
+    """The router's config from the container's environment (the Modal Secrets)."""
+    from serving.router import RouterConfig
+
+    admin_token = os.environ.get(ROUTER_ADMIN_TOKEN_ENV)
+    if not admin_token:
+        # Without it the orchestrator can read no measurements: no canary could ever pass.
+        raise ReleaseStartFailed(
+            f"secret {ROUTER_ADMIN_SECRET!r} gives no {ROUTER_ADMIN_TOKEN_ENV}"
+        )
+    return RouterConfig(
+        admin_token=admin_token,
+        client_api_key=container_api_key(profile),
+        routing_poll=routes_poll(routes),
+        poll_interval_s=ROUTER_POLL_SECONDS,
+    )
+
+
+@dataclass
+class RunningRouter:
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.servers[0].sockets[0].getsockname()[1])
+
+
+def start_router(
+    config: RouterConfig,
+    *,
+    host: str = ROUTER_BIND_HOST,
+    port: int = ROUTER_PORT,
+    startup_seconds: float = ROUTER_START_SECONDS,
+) -> RunningRouter:
+    """uvicorn in a thread, returned once it listens: Modal marks a Server container ready
+    when its @modal.enter methods return, then blocks the main thread until SIGTERM, so the
+    router must run beside it (port 0: any free port, for tests)."""
+    import uvicorn
+
+    from serving.router import _fastest_uvicorn_impls, create_router_app
+
+    loop, http = _fastest_uvicorn_impls()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_router_app(config), host=host, port=port, loop=loop, http=http,
+            lifespan="on", access_log=False, timeout_keep_alive=ROUTER_KEEPALIVE_SECONDS,
+            timeout_graceful_shutdown=ROUTER_DRAIN_SECONDS,
+        )
+    )  # fmt: skip
+    # uvicorn installs no signal handlers off the main thread: Modal's SIGTERM stays Modal's.
+    thread = threading.Thread(target=server.run, name="router", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_seconds
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"the router did not start listening on port {port}")
+        time.sleep(ROUTER_START_POLL_SECONDS)
+    return RunningRouter(server=server, thread=thread)
+
+
+def stop_router(router: RunningRouter | None) -> None:
+    """@modal.exit: stop accepting, let open requests finish (uvicorn's graceful shutdown)."""
+    if router is None:
+        return
+    router.server.should_exit = True
+    router.thread.join(ROUTER_DRAIN_SECONDS + ROUTER_STOP_MARGIN_SECONDS)
+
+
+# --------------------------------------------------------------------------------------------
+# Release and router Apps
+# --------------------------------------------------------------------------------------------
+
+
 def build_release_app(profile: Profile, revision: str) -> ReleaseApp:
     """One App per release, so a canary and the stable release scale and stop independently."""
     app = modal.App(release_app_name(profile, revision))
     volumes = {WEIGHTS_MOUNT: weights_volume(profile).read_only()}
     if profile.deepgemm:
         volumes[DEEPGEMM_MOUNT] = deepgemm_volume(profile).read_only()
+    # The closures carry strings only (see build_weights_app); "" means no cache volume.
+    profile_name = profile.name
+    weights_name = profile.volumes.weights
+    deepgemm_name = (
+        profile.volumes.deepgemm if profile.deepgemm and profile.volumes.deepgemm else ""
+    )
+    snapshot = profile.engine.memory_snapshot
 
     class Server:
-        @modal.enter()
+        # snap=True for memory-snapshot profiles: the container is snapshotted after this
+        # method (engine warmed up, GPU memory released) and later ones start from there.
+        @modal.enter(snap=snapshot)
         def start(self) -> None:
-            raise NotImplementedError("the release Server body lands with the serving issue")
+            loaded = load_profile(profile_name)
+            mounted = [mounted_volume(weights_name)]
+            if deepgemm_name:
+                mounted.append(mounted_volume(deepgemm_name))
+            self.supervisor = start_release(
+                loaded,
+                revision,
+                weights_root=WEIGHTS_MOUNT,
+                deepgemm_root=DEEPGEMM_MOUNT if deepgemm_name else None,
+                volumes=mounted,
+                private_dir=Path(tempfile.mkdtemp(prefix="rollout-engine-")),
+                api_key=container_api_key(loaded),
+            )
+
+        @modal.enter(snap=False)
+        def serve(self) -> None:
+            resume_release(self.supervisor)
+
+        @modal.exit()
+        def stop(self) -> None:
+            stop_release(
+                getattr(self, "supervisor", None),
+                release_drain_seconds(load_profile(profile_name)),
+            )
 
     scaling = profile.scaling
-    snapshot = profile.engine.memory_snapshot
     server = app.server(
         image=engine_image(profile),
         gpu=profile.resources.modal_gpu,
@@ -558,42 +878,61 @@ def build_release_app(profile: Profile, revision: str) -> ReleaseApp:
         memory=profile.resources.memory_mib,
         port=ENGINE_PORT,
         startup_timeout=int(profile.startup_budget_seconds),
-        exit_grace_period=int(min(profile.canary.retire_grace_seconds, MAX_EXIT_GRACE)),
+        exit_grace_period=exit_grace_seconds(profile),
         min_containers=scaling.min_containers,
         max_containers=scaling.max_containers,
         target_concurrency=scaling.target_inputs,
         max_concurrency=scaling.max_inputs,
         scaledown_window=scaling.scaledown_window_seconds,
+        # The router calls releases through their Modal URLs and can send only the engine's
+        # Bearer key, not Modal proxy-auth headers: the engine's API key is the lock.
+        unauthenticated=True,
         enable_memory_snapshot=snapshot,
         experimental_options={"enable_gpu_snapshot": True} if snapshot else None,
         serialized=True,
-        name="Server",
+        name=SERVER_NAME,
     )(Server)
     return ReleaseApp(app=app, server=server, revision=revision)
+
+
+def router_app_name(profile: Profile) -> str:
+    return f"{profile.name}-router"
 
 
 def build_router_app(profile: Profile) -> RouterApp:
     """The router for one model: CPU, always on, exactly one container, because the canary
     gates compare measurements that must all be taken in one place."""
-    app = modal.App(f"{profile.name}-router")
+    app = modal.App(router_app_name(profile))
     routes = modal.Dict.from_name(routes_dict_name(profile), create_if_missing=True)
+    profile_name = profile.name
+    routes_name = routes_dict_name(profile)
 
     class Router:
         @modal.enter()
         def start(self) -> None:
-            raise NotImplementedError("the router body lands with the serving issue")
+            loaded = load_profile(profile_name)
+            # Created if missing: the router may start before the first routes are written.
+            routes = modal.Dict.from_name(routes_name, create_if_missing=True)
+            self.router = start_router(router_config(loaded, routes))
+
+        @modal.exit()
+        def stop(self) -> None:
+            stop_router(getattr(self, "router", None))
 
     server = app.server(
         image=router_image(),
         secrets=[modal.Secret.from_name(ROUTER_ADMIN_SECRET), *api_key_secrets(profile)],
-        cpu=2.0,
-        memory=2 * 1024,
+        cpu=ROUTER_CPU,
+        memory=ROUTER_MEMORY_MIB,
         port=ROUTER_PORT,
-        startup_timeout=2 * MINUTES,
-        exit_grace_period=5 * MINUTES,
+        startup_timeout=ROUTER_STARTUP_TIMEOUT,
+        exit_grace_period=ROUTER_EXIT_GRACE,
         min_containers=1,
         max_containers=1,
+        # Clients hold the model's API key and the orchestrator the admin token; OpenAI
+        # clients cannot be expected to send Modal proxy-auth headers.
+        unauthenticated=True,
         serialized=True,
-        name="Router",
+        name=ROUTER_NAME,
     )(Router)
     return RouterApp(app=app, server=server, routes=routes)

@@ -19,7 +19,12 @@ offline. Before any container starts, a finished stage is recognised from the vo
 Big repos are downloaded in shards, each shard its own spawned call (a `.map` would die with
 the orchestrator and could not be re-attached), then merged into one sentinel.
 
-Serving (deploy, set_traffic, retire, router_url) lands with the serving issue.
+Serving: one `<model>-<rev8>` App per release (modal_app.build_release_app) and one
+`<model>-router` App per model. Routing lives in the model's modal.Dict (`<model>-routes`, key
+"routes": a RoutingTable whose backends are the releases' Modal URLs), which the router reads
+every second; each change is also pushed to the router's admin API so it applies at once. The
+admin token (ROUTER_ADMIN_TOKEN, the same value as in the `rollout-router-admin` Secret) lets
+the orchestrator read the router's measurements. Apps outlive the orchestrator by design.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import fcntl
 import logging
 import math
 import os
+import re
 import tempfile
 import threading
 import time
@@ -37,18 +43,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
+import httpx
 import modal
 import modal.exception
-from pydantic import BaseModel, Field, ValidationError
+import modal.experimental
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from serving import modal_app
 from serving.deepgemm import CompileResult, Marker, marker_path
 from serving.layout import SENTINEL_NAME, WEIGHTS_MOUNT, deepgemm_dir, weights_dir
-from serving.local import DEFAULT_HOME
-from serving.platform import Release, Target, VerifyResult
+from serving.local import DEFAULT_HOME, DeployFailed
+from serving.platform import Release, Target, VerifyResult, release_id
 from serving.profile import Profile, is_commit_sha
+from serving.releases import DictReleaseStore, ReleaseStore
+from serving.router import MAX_WEIGHT, Backend, RoutingTable
 from serving.sglang import deepgemm_cache_key
 from serving.weights import (
     DownloadResult,
@@ -84,6 +94,19 @@ WAIT_POLL_SECONDS = 60.0
 # Several calls (shards) are polled in turn, each without waiting, then the loop sleeps.
 SHARDS_POLL_INTERVAL = 10.0
 
+# Serving. A release answers /health through Modal's URL after its container is scheduled
+# (an image of several GB may be pulled first) and its own startup budget: allow for both.
+DEPLOY_SCHEDULING_SECONDS = 10 * 60.0
+HEALTH_PATH = "/health"
+HEALTH_POLL_SECONDS = 5.0
+HEALTH_TIMEOUT_SECONDS = 10.0
+ADMIN_TIMEOUT_SECONDS = 10.0
+# When the router could not be told directly, it reads the Dict within a poll interval.
+ROUTES_PROPAGATION_SECONDS = 2 * modal_app.ROUTER_POLL_SECONDS
+RETIRE_POLL_SECONDS = 2.0
+RELEASE_ID_HEX = 8
+WEIGHTS = TypeAdapter(dict[str, Annotated[int, Field(ge=0, le=MAX_WEIGHT)]])
+
 Stage = Literal["download", "download-shard", "compile"]
 
 
@@ -93,6 +116,10 @@ class CallStoreError(RuntimeError):
 
 class ModalCallError(RuntimeError):
     """A spawned call failed or its output is gone; one line, the remote error chained."""
+
+
+class RouterAdminError(RuntimeError):
+    """The router's admin API cannot be used (no token here, or it refused)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,6 +343,23 @@ class Gateway(Protocol):
         """A small file from a volume, or None if it is not there."""
         ...
 
+    def deployed_apps(self) -> list[str]:
+        """Names of the deployed (not stopped) Apps of the environment."""
+        ...
+
+    def server_url(self, app_name: str, server_name: str) -> str | None:
+        """The URL of a deployed App's Server."""
+        ...
+
+    def stop_app(self, app_name: str) -> None:
+        """Stop a deployed App (its containers get SIGTERM and their exit grace); no error
+        when there is no such App."""
+        ...
+
+    def dict(self, name: str) -> modal_app.KeyValue:
+        """A named modal.Dict, created if missing."""
+        ...
+
 
 class ModalGateway:
     def __init__(self, environment: str | None = None) -> None:
@@ -343,6 +387,25 @@ class ModalGateway:
             return b"".join(handle.read_file(path))
         except (FileNotFoundError, modal.exception.NotFoundError):
             return None
+
+    def deployed_apps(self) -> list[str]:
+        # For a deployed App, the listing's name (its description) is the App's name.
+        apps = modal.experimental.list_deployed_apps(environment_name=self.environment or "")
+        return [app.name for app in apps]
+
+    def server_url(self, app_name: str, server_name: str) -> str | None:
+        server = modal.Server.from_name(app_name, server_name, environment_name=self.environment)
+        return server.get_url()
+
+    def stop_app(self, app_name: str) -> None:
+        try:
+            app = modal.App.lookup(app_name, environment_name=self.environment)
+        except modal.exception.NotFoundError:
+            return
+        app.stop()
+
+    def dict(self, name: str) -> modal_app.KeyValue:
+        return modal.Dict.from_name(name, environment_name=self.environment, create_if_missing=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,6 +450,8 @@ class ModalPlatform:
         bytes_per_shard: int = BYTES_PER_SHARD,
         max_shards: int = MAX_SHARDS,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        http: httpx.Client | None = None,
     ) -> None:
         self.home = Path(home or os.environ.get("ROLLOUT_HOME") or DEFAULT_HOME)
         self.environment = environment or os.environ.get("MODAL_ENVIRONMENT") or None
@@ -400,8 +465,14 @@ class ModalPlatform:
         self.bytes_per_shard = bytes_per_shard
         self.max_shards = max_shards
         self._sleep = sleep
+        self._clock = clock
+        # To the routers' and releases' Modal URLs (health, admin API); no request is made
+        # until a serving call needs one.
+        self._http = http or httpx.Client(follow_redirects=False)
         self._deployed: set[str] = set()
         self._deploy_lock = threading.Lock()
+        self._routes_lock = threading.Lock()
+        self._router_urls: dict[str, str] = {}
 
     @classmethod
     def from_env(cls) -> ModalPlatform:
@@ -506,21 +577,263 @@ class ModalPlatform:
     # -- serving ------------------------------------------------------------------------------
 
     def deploy(self, profile: Profile, revision: str) -> Release:
-        raise NotImplementedError("ModalPlatform.deploy lands with the serving issue")
+        """The release App deployed (once: a running release is never rolled by a re-run),
+        healthy through its Modal URL, and registered with the router at weight 0. The
+        container's own @modal.enter already ran the probes: a release that fails them never
+        answers 200. On failure an App this call deployed is stopped again: DeployFailed."""
+        _require_commit(revision)
+        rid = release_id(profile, revision)
+        app_name = modal_app.release_app_name(profile, revision)
+        self.router_url(profile)  # the router first: it fails before a GPU is paid for
+        deployed_now = False
+        if app_name not in self.gateway.deployed_apps():
+            log.info("deploying Modal app %s", app_name)
+            self.gateway.deploy(modal_app.build_release_app(profile, revision).app)
+            deployed_now = True
+        try:
+            url = self._server_url(app_name, modal_app.SERVER_NAME)
+            self._wait_healthy(profile, rid, url)
+            release = self._stored_release(profile, rid)
+            if release is None or release.url != url or release.revision != revision:
+                release = Release(
+                    model=profile.name, revision=revision, id=rid, url=url,
+                    deployed_at=datetime.now(UTC),
+                )  # fmt: skip
+                self._routes(profile).put(_release_key(rid), release.model_dump_json())
+            backend = self._backend(profile, release, weight=0)
+            self._update_routes(profile, lambda current: _with_backend(current, backend))
+        except BaseException:
+            if deployed_now:
+                # Nothing that never took traffic may keep costing GPU time.
+                self.gateway.stop_app(app_name)
+            raise
+        log.info("%s: ready at %s (0%% traffic)", rid, url)
+        return release
 
     def set_traffic(self, profile: Profile, weights: dict[str, int]) -> None:
-        raise NotImplementedError("ModalPlatform.set_traffic lands with the serving issue")
+        """Route `weights` (release id → percent) to the model's running releases; a running
+        release not named gets 0, one not running is left out (a rollback must still zero a
+        dead canary). Written to the model's Dict (the router's source, read every second)
+        and pushed to the router's admin API so it applies at once."""
+        try:
+            wanted = WEIGHTS.validate_python(weights)
+        except ValidationError as exc:
+            raise ValueError(f"bad traffic weights {weights}: {exc.errors()[0]['msg']}") from None
+        running = {release.id: release for release in self.running_releases(profile)}
+        missing = sorted(rid for rid, weight in wanted.items() if weight and rid not in running)
+        if missing:
+            log.warning("%s: not running, left out of routing: %s", profile.name, missing)
+        backends = [
+            self._backend(profile, release, weight=wanted.get(rid, 0))
+            for rid, release in sorted(running.items())
+        ]
+        self._update_routes(profile, lambda _current: backends)
 
     def retire(self, profile: Profile, release: Release, drain_seconds: float) -> None:
-        raise NotImplementedError("ModalPlatform.retire lands with the serving issue")
+        """Out of routing, then wait until the router counts no request in flight to it (or
+        the deadline), then stop its App; the container's exit handler drains the engine
+        within the exit grace period. Idempotent."""
+        deadline = self._clock() + drain_seconds
+        applied = self._update_routes(
+            profile, lambda backends: [b for b in backends if b.name != release.id]
+        )
+        if not applied:
+            # The router reads the Dict every second: give it that before trusting a zero.
+            self._sleep(ROUTES_PROPAGATION_SECONDS)
+        self._wait_drained(profile, release, deadline)
+        self.gateway.stop_app(modal_app.release_app_name(profile, release.revision))
+        log.info("%s: retired", release.id)
 
     def router_url(self, profile: Profile) -> str:
-        raise NotImplementedError("ModalPlatform.router_url lands with the serving issue")
+        """The model's router URL; its App is deployed first if it is not running. A running
+        router is never redeployed from here: a redeploy restarts its single container, and
+        its measurements with it, perhaps in the middle of someone's canary."""
+        with self._deploy_lock:
+            url = self._router_urls.get(profile.name)
+            if url is None:
+                name = modal_app.router_app_name(profile)
+                if name not in self.gateway.deployed_apps():
+                    log.info("deploying Modal app %s", name)
+                    self.gateway.deploy(modal_app.build_router_app(profile).app)
+                url = self._server_url(name, modal_app.ROUTER_NAME)
+                self._router_urls[profile.name] = url
+        return url
+
+    def stats(self, profile: Profile, since: float) -> dict[str, Any]:
+        """GET /admin/stats of the model since `since` (unix time): per-backend requests,
+        errors, TTFT and latency percentiles, in-flight counts and weights."""
+        response = self._admin(
+            profile, "GET", "/admin/stats",
+            params={"model": profile.served_model_name, "since": since},
+        )  # fmt: skip
+        if response.status_code != 200:
+            raise RouterAdminError(f"{profile.name}: router stats: HTTP {response.status_code}")
+        return dict(response.json())
+
+    def running_releases(self, profile: Profile) -> list[Release]:
+        """The model's deployed release Apps (`<model>-<rev8>`), whoever deployed them. A
+        release deployed here is described by its record in the model's Dict; one without a
+        record gets its URL from Modal and its 8-hex revision prefix."""
+        pattern = re.compile(rf"{re.escape(profile.name)}-[0-9a-f]{{{RELEASE_ID_HEX}}}")
+        releases = []
+        for name in sorted(self.gateway.deployed_apps()):
+            if not pattern.fullmatch(name):
+                continue
+            release = self._stored_release(profile, name)
+            if release is None:
+                url = self.gateway.server_url(name, modal_app.SERVER_NAME)
+                if not url:
+                    log.warning("%s: deployed, but Modal gives it no URL", name)
+                    continue
+                release = Release(
+                    model=profile.name, revision=name.rsplit("-", 1)[1], id=name,
+                    url=url.rstrip("/"), deployed_at=datetime.now(UTC),
+                )  # fmt: skip
+            releases.append(release)
+        return releases
+
+    def release_store(self) -> ReleaseStore:
+        return DictReleaseStore(self.gateway.dict(modal_app.RELEASES_DICT_NAME))
 
     def shutdown(self) -> None:
         # Nothing to stop: spawned preparation calls are meant to outlive this process, so a
-        # restarted orchestrator can re-attach to them.
+        # restarted orchestrator can re-attach to them; releases and routers serve on.
         return None
+
+    # -- serving internals ----------------------------------------------------------------------
+
+    def _routes(self, profile: Profile) -> modal_app.KeyValue:
+        return self.gateway.dict(modal_app.routes_dict_name(profile))
+
+    def _stored_release(self, profile: Profile, rid: str) -> Release | None:
+        raw = self._routes(profile).get(_release_key(rid))
+        if raw is None:
+            return None
+        try:
+            return Release.model_validate_json(raw)
+        except ValidationError:
+            return None
+
+    def _table(self, profile: Profile) -> RoutingTable:
+        raw = self._routes(profile).get(modal_app.ROUTES_KEY)
+        return RoutingTable() if raw is None else RoutingTable.model_validate_json(raw)
+
+    def _backend(self, profile: Profile, release: Release, *, weight: int) -> Backend:
+        # The router reads the engine's key from its own environment (the same Modal Secret):
+        # the Dict holds the variable's name, never the key.
+        return Backend(
+            name=release.id,
+            url=release.url,
+            weight=weight,
+            api_key_env=modal_app.API_KEY_ENV if profile.secrets.api_key else None,
+        )
+
+    def _update_routes(
+        self, profile: Profile, mutate: Callable[[list[Backend]], list[Backend]]
+    ) -> bool:
+        """The model's backends through `mutate`: the Dict first (the router's source of truth
+        across restarts), then the admin API. True when the router confirmed the change."""
+        model = profile.served_model_name
+        with self._routes_lock:
+            table = self._table(profile)
+            backends = mutate(list(table.models.get(model, [])))
+            models = {name: list(entries) for name, entries in table.models.items()}
+            if backends:
+                models[model] = backends
+            else:
+                models.pop(model, None)
+            updated = RoutingTable(models=models)
+            self._routes(profile).put(
+                modal_app.ROUTES_KEY, updated.model_dump_json(exclude_none=True)
+            )
+        return self._push_routes(profile, backends)
+
+    def _push_routes(self, profile: Profile, backends: list[Backend]) -> bool:
+        model = profile.served_model_name
+        try:
+            if backends:
+                payload = [backend.model_dump(exclude_none=True) for backend in backends]
+                response = self._admin(profile, "PUT", f"/admin/routes/{model}", json=payload)
+            else:
+                response = self._admin(profile, "DELETE", f"/admin/routes/{model}")
+        except (RouterAdminError, httpx.HTTPError) as exc:
+            log.warning("%s: routes not pushed to the router (%s); it reads them within %gs",
+                        profile.name, _one_line(exc), modal_app.ROUTER_POLL_SECONDS)  # fmt: skip
+            return False
+        if response.status_code not in (200, 404):  # 404: DELETE of a model it never had
+            log.warning(
+                "%s: the router refused the routes: HTTP %d; it reads them within %gs",
+                profile.name, response.status_code, modal_app.ROUTER_POLL_SECONDS,
+            )  # fmt: skip
+            return False
+        return True
+
+    def _admin(self, profile: Profile, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        token = os.environ.get(modal_app.ROUTER_ADMIN_TOKEN_ENV)
+        if not token:
+            raise RouterAdminError(
+                f"{modal_app.ROUTER_ADMIN_TOKEN_ENV} is not set: the router's admin API is "
+                f"out of reach (the same value as in the Modal Secret "
+                f"{modal_app.ROUTER_ADMIN_SECRET!r})"
+            )
+        url = self.router_url(profile) + path
+        headers = {"Authorization": f"Bearer {token}"}
+        return self._http.request(
+            method, url, headers=headers, timeout=ADMIN_TIMEOUT_SECONDS, **kwargs
+        )
+
+    def _in_flight(self, profile: Profile, rid: str) -> int | None:
+        """Requests the router has in flight to a release; None when it cannot be asked."""
+        try:
+            # since=now: an empty window; in-flight counts are kept outside the window.
+            stats = self.stats(profile, since=time.time())
+        except (RouterAdminError, httpx.HTTPError, ValueError) as exc:
+            log.warning("%s: in-flight requests unknown: %s", rid, _one_line(exc))
+            return None
+        return int(stats.get("backends", {}).get(rid, {}).get("in_flight", 0))
+
+    def _wait_drained(self, profile: Profile, release: Release, deadline: float) -> None:
+        while True:
+            in_flight = self._in_flight(profile, release.id)
+            if in_flight == 0:
+                return
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                if in_flight:
+                    log.warning("%s: %d requests still in flight at the drain deadline",
+                                release.id, in_flight)  # fmt: skip
+                return
+            # Unknown counts: wait out the whole deadline rather than cut requests off.
+            self._sleep(min(RETIRE_POLL_SECONDS, remaining))
+
+    def _server_url(self, app_name: str, server_name: str) -> str:
+        url = self.gateway.server_url(app_name, server_name)
+        if not url:
+            raise DeployFailed(f"{app_name}: Modal gives no URL for {server_name}")
+        return url.rstrip("/")
+
+    def _wait_healthy(self, profile: Profile, rid: str, url: str) -> None:
+        """GET /health through Modal's URL until 200. Modal answers 503 (or holds the
+        request) while no container is up; a container passes its probes before its port is
+        served, so a 200 means ready and probed."""
+        budget = profile.startup_budget_seconds + DEPLOY_SCHEDULING_SECONDS
+        deadline = self._clock() + budget
+        last = "no answer"
+        while True:
+            try:
+                response = self._http.get(url + HEALTH_PATH, timeout=HEALTH_TIMEOUT_SECONDS)
+                if response.status_code == 200:
+                    return
+                last = f"HTTP {response.status_code}"
+            except httpx.HTTPError as exc:
+                last = type(exc).__name__
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise DeployFailed(
+                    f"{rid}: not healthy through {url} within {budget:g} s (last: {last}); "
+                    f"its container logs say why"
+                )
+            self._sleep(min(HEALTH_POLL_SECONDS, remaining))
 
     # -- calls --------------------------------------------------------------------------------
 
@@ -705,6 +1018,20 @@ class _DownloadProgress:
                 eta_s=eta,
             )
         )
+
+
+def _release_key(rid: str) -> str:
+    return f"{modal_app.RELEASE_KEY_PREFIX}{rid}"
+
+
+def _with_backend(backends: list[Backend], backend: Backend) -> list[Backend]:
+    """`backend` added, or its URL refreshed where it is already routed: a re-run of a deploy
+    never takes traffic away from a release that has some."""
+    for index, current in enumerate(backends):
+        if current.name == backend.name:
+            updated = backend.model_copy(update={"weight": current.weight})
+            return [*backends[:index], updated, *backends[index + 1 :]]
+    return [*backends, backend]
 
 
 def _require_commit(revision: str) -> None:

@@ -39,7 +39,7 @@ from serving.modal_platform import (
     probe_call,
     shard_count,
 )
-from serving.platform import Release, VerifyResult
+from serving.platform import VerifyResult
 from serving.profile import HubSource, Profile, Secrets, load_profile
 from serving.sglang import Command, deepgemm_cache_key
 from serving.weights import (
@@ -372,6 +372,26 @@ def test_the_modal_closures_carry_only_strings_into_the_container() -> None:
         raw = synchronizer._translate_in(function)._raw_f
         cells = [cell.cell_contents for cell in raw.__closure__ or ()]
         assert cells and all(isinstance(value, str) for value in cells), raw.__name__
+
+
+def test_the_release_and_router_classes_carry_only_strings_into_the_container() -> None:
+    """The same for the Server classes: every lifecycle method closes over names only (the
+    profile, the revision, volume and Dict names), never a Modal object or a profile."""
+    profile = load_profile("glm-5.1")
+    release = modal_app.build_release_app(profile, "0123456789abcdef0123456789abcdef01234567")
+    router = modal_app.build_router_app(profile)
+    for server, methods in ((release.server, {"start", "serve", "stop"}),
+                            (router.server, {"start", "stop"})):  # fmt: skip
+        user_cls = synchronizer._translate_in(server)._user_cls
+        found = set()
+        for name, value in vars(user_cls).items():
+            raw = getattr(synchronizer._translate_in(value), "raw_f", None)
+            if raw is None:
+                continue
+            found.add(name)
+            cells = [cell.cell_contents for cell in raw.__closure__ or ()]
+            assert all(isinstance(value, str) for value in cells), (user_cls.__name__, name)
+        assert found == methods
 
 
 # --------------------------------------------------------------------------------------------
@@ -907,24 +927,6 @@ def test_a_profile_without_deepgemm_compiles_nothing(tmp_path: Path) -> None:
     profile = load_profile("smollm2-135m")
     result = ModalPlatform(tmp_path, gateway=None).compile(profile, "a" * 40)
     assert result.status == "skipped" and result.key is None
-
-
-def test_serving_calls_land_with_the_serving_issue(tmp_path: Path) -> None:
-    modal_platform = ModalPlatform(tmp_path)
-    profile = load_profile("glm-5.1")
-    release = Release(
-        model="glm-5.1", revision="a" * 40, id="glm-5.1-aaaaaaaa", url="http://x",
-        deployed_at=datetime(2026, 11, 1, tzinfo=UTC),
-    )  # fmt: skip
-    for call in (
-        lambda: modal_platform.deploy(profile, "a" * 40),
-        lambda: modal_platform.set_traffic(profile, {"glm-5.1-aaaaaaaa": 100}),
-        lambda: modal_platform.retire(profile, release, 1.0),
-        lambda: modal_platform.router_url(profile),
-    ):
-        with pytest.raises(NotImplementedError, match="lands with the serving issue"):
-            call()
-    modal_platform.shutdown()  # prep calls outlive the process: nothing to stop
 
 
 def test_shard_thresholds() -> None:

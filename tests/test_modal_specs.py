@@ -5,7 +5,12 @@ The loopback guard in conftest.py makes any attempt to reach Modal's API fail th
 
 from __future__ import annotations
 
+from typing import Any
+
+import modal
 import pytest
+from modal._partial_function import _find_partial_methods_for_user_cls, _PartialFunctionFlags
+from modal._utils.async_utils import synchronizer
 
 from serving import modal_app
 from serving.profile import load_profile
@@ -78,6 +83,63 @@ def test_release_server_spec(name: str, gpus: list[tuple[str, int]], startup: in
     assert info.exit_grace_period == min(
         int(profile.canary.retire_grace_seconds), modal_app.MAX_EXIT_GRACE
     )
+    assert info.exit_grace_period == modal_app.exit_grace_seconds(profile)
+    # The engine's drain deadline leaves the supervisor time to SIGKILL within the grace.
+    assert modal_app.release_drain_seconds(profile) < info.exit_grace_period
+    # The router reaches releases with the engine's Bearer key only (see build_release_app).
+    assert info.unauthenticated
+
+
+def _server_options(monkeypatch: pytest.MonkeyPatch, build: Any) -> dict[str, Any]:
+    """What a factory asks of `app.server`: scaling and snapshot options are not in `.info()`
+    (modal 1.6.4 builds them into the definition only at deploy time)."""
+    seen: dict[str, Any] = {}
+    real = modal.App.server
+
+    def spy(self: modal.App, **options: Any) -> Any:
+        seen.update(options)
+        return real(self, **options)
+
+    monkeypatch.setattr(modal.App, "server", spy)
+    build()
+    return seen
+
+
+@pytest.mark.parametrize("name", ["glm-5.1", "qwen3-8b"])
+def test_release_scaling_and_memory_snapshot_options(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    profile = load_profile(name)
+    options = _server_options(monkeypatch, lambda: modal_app.build_release_app(profile, REVISION))
+    scaling = profile.scaling
+    assert options["min_containers"] == scaling.min_containers
+    assert options["max_containers"] == scaling.max_containers
+    assert options["target_concurrency"] == scaling.target_inputs
+    assert options["max_concurrency"] == scaling.max_inputs
+    assert options["scaledown_window"] == scaling.scaledown_window_seconds
+    assert options["serialized"] is True
+    snapshot = profile.engine.memory_snapshot
+    assert snapshot == (name == "qwen3-8b")
+    assert options["enable_memory_snapshot"] is snapshot
+    assert options["experimental_options"] == ({"enable_gpu_snapshot": True} if snapshot else None)
+
+
+@pytest.mark.parametrize("name", ["glm-5.1", "qwen3-8b"])
+def test_only_snapshot_profiles_start_the_engine_before_the_snapshot(name: str) -> None:
+    """snap=True: the engine starts, warms up and releases its GPU memory before Modal takes
+    the snapshot; `serve` (snap=False) resumes it and starts the crash monitor after."""
+    profile = load_profile(name)
+    server = modal_app.build_release_app(profile, REVISION).server
+    user_cls = synchronizer._translate_in(server)._user_cls
+    before = _find_partial_methods_for_user_cls(user_cls, _PartialFunctionFlags.ENTER_PRE_SNAPSHOT)
+    after = _find_partial_methods_for_user_cls(user_cls, _PartialFunctionFlags.ENTER_POST_SNAPSHOT)
+    exits = _find_partial_methods_for_user_cls(user_cls, _PartialFunctionFlags.EXIT)
+    if profile.engine.memory_snapshot:
+        assert (list(before), list(after)) == (["start"], ["serve"])
+    else:
+        # Both after the (absent) snapshot, in this order: start, then serve.
+        assert (list(before), list(after)) == ([], ["start", "serve"])
+    assert list(exits) == ["stop"]
 
 
 def test_release_secrets_carry_the_api_key_only_where_configured() -> None:
@@ -87,12 +149,34 @@ def test_release_secrets_carry_the_api_key_only_where_configured() -> None:
     assert qwen.secrets == []
 
 
-def test_router_is_one_cpu_container_with_the_admin_secret() -> None:
-    router = modal_app.build_router_app(load_profile("glm-5.1"))
+def test_router_is_one_cpu_container_with_the_admin_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    glm = load_profile("glm-5.1")
+    router = modal_app.build_router_app(glm)
     info = router.server.info()
-    assert router.app.name == "glm-5.1-router"
+    assert router.app.name == "glm-5.1-router" == modal_app.router_app_name(glm)
     assert info.gpus == []
-    assert f"modal.Secret.from_name('{modal_app.ROUTER_ADMIN_SECRET}')" in info.secrets
+    assert _mounts(info) == {}
+    assert info.port == modal_app.ROUTER_PORT
+    assert (info.cpu, info.memory_mib) == (modal_app.ROUTER_CPU, modal_app.ROUTER_MEMORY_MIB)
+    assert info.startup_timeout == modal_app.ROUTER_STARTUP_TIMEOUT
+    assert info.exit_grace_period == modal_app.ROUTER_EXIT_GRACE
+    # uvicorn's graceful shutdown ends within the exit grace.
+    assert modal_app.ROUTER_DRAIN_SECONDS < modal_app.ROUTER_EXIT_GRACE
+    # Clients hold the model's API key, the orchestrator the admin token.
+    assert info.unauthenticated
+    assert info.secrets == [
+        f"modal.Secret.from_name('{modal_app.ROUTER_ADMIN_SECRET}')",
+        "modal.Secret.from_name('glm51-api-key')",
+    ]
+    qwen = modal_app.build_router_app(load_profile("qwen3-8b")).server.info()
+    assert qwen.secrets == [f"modal.Secret.from_name('{modal_app.ROUTER_ADMIN_SECRET}')"]
+    # Exactly one container: the canary gates compare measurements taken in one place.
+    options = _server_options(monkeypatch, lambda: modal_app.build_router_app(glm))
+    assert (options["min_containers"], options["max_containers"]) == (1, 1)
+    assert options["serialized"] is True
+    assert router.routes.name == modal_app.routes_dict_name(glm) == "glm-5.1-routes"
 
 
 def test_cpu_profile_has_no_modal_engine() -> None:
@@ -100,3 +184,12 @@ def test_cpu_profile_has_no_modal_engine() -> None:
         modal_app.build_release_app(load_profile("smollm2-135m"), REVISION)
     with pytest.raises(ValueError, match="does not precompile"):
         modal_app.build_compile_app(load_profile("smollm2-135m"))
+
+
+def test_the_router_image_holds_what_the_router_imports() -> None:
+    """The router container imports serving.router (and serving.router_upstream): their
+    third-party modules must be in its image, pinned like the orchestrator's constraints."""
+    pinned = {spec.split("==")[0].lower().replace("_", "-") for spec in modal_app.ROUTER_PACKAGES}
+    needed = {"uvicorn", "prometheus-client", "certifi", "httptools", "httpx", "pydantic"}
+    assert needed <= pinned
+    assert all("==" in spec for spec in modal_app.ROUTER_PACKAGES)
