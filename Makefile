@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Reinstall when the dependency pins change.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: install test lint plan clean
+.PHONY: install test lint plan demo serve clean
 
 install: $(STAMP)
 
@@ -29,6 +29,14 @@ test: lint
 
 plan: install
 	$(BIN)/rollout plan $(MODEL)
+
+# Roll out a real small model end to end on this machine: no account, no GPU, no network.
+demo: install
+	$(BIN)/python -m dev.demo $(if $(KEEP),--keep-serving)
+
+# A Prefect server, the deployments of prefect.yaml and a worker (Ctrl-C stops them).
+serve: install
+	$(BIN)/python -m dev.serve
 
 clean:
 	rm -rf $(VENV) .rollout .pytest_cache .ruff_cache

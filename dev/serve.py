@@ -1,0 +1,112 @@
+"""`make serve`: the flows as deployments on this machine, with schedules firing.
+
+Starts, and stops on Ctrl-C:
+  1. a Prefect server (schedules need a real one; the ephemeral API runs no scheduler),
+  2. the `rollout` process work pool and every deployment of prefect.yaml,
+  3. a worker for the pool,
+  4. unless --hub is given, the local Hugging Face mirror with the demo model's two revisions,
+     so `prefect deployment run rollout/smollm2-135m` works with no network at all.
+
+    prefect deployment run rollout/smollm2-135m          # from another shell, with:
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from dev.demo_model import publish_demo_model
+from dev.mirror import MirrorStore
+
+ROOT = Path(__file__).resolve().parent.parent
+HOME = Path(os.environ.get("ROLLOUT_HOME", ROOT / ".rollout"))
+PREFECT_PORT = 4200
+MIRROR_PORT = 4280
+STARTUP_SECONDS = 90
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hub", action="store_true", help="use the real Hub, not the mirror")
+    args = parser.parse_args()
+
+    api_url = f"http://127.0.0.1:{PREFECT_PORT}/api"
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api_url,
+        "PREFECT_HOME": str(HOME / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "ROLLOUT_HOME": str(HOME),
+        # Releases outlive the worker's flow-run subprocess: the next rollout compares to them.
+        "ROLLOUT_KEEP_SERVING": "1",
+    }
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        if not args.hub:
+            store = MirrorStore(HOME / "mirror")
+            revisions = publish_demo_model(store)
+            mirror = [sys.executable, "-m", "dev.mirror", "--root", str(store.root),
+                      "--port", str(MIRROR_PORT)]  # fmt: skip
+            processes.append(_start(mirror, env))
+            env["HF_ENDPOINT"] = f"http://127.0.0.1:{MIRROR_PORT}"
+            print(f"mirror: {revisions.repo_id} v1={revisions.v1[:8]} v2={revisions.v2[:8]}")
+        processes.append(_start([sys.executable, "-m", "prefect", "server", "start",
+                                 "--port", str(PREFECT_PORT)], env))  # fmt: skip
+        _wait_healthy(f"{api_url}/health")
+        _run([sys.executable, "-m", "prefect", "work-pool", "create", "rollout",
+              "--type", "process", "--overwrite"], env)  # fmt: skip
+        _run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], env)
+        processes.append(_start([sys.executable, "-m", "prefect", "worker", "start",
+                                 "--pool", "rollout"], env))  # fmt: skip
+        print(f"\nserving. In another shell:\n  export PREFECT_API_URL={api_url}\n"
+              "  prefect deployment run rollout/smollm2-135m\n"
+              "(Ctrl-C stops everything)")  # fmt: skip
+        while all(process.poll() is None for process in processes):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+
+
+def _start(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, env=env, cwd=ROOT, start_new_session=True)
+
+
+def _run(argv: list[str], env: dict[str, str]) -> None:
+    subprocess.run(argv, env=env, cwd=ROOT, check=True)
+
+
+def _wait_healthy(url: str) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"serve: the Prefect server did not answer {url} in {STARTUP_SECONDS} s")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+if __name__ == "__main__":
+    main()
