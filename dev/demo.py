@@ -19,7 +19,6 @@ import shutil
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -27,14 +26,15 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 HOME = ROOT / ".rollout" / "demo"
 MODEL = "smollm2-135m"
-# Two CPU engines share two cores: a few requests a second is a steady, honest load.
-LOAD_REQUESTS_PER_SECOND = 3.0
-LOAD_WORKERS = 4
+# Two CPU engines share two cores: three clients keep both busy without queueing forever.
+LOAD_CLIENTS = 3
+REQUEST_TIMEOUT_SECONDS = 60
 PROMPTS = ["What is the capital of France?", "Name a primary colour.", "Say hello."]
 
 
 class SteadyLoad:
-    """Open-loop chat requests through the router, counted as the clients see them."""
+    """A few clients sending chat requests back to back through the router (closed loop: the
+    load follows what the engines can serve), counted as the clients see them."""
 
     def __init__(self, router_url: str, model: str) -> None:
         self.url = f"{router_url}/v1/chat/completions"
@@ -43,25 +43,25 @@ class SteadyLoad:
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._clients = [threading.Thread(target=self._run, args=(i,), daemon=True)
+                         for i in range(LOAD_CLIENTS)]  # fmt: skip
 
     def __enter__(self) -> SteadyLoad:
-        self._thread.start()
+        for client in self._clients:
+            client.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        for client in self._clients:
+            client.join()
 
-    def _run(self) -> None:
-        with httpx.Client(timeout=60) as client, ThreadPoolExecutor(LOAD_WORKERS) as pool:
-            sent = 0
-            started = time.monotonic()
+    def _run(self, index: int) -> None:
+        with httpx.Client(timeout=REQUEST_TIMEOUT_SECONDS) as client:
+            sent = index
             while not self._stop.is_set():
-                pool.submit(self._one, client, PROMPTS[sent % len(PROMPTS)])
+                self._one(client, PROMPTS[sent % len(PROMPTS)])
                 sent += 1
-                next_at = started + sent / LOAD_REQUESTS_PER_SECOND
-                self._stop.wait(max(0.0, next_at - time.monotonic()))
 
     def _one(self, client: httpx.Client, prompt: str) -> None:
         try:

@@ -9,6 +9,7 @@ engine it is, except for what goes in a request's `model` field (`request_model`
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path, PurePath
@@ -98,3 +99,17 @@ def write_secrets_config(directory: Path, api_key: str | None) -> Path | None:
         yaml.safe_dump({"api-key": api_key}, config)
     os.chmod(path, PRIVATE_FILE_MODE)  # an existing file keeps its old mode through O_CREAT
     return path
+
+
+# FAULT INJECTION, for tests only: maps a release id to the argv of a fake engine ("{port}"
+# is replaced), because a real engine cannot produce a 5xx rate, a slow first token or a crash
+# on demand. Unset in production; the supervisor logs loudly when it applies.
+FAULT_ENGINES_ENV = "ROLLOUT_FAULT_ENGINES"
+
+
+def fault_engine_command(release_id: str, port: int) -> Command | None:
+    faults = json.loads(os.environ.get(FAULT_ENGINES_ENV) or "{}")
+    if release_id not in faults:
+        return None
+    argv = [part.replace("{port}", str(port)) for part in faults[release_id]]
+    return Command(argv=argv, env={})

@@ -282,10 +282,8 @@ class LocalPlatform:
     def stats(self, profile: Profile, since: float) -> dict[str, Any]:
         """GET /admin/stats of the model since `since` (unix time): per-backend requests,
         errors, TTFT and latency percentiles, in-flight counts and weights."""
-        router = self._router()
-        if not router.answers():
-            return {"model": profile.served_model_name, "since": since, "backends": {}}
-        return router.stats(profile.served_model_name, since)
+        # An unanswered query is an error, never an empty window: empty reads as "no traffic".
+        return self._router().stats(profile.served_model_name, since)
 
     def running_releases(self, profile: Profile) -> list[Release]:
         return [

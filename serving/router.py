@@ -77,7 +77,10 @@ DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_MAX_KEEPALIVE = 512
 KEEPALIVE_EXPIRY_S = 60.0
 MAX_WEIGHT = 100
-RETRYABLE_STATUSES = frozenset({502, 503, 504})
+# Any 5xx before the first byte is retried once elsewhere: chat completions have no side
+# effects, and a failing canary must cost clients nothing. 501 says the request itself is
+# unsupported; another backend would answer the same.
+NOT_RETRYABLE_5XX = frozenset({501})
 MODEL_ROUTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 BACKEND_HEADER = b"x-rollout-backend"
 RETRIED_HEADER = b"x-rollout-retried"
@@ -300,7 +303,7 @@ class _Failure:
 
     kind: ErrorKind
     status: int
-    response: UpstreamResponse | None  # a 502/503/504 we may still relay if no retry
+    response: UpstreamResponse | None  # a 5xx we may still relay if no retry
     ttft_s: float | None
 
 
@@ -559,7 +562,7 @@ class RouterApp:
                                  _Failure(ErrorKind.TIMEOUT, 0, None, None), retried=False,
                                  is_retry=is_retry)
             raise
-        if response.status in RETRYABLE_STATUSES:
+        if response.status >= 500 and response.status not in NOT_RETRYABLE_5XX:
             return _Failure(ErrorKind.HTTP_5XX, response.status, response, None)
         await self._relay(response, target, model, started, t0, progress, receive, send,
                           is_retry)

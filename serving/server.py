@@ -42,7 +42,13 @@ from typing import Any, Literal, TextIO
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serving.engine import engine_command, request_model, write_secrets_config
+from serving.engine import (
+    FAULT_ENGINES_ENV,
+    engine_command,
+    fault_engine_command,
+    request_model,
+    write_secrets_config,
+)
 from serving.profile import Probe, Profile, ProfileError, load_profile
 from serving.sglang import Command
 
@@ -607,14 +613,19 @@ def main(argv: list[str] | None = None) -> int:
 
     event = {"model": profile.name, "release_id": release_id}
     with tempfile.TemporaryDirectory(prefix="rollout-engine-") as private:
-        command = engine_command(
-            profile,
-            weights_path=args.weights,
-            deepgemm_path=args.deepgemm,
-            port=args.port,
-            host=args.host,
-            secrets_config=write_secrets_config(Path(private), api_key),
-        )
+        command = fault_engine_command(f"{profile.name}-{release_id}", args.port)
+        if command is not None:
+            logger.warning("%s: FAULT INJECTION: serving a fake engine (%s)", release_id,
+                        FAULT_ENGINES_ENV)  # fmt: skip
+        else:
+            command = engine_command(
+                profile,
+                weights_path=args.weights,
+                deepgemm_path=args.deepgemm,
+                port=args.port,
+                host=args.host,
+                secrets_config=write_secrets_config(Path(private), api_key),
+            )
         supervisor = Supervisor(
             profile,
             command,

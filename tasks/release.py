@@ -145,7 +145,7 @@ def bake(model: str, target: Target, canary: Release, weight: int, seconds: floa
     return Bake(weight=weight, started=started, ended=time.time(), crashed=crashed)
 
 
-@task(name="analyse", cache_policy=NO_CACHE)
+@task(name="analyse", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def analyse_canary(model: str, target: Target, canary: Release, stable: Release | None,
                    window: Bake) -> Analysis:  # fmt: skip
     """The gates on the router's measurements of this bake, canary vs stable."""

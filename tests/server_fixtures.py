@@ -66,8 +66,9 @@ def fake_command(*args: str, env: dict[str, str] | None = None) -> Command:
     return Command(argv=[sys.executable, str(FAKE_ENGINE), *args], env=env or {})
 
 
-def build_tiny_model(directory: Path) -> Path:
-    """Save a tiny Llama and its tokenizer to `directory` (offline, deterministic)."""
+def build_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """Save a tiny Llama and its tokenizer to `directory` (offline, deterministic per seed:
+    another seed is another model, which answers differently)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -88,7 +89,7 @@ def build_tiny_model(directory: Path) -> Path:
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
     tokenizer.save_pretrained(directory)
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,

@@ -296,7 +296,7 @@ def test_measurements_match_what_the_load_generator_saw(router: RouterProc,
                                                         engines: list[Proc]) -> None:
     _reset(engines)
     flaky, steady = engines[0], engines[1]
-    configure_engine(flaky, error_rate=0.1)  # 500: not retryable, the client sees it
+    configure_engine(flaky, error_rate=0.1, error_status=501)  # not retried: the client sees it
     router.put_route("measure", [backend(flaky, 50), backend(steady, 50)])
     rng = random.Random(7)
     n = 300
@@ -310,7 +310,7 @@ def test_measurements_match_what_the_load_generator_saw(router: RouterProc,
     for name, seen in _by_backend(results).items():
         assert name is not None
         measured = stats[name]
-        errors = sum(r.status == 500 for r in seen)
+        errors = sum(r.status == 501 for r in seen)
         saw_errors += errors
         assert measured["requests"] == len(seen)
         assert measured["errors"]["http_5xx"] == errors == measured["client_errors"]

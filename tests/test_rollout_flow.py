@@ -1,0 +1,331 @@
+"""The `rollout` and `refresh` flows end to end on the local target: real Prefect, real
+huggingface_hub against the mirror, real engine processes (tiny transformers models), the real
+router, real HTTP load.
+
+Revisions of `test-org/tiny-chat` in the mirror:
+    v1  tiny model, seed 0
+    v2  same weights, another generation_config: answers like v1 (a healthy canary)
+    v3  tiny model, seed 1: different weights, different answers (golden prompts disagree)
+Canaries with a 5xx rate, a slow first token or a crash are the FAKE engine, injected through
+ROLLOUT_FAULT_ENGINES: no real engine produces those on demand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+from prefect.states import Pending
+
+from dev.mirror import MirrorServer, MirrorStore, run_mirror
+from flows.refresh import refresh
+from flows.rollout import rollout
+from serving.engine import FAULT_ENGINES_ENV
+from serving.local import LocalPlatform
+from serving.platform import release_id
+from serving.profile import DEFAULT_MODELS_DIR, load_profile
+from tests.local_fixtures import LoadGenerator, processes_under
+from tests.prefect_fixtures import prefect_server  # noqa: F401
+from tests.server_fixtures import build_tiny_model, free_port
+
+REPO = "test-org/tiny-chat"
+MODEL = "tiny-chat"
+QUIET_MODEL = "tiny-chat-no-golden"  # the fault canaries: golden prompts would fail them anyway
+FAKE_ENGINE = Path(__file__).parent / "fake_engine.py"
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def revisions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    store = MirrorStore(tmp_path_factory.mktemp("mirror"))
+    first = build_tiny_model(tmp_path_factory.mktemp("tiny-seed-0"), seed=0)
+    other = build_tiny_model(tmp_path_factory.mktemp("tiny-seed-1"), seed=1)
+
+    def files(directory: Path, **generation: object) -> dict[str, Path | bytes]:
+        found: dict[str, Path | bytes] = {p.name: p for p in directory.iterdir() if p.is_file()}
+        found["generation_config.json"] = json.dumps({"do_sample": False, **generation}).encode()
+        return found
+
+    shas = {
+        "v1": store.add_revision(REPO, files(first), tags=["v1"]),
+        "v2": store.add_revision(REPO, files(first, temperature=0.7), tags=["v2"]),
+        "v3": store.add_revision(REPO, files(other), tags=["v3"]),
+    }
+    shas["root"] = str(store.root)
+    return shas
+
+
+@pytest.fixture(scope="module")
+def mirror(revisions: dict[str, str]) -> Iterator[MirrorServer]:
+    with run_mirror(Path(revisions["root"])) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("models")
+    shutil.copytree(DEFAULT_MODELS_DIR / "shared", directory / "shared")
+    base = yaml.safe_load((DEFAULT_MODELS_DIR / "smollm2-135m.yaml").read_text())
+    base |= {
+        "hub": {"repo": REPO, "revision": "main"},
+        "volumes": {"weights": "tiny-weights"},
+        # probes a random tiny model (and the fake engine) can pass: any non-empty content
+        "probes": ["no-thinking"],
+        "startup_budget_seconds": 60,
+    }
+    base["canary"] = {
+        "steps": [{"weight": 50, "bake_seconds": 4}, {"weight": 100, "bake_seconds": 0}],
+        "gates": {"min_requests": 4, "max_error_rate": 0.05, "max_ttft_p50_ratio": 2.5,
+                  "max_ttft_p99_ratio": 10, "min_golden_agreement": 1.0},
+        "golden_prompts": ["capital", "arithmetic"],
+        "retire_grace_seconds": 3,
+    }  # fmt: skip
+    for name, golden in ((MODEL, ["capital", "arithmetic"]), (QUIET_MODEL, [])):
+        profile = {**base, "name": name, "served_model_name": name,
+                   "canary": {**base["canary"], "golden_prompts": golden}}  # fmt: skip
+        (directory / f"{name}.yaml").write_text(yaml.safe_dump(profile))
+    return directory
+
+
+@pytest.fixture
+def home(
+    tmp_path: Path,
+    models_dir: Path,
+    mirror: MirrorServer,
+    prefect_server: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Path]:
+    monkeypatch.setenv("ROLLOUT_HOME", str(tmp_path))
+    monkeypatch.setenv("ROLLOUT_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("HF_ENDPOINT", mirror.url)
+    monkeypatch.setenv("ROLLOUT_ROUTER_PORT", str(free_port()))
+    monkeypatch.delenv(FAULT_ENGINES_ENV, raising=False)
+    yield tmp_path
+    LocalPlatform.from_env().stop_all()
+    assert processes_under(tmp_path) == []
+
+
+def router(model: str = MODEL) -> str:
+    return LocalPlatform.from_env().router_url(load_profile(model))
+
+
+def history(model: str = MODEL) -> list[tuple[str, str]]:
+    record = LocalPlatform.from_env().release_store().read(model)
+    return [(entry.outcome, entry.reason) for entry in record.history]
+
+
+def inject_fake_canary(monkeypatch: pytest.MonkeyPatch, model: str, revision: str,
+                       **faults: object) -> None:  # fmt: skip
+    release = release_id(load_profile(model), revision)
+    argv = [sys.executable, str(FAKE_ENGINE), "--port", "{port}", "--name", release,
+            "--config", json.dumps(faults)]  # fmt: skip
+    monkeypatch.setenv(FAULT_ENGINES_ENV, json.dumps({release: argv}))
+
+
+def test_first_rollout_then_a_canary_promotes_with_no_failed_request(
+    home: Path, revisions: dict[str, str]
+) -> None:
+    first = rollout(MODEL, "v1")
+    assert first.decision == "promoted" and "first release" in first.reason
+    assert first.bytes_downloaded > 0
+    with LoadGenerator(router(), MODEL, workers=3, limit_s=120) as load:
+        started = time.time()
+        second = rollout(MODEL, "v2")
+    assert second.decision == "promoted", second.reason
+    results = load.since(started)
+    assert results and [r for r in results if r.status != 200] == []
+    assert [step.weight for step in second.steps] == [50]
+    assert second.steps[0].analysis.golden is not None
+    assert second.steps[0].analysis.golden.agreement == 1.0
+    record = LocalPlatform.from_env().release_store().read(MODEL)
+    assert record.stable is not None and record.stable.revision == revisions["v2"]
+    running = LocalPlatform.from_env().running_releases(load_profile(MODEL))
+    assert [release.revision for release in running] == [revisions["v2"]]  # v1 retired
+
+
+def test_rollout_of_the_stable_revision_is_a_no_op(home: Path) -> None:
+    rollout(MODEL, "v1")
+    started = time.monotonic()
+    again = rollout(MODEL, "v1")
+    assert again.decision == "no-op" and again.bytes_downloaded == 0
+    assert time.monotonic() - started < 10
+    assert len(LocalPlatform.from_env().running_releases(load_profile(MODEL))) == 1
+
+
+def test_canary_with_different_answers_is_rolled_back(
+    home: Path, revisions: dict[str, str]
+) -> None:
+    rollout(MODEL, "v1")
+    with LoadGenerator(router(), MODEL, workers=3, limit_s=120) as load:
+        started = time.time()
+        report = rollout(MODEL, "v3")
+    assert report.decision == "rolled-back"
+    assert "golden agreement" in report.reason
+    assert [r for r in load.since(started) if r.status != 200] == []
+    record = LocalPlatform.from_env().release_store().read(MODEL)
+    assert record.stable is not None and record.stable.revision == revisions["v1"]
+    assert record.canary is None
+    assert history()[-1][0] == "rolled-back"
+    running = LocalPlatform.from_env().running_releases(load_profile(MODEL))
+    assert [release.revision for release in running] == [revisions["v1"]]
+
+
+@pytest.mark.parametrize(
+    ("faults", "reason"),
+    [
+        ({"error_rate": 0.2, "error_status": 500}, "error rate"),
+        ({"delay_s": 1.5}, "ttft"),
+        ({"die_after": 3}, "stopped running"),
+    ],
+    ids=["5xx-rate", "slow-ttft", "crash"],
+)
+def test_faulty_canary_is_rolled_back_and_stable_keeps_serving(
+    home: Path,
+    revisions: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    faults: dict[str, object],
+    reason: str,
+) -> None:
+    rollout(QUIET_MODEL, "v1")
+    inject_fake_canary(monkeypatch, QUIET_MODEL, revisions["v2"], **faults)
+    with LoadGenerator(router(QUIET_MODEL), QUIET_MODEL, workers=3, limit_s=120) as load:
+        started = time.time()
+        report = rollout(QUIET_MODEL, "v2")
+        after = load.wait_for_requests(time.time(), 3, timeout=30)
+    assert report.decision == "rolled-back"
+    assert reason in report.reason.lower(), report.reason
+    during = load.since(started)
+    # The router retries a failed first byte on stable: clients see none of the canary's faults.
+    assert [r for r in during if r.status != 200] == []
+    assert after and all(r.status == 200 for r in after)  # stable kept serving
+    outcome, why = history(QUIET_MODEL)[-1]
+    assert outcome == "rolled-back" and reason in why.lower()
+
+
+def test_killed_orchestrator_mid_canary_is_reconciled_by_the_next_run(
+    home: Path, revisions: dict[str, str], prefect_server: str  # noqa: F811
+) -> None:
+    rollout(MODEL, "v1")
+    script = "from flows.rollout import rollout; rollout('tiny-chat', 'v2')"
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    # A long bake, so the orchestrator is surely mid-canary when it is killed.
+    models = Path(os.environ["ROLLOUT_MODELS_DIR"])
+    slow = yaml.safe_load((models / f"{MODEL}.yaml").read_text())
+    slow["canary"]["steps"][0]["bake_seconds"] = 120
+    (models / f"{MODEL}.yaml").write_text(yaml.safe_dump(slow))
+    try:
+        child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        store = LocalPlatform.from_env().release_store()
+        deadline = time.monotonic() + 120
+        while store.read(MODEL).canary is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)  # into the bake
+        assert store.read(MODEL).canary is not None
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        canary_dir = home / "releases" / release_id(load_profile(MODEL), revisions["v2"])
+        assert processes_under(canary_dir)  # the orphaned canary is still running
+
+        report = rollout(MODEL, "v1")  # the next run
+    finally:
+        slow["canary"]["steps"][0]["bake_seconds"] = 4
+        (models / f"{MODEL}.yaml").write_text(yaml.safe_dump(slow))
+    assert report.decision == "no-op"
+    assert processes_under(canary_dir) == []
+    record = store.read(MODEL)
+    assert record.canary is None and record.stable.revision == revisions["v1"]
+    assert any("reconciled" in why for _, why in history())
+    routes = json.loads((home / "state" / "routes.json").read_text())
+    assert [(b["name"], b["weight"]) for b in routes["models"][MODEL] if b["weight"]] == [
+        (record.stable.id, 100)
+    ]
+
+
+def test_refresh_starts_one_rollout_per_new_commit(
+    home: Path, revisions: dict[str, str], mirror: MirrorServer
+) -> None:
+    deployment_id = rollout.to_deployment(name=MODEL, parameters={"model": MODEL}).apply()
+    rollout(MODEL, "v1")
+    store = MirrorStore(Path(revisions["root"]))
+    refs = store.refs(REPO)
+    store_main = refs.branches["main"]
+    try:
+        # main → v1 (stable): nothing to do
+        _move_main(store, revisions["v1"])
+        started = time.monotonic()
+        assert refresh(MODEL).action == "up-to-date"
+        assert time.monotonic() - started < 5
+        # main moves to v2: exactly one rollout, however many refreshes
+        _move_main(store, revisions["v2"])
+        first, second = refresh(MODEL), refresh(MODEL)
+        assert first.action == second.action == "started"
+        assert first.flow_run_id == second.flow_run_id
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+            )
+        assert len(runs) == 1 and runs[0].parameters["revision"] == revisions["v2"]
+    finally:
+        _move_main(store, store_main)
+
+
+def _move_main(store: MirrorStore, sha: str) -> None:
+    refs_file = store.repo_dir(REPO) / "refs.json"
+    refs = json.loads(refs_file.read_text())
+    refs["branches"]["main"] = sha
+    refs_file.write_text(json.dumps(refs))
+
+
+def test_a_second_run_of_one_deployment_waits_for_the_first(home: Path) -> None:
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+    from prefect.deployments import run_deployment
+
+    deployment_id = rollout.to_deployment(
+        name=f"{MODEL}-limited",
+        parameters={"model": MODEL},
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy="ENQUEUE"),
+    ).apply()
+    first = run_deployment(deployment_id, timeout=0)
+    second = run_deployment(deployment_id, timeout=0)
+    with get_client(sync_client=True) as client:
+        assert client.set_flow_run_state(first.id, Pending()).status.value == "ACCEPT"
+        answer = client.set_flow_run_state(second.id, Pending())
+        assert answer.status.value != "ACCEPT"  # queued behind the first
+        state = client.read_flow_run(second.id).state
+    assert state is not None and state.name == "AwaitingConcurrencySlot"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "glm-9"], "unknown model 'glm-9'"),
+        (["run", MODEL, "--revision", "abc1234"], "looks like a commit"),
+        (["run", "broken"], "engine.flags.nsa-decode-backend: SGLang 0.5.23 has no flag"),
+    ],
+)
+def test_bad_input_fails_before_anything_starts(
+    home: Path, models_dir: Path, args: list[str], message: str
+) -> None:
+    broken = yaml.safe_load((DEFAULT_MODELS_DIR / "glm-5.1.yaml").read_text())
+    broken["name"] = "broken"
+    broken["engine"]["flags"]["nsa-decode-backend"] = "trtllm"
+    (models_dir / "broken.yaml").write_text(yaml.safe_dump(broken))
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "rollout.cli", *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr
+    assert time.monotonic() - started < 15
+    assert not (home / "volumes").exists() and not (home / "state").exists()
