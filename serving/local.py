@@ -25,10 +25,10 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any
+from typing import Any
 
 import httpx
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from serving.deepgemm import (
     COMPILE_TIMEOUT_SECONDS,
@@ -58,7 +58,7 @@ from serving.local_routing import (
     LocalRouter,
     RouterUnavailable,
 )
-from serving.platform import Release, Target, VerifyResult, release_id
+from serving.platform import Release, Target, VerifyResult, release_id, traffic_plan
 from serving.profile import Profile, models_dir
 from serving.releases import FileReleaseStore, ReleaseStore
 from serving.router import Backend
@@ -247,19 +247,9 @@ class LocalPlatform:
         """Route `weights` (release id → percent) for the model, to the running releases; a
         running release not named gets 0. Written to the state file and pushed to the router,
         which reports it before this returns. In-flight requests keep their backend."""
-        try:
-            wanted = WEIGHTS.validate_python(weights)
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            raise ValueError(f"bad traffic weights {weights}: {error['msg']}") from None
-        running = {release.id: release for release in self.running_releases(profile)}
-        missing = sorted(rid for rid, weight in wanted.items() if weight and rid not in running)
-        if missing:
-            # A release that died cannot take traffic; a rollback must still zero the canary.
-            logger.warning("%s: not running, left out of routing: %s", profile.name, missing)
         backends = [
-            self._backend(profile, release, weight=wanted.get(rid, 0))
-            for rid, release in sorted(running.items())
+            self._backend(profile, release, weight=weight)
+            for release, weight in traffic_plan(profile, weights, self.running_releases(profile))
         ]
         router = self._router()
         router.ensure_running()
@@ -480,7 +470,6 @@ class DeployFailed(RuntimeError):
 
 
 # Release id → percent of the model's traffic.
-WEIGHTS = TypeAdapter(dict[str, Annotated[int, Field(ge=0, le=100, strict=True)]])
 # Beyond the profile's startup budget: interpreter start, and the probes after /health.
 DEPLOY_MARGIN_SECONDS = 60.0
 EVENT_POLL_SECONDS = 0.1

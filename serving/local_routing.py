@@ -184,12 +184,7 @@ class LocalRouter:
         with self._locked("routes"):
             table = self.table()
             backends = mutate(list(table.models.get(model, [])))
-            models = {name: list(entries) for name, entries in table.models.items()}
-            if backends:
-                models[model] = backends
-            else:
-                models.pop(model, None)
-            self._write_table(RoutingTable(models=models))
+            self._write_table(table.with_backends(model, backends))
             if push and self.answers():
                 self._push(model, backends)
         return backends

@@ -43,22 +43,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import httpx
 import modal
 import modal.exception
 import modal.experimental
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from serving import modal_app
 from serving.deepgemm import CompileResult, Marker, marker_path
 from serving.layout import SENTINEL_NAME, WEIGHTS_MOUNT, deepgemm_dir, weights_dir
 from serving.local import DEFAULT_HOME, DeployFailed
-from serving.platform import Release, Target, VerifyResult, release_id
+from serving.platform import Release, Target, VerifyResult, release_id, traffic_plan
 from serving.profile import Profile, is_commit_sha
 from serving.releases import DictReleaseStore, ReleaseStore
-from serving.router import MAX_WEIGHT, Backend, RoutingTable
+from serving.router import Backend, RoutingTable
 from serving.sglang import deepgemm_cache_key
 from serving.weights import (
     DownloadResult,
@@ -105,7 +105,6 @@ ADMIN_TIMEOUT_SECONDS = 10.0
 ROUTES_PROPAGATION_SECONDS = 2 * modal_app.ROUTER_POLL_SECONDS
 RETIRE_POLL_SECONDS = 2.0
 RELEASE_ID_HEX = 8
-WEIGHTS = TypeAdapter(dict[str, Annotated[int, Field(ge=0, le=MAX_WEIGHT)]])
 
 Stage = Literal["download", "download-shard", "compile"]
 
@@ -615,17 +614,9 @@ class ModalPlatform:
         release not named gets 0, one not running is left out (a rollback must still zero a
         dead canary). Written to the model's Dict (the router's source, read every second)
         and pushed to the router's admin API so it applies at once."""
-        try:
-            wanted = WEIGHTS.validate_python(weights)
-        except ValidationError as exc:
-            raise ValueError(f"bad traffic weights {weights}: {exc.errors()[0]['msg']}") from None
-        running = {release.id: release for release in self.running_releases(profile)}
-        missing = sorted(rid for rid, weight in wanted.items() if weight and rid not in running)
-        if missing:
-            log.warning("%s: not running, left out of routing: %s", profile.name, missing)
         backends = [
-            self._backend(profile, release, weight=wanted.get(rid, 0))
-            for rid, release in sorted(running.items())
+            self._backend(profile, release, weight=weight)
+            for release, weight in traffic_plan(profile, weights, self.running_releases(profile))
         ]
         self._update_routes(profile, lambda _current: backends)
 
@@ -737,12 +728,7 @@ class ModalPlatform:
         with self._routes_lock:
             table = self._table(profile)
             backends = mutate(list(table.models.get(model, [])))
-            models = {name: list(entries) for name, entries in table.models.items()}
-            if backends:
-                models[model] = backends
-            else:
-                models.pop(model, None)
-            updated = RoutingTable(models=models)
+            updated = table.with_backends(model, backends)
             self._routes(profile).put(
                 modal_app.ROUTES_KEY, updated.model_dump_json(exclude_none=True)
             )

@@ -7,10 +7,11 @@ release). Tasks never talk to Modal or to processes directly.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Literal, Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from serving.deepgemm import CompileResult
 from serving.profile import Profile
@@ -44,6 +45,27 @@ class VerifyResult(BaseModel):
     @property
     def passed(self) -> bool:
         return self.weights.passed and not self.problems
+
+
+logger = logging.getLogger(__name__)
+
+TRAFFIC = TypeAdapter(dict[str, Annotated[int, Field(ge=0, le=100, strict=True)]])
+
+
+def traffic_plan(
+    profile: Profile, weights: dict[str, int], running: list[Release]
+) -> list[tuple[Release, int]]:
+    """The weight of each running release: one not named gets 0, one not running is left out
+    (a release that died cannot take traffic, and a rollback must still zero a dead canary)."""
+    try:
+        wanted = TRAFFIC.validate_python(weights)
+    except ValidationError as exc:
+        raise ValueError(f"bad traffic weights {weights}: {exc.errors()[0]['msg']}") from None
+    by_id = {release.id: release for release in running}
+    missing = sorted(rid for rid, weight in wanted.items() if weight and rid not in by_id)
+    if missing:
+        logger.warning("%s: not running, left out of routing: %s", profile.name, missing)
+    return [(release, wanted.get(rid, 0)) for rid, release in sorted(by_id.items())]
 
 
 def release_id(profile: Profile, revision: str) -> str:

@@ -158,6 +158,15 @@ class RoutingTable(BaseModel):
     def public(self) -> dict[str, Any]:
         return {"models": {m: [b.public() for b in bs] for m, bs in self.models.items()}}
 
+    def with_backends(self, model: str, backends: list[Backend]) -> RoutingTable:
+        """This table with `model` routed to `backends`; no backends removes the model."""
+        models = {name: list(entries) for name, entries in self.models.items()}
+        if backends:
+            models[model] = backends
+        else:
+            models.pop(model, None)
+        return RoutingTable(models=models)
+
 
 def _check_unique(model: str, backends: list[Backend]) -> None:
     names = [b.name for b in backends]
