@@ -329,3 +329,39 @@ def test_bad_input_fails_before_anything_starts(
     assert result.stderr.count("\n") == 1 and message in result.stderr
     assert time.monotonic() - started < 15
     assert not (home / "volumes").exists() and not (home / "state").exists()
+
+
+def test_abort_rolls_back_a_running_canary_and_status_shows_it(
+    home: Path, revisions: dict[str, str], prefect_server: str  # noqa: F811
+) -> None:
+    rollout(MODEL, "v1")
+    models = Path(os.environ["ROLLOUT_MODELS_DIR"])
+    slow = yaml.safe_load((models / f"{MODEL}.yaml").read_text())
+    slow["canary"]["steps"][0]["bake_seconds"] = 120
+    (models / f"{MODEL}.yaml").write_text(yaml.safe_dump(slow))
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    cli = [sys.executable, "-m", "rollout.cli"]
+    try:
+        running = subprocess.Popen([*cli, "run", MODEL, "--revision", "v2"], cwd=ROOT, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                   text=True)  # fmt: skip
+        store = LocalPlatform.from_env().release_store()
+        deadline = time.monotonic() + 120
+        while store.read(MODEL).canary is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        status = json.loads(subprocess.run([*cli, "status", MODEL, "--json"], cwd=ROOT,
+                                           env=env, capture_output=True, text=True,
+                                           timeout=60).stdout)  # fmt: skip
+        assert status["canary"]["revision"] == revisions["v2"]
+        assert status["stable"]["revision"] == revisions["v1"]
+        aborted = subprocess.run([*cli, "abort", MODEL], cwd=ROOT, env=env,
+                                 capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert aborted.returncode == 0 and "rolled back" in aborted.stdout
+        output, _ = running.communicate(timeout=120)  # the run notices within a bake tick
+    finally:
+        slow["canary"]["steps"][0]["bake_seconds"] = 4
+        (models / f"{MODEL}.yaml").write_text(yaml.safe_dump(slow))
+    assert running.returncode == 1 and "rolled-back" in output
+    assert history()[-1] == ("rolled-back", "aborted (rollout abort)")
+    record = store.read(MODEL)
+    assert record.canary is None and record.stable.revision == revisions["v1"]
