@@ -1,6 +1,6 @@
 """`make serve`: the flows as deployments on this machine, with schedules firing.
 
-Starts, and stops on Ctrl-C:
+Starts, and stops on Ctrl-C (with every release it served):
   1. a Prefect server (schedules need a real one; the ephemeral API runs no scheduler),
   2. the `rollout` process work pool and every deployment of prefect.yaml,
   3. a worker for the pool,
@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import httpx
 
 from dev.demo_model import publish_demo_model
 from dev.mirror import MirrorStore
+from serving.local import LocalPlatform
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME = Path(os.environ.get("ROLLOUT_HOME", ROOT / ".rollout"))
@@ -49,6 +51,11 @@ def main() -> None:
         "ROLLOUT_KEEP_SERVING": "1",
     }
     processes: list[subprocess.Popen[bytes]] = []
+    # Ctrl-C or SIGTERM ends the wait below, and the finally block always stops the children
+    # (they run in their own sessions, so nothing else would).
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     try:
         if not args.hub:
             store = MirrorStore(HOME / "mirror")
@@ -69,13 +76,13 @@ def main() -> None:
         print(f"\nserving. In another shell:\n  export PREFECT_API_URL={api_url}\n"
               "  prefect deployment run rollout/smollm2-135m\n"
               "(Ctrl-C stops everything)")  # fmt: skip
-        while all(process.poll() is None for process in processes):
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
+        while not stop.wait(1) and all(process.poll() is None for process in processes):
+            pass
     finally:
         for process in reversed(processes):
             _stop(process)
+        # Releases were kept serving between flow runs; with the server gone, nothing stays.
+        LocalPlatform(HOME).stop_all()
 
 
 def _start(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
