@@ -25,7 +25,12 @@ from pathlib import Path
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    DeploymentFilter,
+    DeploymentFilterId,
+)
 from prefect.states import Pending
 
 from dev.mirror import MirrorServer, MirrorStore, run_mirror
@@ -86,8 +91,10 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     }
     base["canary"] = {
         "steps": [{"weight": 50, "bake_seconds": 4}, {"weight": 100, "bake_seconds": 0}],
-        "gates": {"min_requests": 4, "max_error_rate": 0.05, "max_ttft_p50_ratio": 2.5,
-                  "max_ttft_p99_ratio": 10, "min_golden_agreement": 1.0},
+        # Tiny CPU engines answer in milliseconds: TTFT ratios between two of them are noise,
+        # so the healthy margin is wide; the slow canary below is 1.5 s, hundreds of times.
+        "gates": {"min_requests": 4, "max_error_rate": 0.05, "max_ttft_p50_ratio": 5,
+                  "max_ttft_p99_ratio": 20, "min_golden_agreement": 1.0},
         "golden_prompts": ["capital", "arithmetic"],
         "retire_grace_seconds": 3,
     }  # fmt: skip
@@ -152,6 +159,12 @@ def test_first_rollout_then_a_canary_promotes_with_no_failed_request(
     assert record.stable is not None and record.stable.revision == revisions["v2"]
     running = LocalPlatform.from_env().running_releases(load_profile(MODEL))
     assert [release.revision for release in running] == [revisions["v2"]]  # v1 retired
+    with get_client(sync_client=True) as client:
+        (artifact, *_) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"rollout-{MODEL}"])),
+            sort="CREATED_DESC",
+        )
+    assert "**Decision: promoted**" in str(artifact.data) and "| 50% |" in str(artifact.data)
 
 
 def test_rollout_of_the_stable_revision_is_a_no_op(home: Path) -> None:
