@@ -11,9 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from serving.deepgemm import COMPILE_TIMEOUT_SECONDS
 from serving.layout import DEEPGEMM_MOUNT, WEIGHTS_MOUNT
 from serving.modal_app import (
-    COMPILE_CHILD_TIMEOUT,
     ENGINE_PORT,
     build_compile_app,
     build_release_app,
@@ -81,7 +81,7 @@ def build_plan(profile: Profile, revision: str | None = None) -> Plan:
             weights_path=weights_path,
             deepgemm_path=deepgemm_path,
             port=ENGINE_PORT,
-            timeout_seconds=COMPILE_CHILD_TIMEOUT,
+            timeout_seconds=COMPILE_TIMEOUT_SECONDS,
         )
         compile_plan = CommandPlan(argv=compile_cmd.argv, env=compile_cmd.env)
     return Plan(

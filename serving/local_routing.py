@@ -49,7 +49,6 @@ PRIVATE_FILE_MODE = 0o600
 ADMIN_TOKEN_BYTES = 32
 
 ROUTER_STARTUP_SECONDS = 20.0
-ROUTER_STOP_SECONDS = 5.0
 # Two CPU engines under load can starve the router for seconds; an admin call waits it out.
 ADMIN_TIMEOUT_SECONDS = 20.0
 STARTUP_POLL_SECONDS = 0.1

@@ -38,7 +38,6 @@ from pydantic import BaseModel
 # 900k records per backend; beyond this cap the oldest records go first.
 MAX_RECORDS_PER_BACKEND = 200_000
 DEFAULT_RETENTION_S = 15 * 60.0
-PERCENTILES = (50, 90, 99)
 # Latency buckets (seconds) spanning sub-ms proxying to multi-minute generations.
 HISTOGRAM_BUCKETS_S: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,

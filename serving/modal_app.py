@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import modal
 
-from serving.deepgemm import CompileFailed, compile_kernels
+from serving.deepgemm import COMPILE_TIMEOUT_SECONDS, CompileFailed, compile_kernels
 from serving.engine import engine_command, request_model, write_secrets_config
 from serving.layout import (
     DEEPGEMM_MOUNT,
@@ -109,11 +109,8 @@ VERIFY_MEMORY_MIB = 8 * 1024
 MERGE_CPU = 1.0
 MERGE_MEMORY_MIB = 2 * 1024
 MERGE_TIMEOUT = 15 * MINUTES
-COMPILE_TIMEOUT = 3 * HOURS
-# compile_deep_gemm gives up first, so its own log says why rather than a Modal timeout.
-COMPILE_CHILD_TIMEOUT = COMPILE_TIMEOUT - 10 * MINUTES
-# A release container lives as long as Modal lets it; replacement is Modal's job.
-SERVER_TIMEOUT = 24 * HOURS
+# compile_deep_gemm gives up first (COMPILE_TIMEOUT_SECONDS), so its own log says why.
+COMPILE_TIMEOUT = COMPILE_TIMEOUT_SECONDS + 10 * MINUTES
 # Modal caps a server's exit grace period at one hour.
 MAX_EXIT_GRACE = 1 * HOURS
 # Of a release's exit grace, what the supervisor keeps for SIGKILL, reaping (its own
@@ -564,7 +561,7 @@ def build_compile_app(profile: Profile) -> CompileApp:
             revision,
             deepgemm_root=Path(DEEPGEMM_MOUNT),
             deepgemm_volume=mounted_volume(deepgemm_name),
-            timeout_seconds=COMPILE_CHILD_TIMEOUT,
+            timeout_seconds=COMPILE_TIMEOUT_SECONDS,
             token=container_token(),
         )
 
