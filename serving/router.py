@@ -306,6 +306,10 @@ class _Progress:
     response_started: bool = False
 
 
+def _is_event_stream(response: UpstreamResponse) -> bool:
+    return (response.header(b"content-type") or b"").startswith(b"text/event-stream")
+
+
 @dataclass(slots=True)
 class _Failure:
     """An attempt that failed before any byte reached the client (hence retryable)."""
@@ -573,6 +577,14 @@ class RouterApp:
             raise
         if response.status >= 500 and response.status not in NOT_RETRYABLE_5XX:
             return _Failure(ErrorKind.HTTP_5XX, response.status, response, None)
+        if not _is_event_stream(response):
+            # A non-streamed answer is read whole before anything reaches the client, so a
+            # backend dying mid-body is retried elsewhere instead of cutting the client off.
+            try:
+                await response.prefetch()
+            except (UpstreamError, OSError) as exc:
+                response.close()
+                return _Failure(_classify(exc), 0, None, None)
         await self._relay(response, target, model, started, t0, progress, receive, send,
                           is_retry)
         return None
@@ -589,10 +601,9 @@ class RouterApp:
         headers.append(target.backend_header)
         if is_retry:
             headers.append((RETRIED_HEADER, b"1"))
-        content_type = response.header(b"content-type") or b""
         # A stream may run for minutes: stop reading the backend once the client left.
         watcher = asyncio.create_task(_wait_disconnect(receive)) \
-            if content_type.startswith(b"text/event-stream") else None
+            if _is_event_stream(response) else None
         broken: Exception | None = None
         try:
             progress.response_started = True

@@ -228,6 +228,13 @@ class UpstreamResponse:
                 return None
             await conn.wait(self._read_timeout)
 
+    async def prefetch(self) -> None:
+        """Read ahead until the whole body has arrived or the buffer reached its high-water
+        mark; what was read stays buffered for ``next_chunk``."""
+        conn = self._conn
+        while not conn._complete and not conn._paused:
+            await conn.wait(self._read_timeout)
+
     async def read(self) -> bytes:
         parts: list[bytes] = []
         while (chunk := await self.next_chunk()) is not None:
