@@ -36,6 +36,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import BaseModel, Field
 
+from serving.files import write_atomically
+
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -156,12 +158,6 @@ def check_repo_path(path: str) -> str:
     return pure.as_posix()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
-
-
 def _place_file(source: FileSource, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(source, bytes):
@@ -257,12 +253,12 @@ class MirrorStore:
                 raise
             meta = RevisionMeta(sha=sha, parent=parent, created_at=datetime.now(UTC), files=metas)
             if not self._meta_path(repo_id, sha).is_file():
-                _atomic_write_text(self._meta_path(repo_id, sha), meta.model_dump_json(indent=1))
+                write_atomically(self._meta_path(repo_id, sha), meta.model_dump_json(indent=1))
             refs = self.refs(repo_id)
             refs.branches[branch] = sha
             for tag in tags:
                 refs.tags[tag] = sha
-            _atomic_write_text(repo / "refs.json", refs.model_dump_json(indent=1))
+            write_atomically(repo / "refs.json", refs.model_dump_json(indent=1))
         return sha
 
     def _meta_path(self, repo_id: str, sha: str) -> Path:

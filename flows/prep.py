@@ -6,7 +6,6 @@ logic: the stages live in tasks/, the work in serving/.
 
 from __future__ import annotations
 
-import time
 from typing import Literal
 
 from prefect import flow
@@ -14,6 +13,7 @@ from pydantic import BaseModel
 
 from serving.platform import Target
 from serving.profile import load_profile
+from tasks.stopwatch import Stopwatch
 from tasks.weights import compile_kernels, download, resolve, verify
 
 
@@ -34,15 +34,16 @@ class PrepReport(BaseModel):
 @flow(name="prep", log_prints=True)
 def prep(model: str, revision: str | None = None, target: Target = "local") -> PrepReport:
     profile = load_profile(model)
-    clock = _StageClock()
+    watch = Stopwatch()
+    seconds: dict[str, float] = {}
     sha = resolve(model, revision or profile.hub.revision, target)
-    clock.lap("resolve")
+    seconds["resolve"] = watch.lap()
     downloaded = download.submit(model, sha, target)
     compiled = compile_kernels.submit(model, sha, target)
     weights, kernels = downloaded.result(), compiled.result()
-    clock.lap("download+compile")
+    seconds["download+compile"] = watch.lap()
     proof = verify(model, sha, target)
-    clock.lap("verify")
+    seconds["verify"] = watch.lap()
     return PrepReport(
         model=model,
         revision=sha,
@@ -54,16 +55,5 @@ def prep(model: str, revision: str | None = None, target: Target = "local") -> P
         repaired=proof.repaired,
         compile_status=kernels.status,
         compile_reason=kernels.reason,
-        seconds=clock.laps,
+        seconds=seconds,
     )
-
-
-class _StageClock:
-    def __init__(self) -> None:
-        self.laps: dict[str, float] = {}
-        self._last = time.monotonic()
-
-    def lap(self, stage: str) -> None:
-        now = time.monotonic()
-        self.laps[stage] = round(now - self._last, 3)
-        self._last = now

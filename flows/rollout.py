@@ -12,8 +12,6 @@ crashes by the flow's hooks; a SIGKILLed orchestrator by the next run's `reconci
 
 from __future__ import annotations
 
-import time
-
 from prefect import flow
 from prefect.client.schemas.objects import FlowRun
 from prefect.runtime import flow_run
@@ -32,7 +30,8 @@ from tasks.release import (
     revert,
     rollback,
 )
-from tasks.report import RolloutReport, Stage, publish
+from tasks.report import RolloutReport, publish
+from tasks.stopwatch import Stopwatch
 from tasks.weights import resolve
 
 
@@ -57,32 +56,33 @@ def rollout(
 ) -> RolloutReport:
     profile = load_profile(model)
     report = RolloutReport(model=model)
-    clock = _Clock(report)
+    watch = Stopwatch()
 
     record = reconcile(model, target)
     sha = resolve(model, revision or profile.hub.revision, target)
     report.revision = sha
-    clock.lap("resolve")
+    report.stage("resolve", watch.lap())
     if record.stable is not None and record.stable.revision == sha:
         record_outcome(model, target, sha, "no-op", f"{sha[:8]} is already stable")
         return _finish(report, "no-op", f"{sha[:8]} is already stable")
 
     prepared = prep(model, sha, target)
     report.bytes_downloaded = prepared.bytes_downloaded
-    clock.lap("prep", f"compile {prepared.compile_status}: {prepared.compile_reason}")
+    compiled = f"compile {prepared.compile_status}: {prepared.compile_reason}"
+    report.stage("prep", watch.lap(), compiled)
 
     with transaction():
         canary = deploy_canary(model, sha, target, owner=str(flow_run.id))
-        clock.lap("deploy canary", canary.id)
+        report.stage("deploy canary", watch.lap(), canary.id)
         run = CanaryRun(model, target, canary, record.stable, approve)
         decision = run.drive()
         report.steps = run.steps
-        clock.lap("canary steps")
+        report.stage("canary steps", watch.lap())
         if decision.kind == "promote":
             promote(model, target, canary, decision.reason)
         else:
             rollback(model, target, decision.reason)
-        clock.lap(decision.kind)
+        report.stage(decision.kind, watch.lap())
     outcome = "promoted" if decision.kind == "promote" else "rolled-back"
     return _finish(report, outcome, decision.reason)
 
@@ -91,14 +91,3 @@ def _finish(report: RolloutReport, decision: str, reason: str) -> RolloutReport:
     report.decision, report.reason = decision, reason  # type: ignore[assignment]
     publish(report)
     return report
-
-
-class _Clock:
-    def __init__(self, report: RolloutReport) -> None:
-        self.report = report
-        self.last = time.monotonic()
-
-    def lap(self, stage: str, detail: str = "") -> None:
-        now = time.monotonic()
-        self.report.stages.append(Stage(name=stage, seconds=now - self.last, detail=detail))
-        self.last = now

@@ -26,6 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from serving.files import write_atomically
 from serving.profile import Profile
 from serving.sglang import COMPILE_SUCCESS_LINE, Command, compile_command, deepgemm_cache_key
 
@@ -51,6 +52,11 @@ class CompileResult(BaseModel):
     key: str | None
     marker: str | None
     seconds: float
+
+    @classmethod
+    def not_required(cls) -> CompileResult:
+        return cls(status="skipped", reason="the profile does not precompile kernels",
+                   key=None, marker=None, seconds=0.0)  # fmt: skip
 
 
 class Marker(BaseModel):
@@ -231,7 +237,4 @@ def _kill_group(process: subprocess.Popen[str]) -> None:
 
 
 def _write_marker(path: Path, marker: Marker) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(marker.model_dump_json(indent=1))
-    os.replace(temporary, path)
+    write_atomically(path, marker.model_dump_json(indent=1))

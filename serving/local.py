@@ -154,13 +154,7 @@ class LocalPlatform:
     def compile(self, profile: Profile, revision: str, log: Log = print) -> CompileResult:
         deepgemm_root = self._deepgemm_root(profile)
         if not profile.deepgemm or deepgemm_root is None:
-            return CompileResult(
-                status="skipped",
-                reason="the profile does not precompile kernels",
-                key=None,
-                marker=None,
-                seconds=0.0,
-            )
+            return CompileResult.not_required()
         # Kernel shapes need only the config: the compile runs beside the download.
         directory = fetch_model_config(
             profile.hub.repo,

@@ -24,6 +24,7 @@ from typing import IO, Literal
 
 from pydantic import BaseModel, ValidationError
 
+from serving.files import write_atomically
 from serving.platform import Release
 
 PROC = Path("/proc")
@@ -284,11 +285,7 @@ class Inventory:
         return self.directory / f"{name}{RECORD_SUFFIX}"
 
     def write(self, record: ProcessRecord) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self._path(record.name)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        temporary.write_text(record.model_dump_json(indent=1))
-        os.replace(temporary, path)
+        write_atomically(self._path(record.name), record.model_dump_json(indent=1))
 
     def get(self, name: str) -> ProcessRecord | None:
         try:

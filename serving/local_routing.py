@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from serving.files import write_atomically
 from serving.local_processes import (
     Inventory,
     Owner,
@@ -189,14 +190,8 @@ class LocalRouter:
         return backends
 
     def _write_table(self, table: RoutingTable) -> None:
-        self.state.mkdir(parents=True, exist_ok=True)
-        temporary = self.routes_file.with_name(f".{ROUTES_FILE}.{os.getpid()}.tmp")
-        with temporary.open("w") as handle:
-            # Backends carry api_key_env names only, never keys: the file holds no secret.
-            handle.write(table.model_dump_json(exclude_none=True))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.routes_file)
+        # Backends carry api_key_env names only, never keys: the file holds no secret.
+        write_atomically(self.routes_file, table.model_dump_json(exclude_none=True))
 
     def _push(self, model: str, backends: list[Backend]) -> None:
         expected = {backend.name: backend.weight for backend in backends}

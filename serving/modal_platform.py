@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -53,10 +52,11 @@ from pydantic import BaseModel, Field, ValidationError
 
 from serving import modal_app
 from serving.deepgemm import CompileResult, Marker, marker_path
+from serving.files import write_atomically
 from serving.layout import SENTINEL_NAME, WEIGHTS_MOUNT, deepgemm_dir, weights_dir
 from serving.local import DEFAULT_HOME, DeployFailed
 from serving.platform import Release, Target, VerifyResult, release_id, traffic_plan
-from serving.profile import Profile, is_commit_sha
+from serving.profile import Profile
 from serving.releases import DictReleaseStore, ReleaseStore
 from serving.router import Backend, RoutingTable
 from serving.sglang import deepgemm_cache_key
@@ -71,6 +71,7 @@ from serving.weights import (
     fetch_files,
     fetch_model_config,
     plan_shards,
+    require_commit,
     resolve_revision,
     select_files,
 )
@@ -200,22 +201,7 @@ class CallStore:
         return data
 
     def _write(self, data: _CallStoreFile) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f"{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(data.model_dump_json(indent=1))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a power cut
-        finally:
-            os.close(dir_fd)
+        write_atomically(self.path, data.model_dump_json(indent=1))
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -489,7 +475,7 @@ class ModalPlatform:
     def download(
         self, profile: Profile, revision: str, progress: ProgressCallback | None = None
     ) -> DownloadResult:
-        _require_commit(revision)
+        require_commit(revision)
         cached = self._sentinel_on_volume(profile, revision)
         if cached is not None:
             log.info("%s@%s: weights already complete on the volume", profile.name, revision[:8])
@@ -543,15 +529,9 @@ class ModalPlatform:
         return DownloadResult.model_validate(merged)
 
     def compile(self, profile: Profile, revision: str) -> CompileResult:
-        _require_commit(revision)
+        require_commit(revision)
         if not profile.deepgemm or profile.volumes.deepgemm is None:
-            return CompileResult(
-                status="skipped",
-                reason="the profile does not precompile kernels",
-                key=None,
-                marker=None,
-                seconds=0.0,
-            )
+            return CompileResult.not_required()
         key = self._cache_key(profile, revision)
         marker = self._marker_on_volume(profile, key)
         if marker is not None:
@@ -566,7 +546,7 @@ class ModalPlatform:
     def verify(self, profile: Profile, revision: str) -> VerifyResult:
         # Not spawned: re-hashing the volume is minutes, and a fresh verification is the point
         # of this stage, so a rerun verifies again rather than reusing an old call's result.
-        _require_commit(revision)
+        require_commit(revision)
         self._ensure_deployed(profile, "weights")
         result = self.gateway.call(
             modal_app.weights_app_name(profile), modal_app.VERIFY_FUNCTION, revision
@@ -580,7 +560,7 @@ class ModalPlatform:
         healthy through its Modal URL, and registered with the router at weight 0. The
         container's own @modal.enter already ran the probes: a release that fails them never
         answers 200. On failure an App this call deployed is stopped again: DeployFailed."""
-        _require_commit(revision)
+        require_commit(revision)
         rid = release_id(profile, revision)
         app_name = modal_app.release_app_name(profile, revision)
         self.router_url(profile)  # the router first: it fails before a GPU is paid for
@@ -1018,8 +998,3 @@ def _with_backend(backends: list[Backend], backend: Backend) -> list[Backend]:
             updated = backend.model_copy(update={"weight": current.weight})
             return [*backends[:index], updated, *backends[index + 1 :]]
     return [*backends, backend]
-
-
-def _require_commit(revision: str) -> None:
-    if not is_commit_sha(revision):
-        raise WeightsError(f"revision {revision!r} must be resolved to a 40-hex commit first")

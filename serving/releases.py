@@ -9,7 +9,6 @@ under a lock locally, a `modal.Dict` entry on Modal.
 from __future__ import annotations
 
 import fcntl
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -18,6 +17,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field
 
+from serving.files import write_atomically
 from serving.platform import Release
 
 # Enough history to see a model's recent rollouts; older entries are dropped.
@@ -82,14 +82,8 @@ class FileReleaseStore:
 
     def write(self, record: ReleaseRecord) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self._path(record.model)
         with self._locked(record.model):
-            temporary = path.with_suffix(f".{os.getpid()}.tmp")
-            with temporary.open("w") as handle:
-                handle.write(record.model_dump_json(indent=1))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
+            write_atomically(self._path(record.model), record.model_dump_json(indent=1))
 
     @contextmanager
     def _locked(self, model: str) -> Iterator[None]:

@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -44,6 +43,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import filter_repo_objects
 from pydantic import BaseModel, Field
 
+from serving.files import write_atomically
 from serving.layout import SENTINEL_NAME, weights_dir
 from serving.profile import Profile, check_revision, is_commit_sha
 
@@ -370,25 +370,9 @@ def read_sentinel(directory: Path, repo: str, revision: str) -> Manifest | None:
 
 
 def write_sentinel(directory: Path, manifest: Manifest) -> Path:
-    """Temp file + fsync + rename + fsync of the directory: a reader sees all of it or nothing."""
-    directory = Path(directory)
-    target = directory / SENTINEL_NAME
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f"{SENTINEL_NAME}.", suffix=".tmp-sentinel")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(manifest.model_dump_json(indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Written atomically and durably: a reader sees all of it or nothing."""
+    target = Path(directory) / SENTINEL_NAME
+    write_atomically(target, manifest.model_dump_json(indent=1))
     return target
 
 
@@ -465,7 +449,7 @@ def download_repo(
     """
     directory = Path(directory)
     began = time.monotonic()
-    _require_commit(revision)
+    require_commit(revision)
     allow = list(allow_patterns) if allow_patterns is not None else None
     ignore = list(ignore_patterns) if ignore_patterns is not None else None
 
@@ -563,7 +547,7 @@ def download_files(
     """One shard of a big repo (the Modal download fans out with `.map`): download and verify
     `paths` into the shared revision directory. No sentinel: `merge` writes it once."""
     directory = Path(directory)
-    _require_commit(revision)
+    require_commit(revision)
     started_at = datetime.now(UTC)
     if high_performance:
         os.environ[HIGH_PERFORMANCE_ENV] = "1"
@@ -669,7 +653,7 @@ def fetch_model_config(
     are still downloading; a separate directory keeps it clear of the download's bookkeeping.
     """
     directory = Path(directory)
-    _require_commit(revision)
+    require_commit(revision)
     if (directory / "config.json").is_file():
         return directory
     _make_dir(directory)
@@ -712,7 +696,7 @@ def remove_orphans(directory: Path, files: Sequence[FileEntry] | None = None) ->
 # --------------------------------------------------------------------------------------------
 
 
-def _require_commit(revision: str) -> None:
+def require_commit(revision: str) -> None:
     if not is_commit_sha(revision):
         raise WeightsError(f"revision {revision!r} must be resolved to a 40-hex commit first")
 

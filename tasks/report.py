@@ -28,6 +28,9 @@ class RolloutReport(BaseModel):
     stages: list[Stage] = Field(default_factory=list)
     steps: list[StepRecord] = Field(default_factory=list)
 
+    def stage(self, name: str, seconds: float, detail: str = "") -> None:
+        self.stages.append(Stage(name=name, seconds=seconds, detail=detail))
+
     def markdown(self) -> str:
         lines = [
             f"# Rollout of {self.model} @ {(self.revision or '?')[:12]}",
