@@ -738,15 +738,17 @@ class RouterApp:
             else:
                 window = float(query.get("window", [self.config.retention_s])[0])
                 since = now - window
+            # a closed window (one canary step) ends at `until`; an open one ends now
+            until = float(query["until"][0]) if "until" in query else now
         except ValueError:
-            await _send_error(send, 422, "since/window must be numbers", "invalid_request")
+            await _send_error(send, 422, "since/window/until must be numbers", "invalid_request")
             return
         models = query.get("model") or sorted(set(self._routes) | set(self.measurements.models()))
-        out = {m: self._model_stats(m, since, now) for m in models}
+        out = {m: self._model_stats(m, since, until) for m in models}
         if "model" in query:
             await _send_json(send, 200, out[models[0]])
         else:
-            await _send_json(send, 200, {"since": since, "until": now, "models": out})
+            await _send_json(send, 200, {"since": since, "until": until, "models": out})
 
     def _model_stats(self, model: str, since: float, until: float) -> dict[str, Any]:
         stats = self.measurements.stats(model, since, until).model_dump()

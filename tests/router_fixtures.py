@@ -136,8 +136,9 @@ class RouterProc:
         response.raise_for_status()
         return response
 
-    def stats(self, model: str, since: float) -> dict[str, Any]:
-        response = httpx.get(f"{self.url}/admin/stats", params={"model": model, "since": since},
+    def stats(self, model: str, since: float, until: float | None = None) -> dict[str, Any]:
+        params = {"model": model, "since": since, **({} if until is None else {"until": until})}
+        response = httpx.get(f"{self.url}/admin/stats", params=params,
                              headers=self.admin_headers(), timeout=5)
         response.raise_for_status()
         return dict(response.json())
