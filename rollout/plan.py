@@ -159,10 +159,16 @@ def render_text(plan: Plan) -> str:
         for s in plan.canary_steps
     ))  # fmt: skip
     gates = plan.gates
+    p50 = _ttft_limit(gates.max_ttft_p50_ratio, gates.max_ttft_p50_seconds)
+    p99 = _ttft_limit(gates.max_ttft_p99_ratio, gates.max_ttft_p99_seconds)
     lines.append(
         f"gates     errors ≤ {gates.max_error_rate:.1%} and ≤ {gates.max_error_rate_ratio}x stable,"
-        f" TTFT p50 ≤ {gates.max_ttft_p50_ratio}x, p99 ≤ {gates.max_ttft_p99_ratio}x,"
+        f" TTFT p50 ≤ {p50}, p99 ≤ {p99},"
         f" golden ≥ {gates.min_golden_agreement:.0%}, ≥ {gates.min_requests} requests"
         f" (else {plan.on_inconclusive})"
     )
     return "\n".join(lines)
+
+
+def _ttft_limit(ratio: float, seconds: float | None) -> str:
+    return f"{ratio}x" + (f" and ≤ {seconds:g}s" if seconds is not None else "")

@@ -101,6 +101,12 @@ def analyse(
     ):
         if ours is not None and theirs:
             results.append(_at_most(name, ours / theirs, limit, f"canary/stable {name[:8]}"))
+    for name, slo, ours in (
+        ("ttft_p50_seconds", gates.max_ttft_p50_seconds, canary.ttft_p50),
+        ("ttft_p99_seconds", gates.max_ttft_p99_seconds, canary.ttft_p99),
+    ):
+        if slo is not None and ours is not None:
+            results.append(_at_most(name, ours, slo, f"canary {name[:8]} seconds"))
     if golden is not None:
         passed = golden.agreement >= gates.min_golden_agreement
         results.append(

@@ -188,6 +188,10 @@ class Gates(_Strict):
     max_error_rate_ratio: float = Field(2.0, ge=1, description="canary error rate / stable's")
     max_ttft_p50_ratio: float = Field(1.5, ge=1)
     max_ttft_p99_ratio: float = Field(2.0, ge=1)
+    # Absolute SLOs, whatever stable does: a ratio alone passes a slow canary when stable is
+    # slow too (an overloaded stable, a busy host).
+    max_ttft_p50_seconds: float | None = Field(None, gt=0)
+    max_ttft_p99_seconds: float | None = Field(None, gt=0)
     min_golden_agreement: float = Field(0.9, ge=0, le=1)
     min_requests: int = Field(20, ge=1, description="fewer canary requests = inconclusive")
 

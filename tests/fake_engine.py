@@ -56,6 +56,12 @@ class FakeEngine:
         self.requests = 0
         self.errors = 0
 
+    def _fails(self, rate: float) -> bool:
+        """Errors spread evenly (request 1/rate, 2/rate, ...), not drawn: a random draw can
+        leave a short bake without one error, and a canary gate test would then pass a canary
+        it must fail."""
+        return int(self.requests * rate) > int((self.requests - 1) * rate)
+
     def authorized(self, request: Request) -> bool:
         return self.api_key is None or (
             request.headers.get("authorization") == f"Bearer {self.api_key}"
@@ -71,7 +77,7 @@ class FakeEngine:
         body = json.loads(await request.body() or b"{}")
         delay_ms = request.headers.get("x-fake-delay-ms")
         await asyncio.sleep(float(delay_ms) / 1000 if delay_ms else cfg.delay_s)
-        if self.rng.random() < cfg.error_rate:
+        if self._fails(cfg.error_rate):
             self.errors += 1
             return JSONResponse({"error": {"message": "injected failure"}},
                                 status_code=cfg.error_status)

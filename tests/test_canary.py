@@ -94,6 +94,18 @@ def test_each_gate_can_fail(window: Window, gate: str) -> None:
     assert gate.split("_")[0] in analysis.reason or "TTFT" in analysis.reason.upper()
 
 
+@pytest.mark.parametrize("percentile", ["p50", "p99"])
+def test_absolute_ttft_slo_fails_a_slow_canary_even_beside_a_slow_stable(percentile: str) -> None:
+    slow_stable = Window(requests=100, ttft_p50=1.0, ttft_p99=2.0)
+    slow_canary = Window(requests=50, ttft_p50=1.2, ttft_p99=2.4)  # within every ratio
+    assert analyse(GATES, slow_canary, slow_stable).verdict == "pass"
+    gates = GATES.model_copy(update={f"max_ttft_{percentile}_seconds": 1.0})
+    analysis = analyse(gates, slow_canary, slow_stable)
+    assert analysis.verdict == "fail"
+    assert [g.gate for g in analysis.gates if not g.passed] == [f"ttft_{percentile}_seconds"]
+    assert f"canary ttft_{percentile} seconds" in analysis.reason
+
+
 def test_relative_error_gate_uses_stable_as_the_baseline() -> None:
     noisy_stable = STABLE.model_copy(update={"errors": 1, "error_rate": 0.004})
     gates = Gates(min_requests=10, max_error_rate=0.05, max_error_rate_ratio=2.0)

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from serving.profile import available_models
+from rollout.plan import build_plan, render_text
+from serving.profile import available_models, load_profile
 
 ROLLOUT = [sys.executable, "-m", "rollout.cli"]
 
@@ -67,3 +68,11 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]
+
+
+def test_text_plan_shows_an_absolute_ttft_slo_when_the_profile_sets_one() -> None:
+    profile = load_profile("qwen3-8b")
+    gates = profile.canary.gates.model_copy(update={"max_ttft_p99_seconds": 2.5})
+    slo = profile.model_copy(update={"canary": profile.canary.model_copy(update={"gates": gates})})
+    assert "p99 ≤ 2.0x," in render_text(build_plan(profile))
+    assert "p99 ≤ 2.0x and ≤ 2.5s," in render_text(build_plan(slo))

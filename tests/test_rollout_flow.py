@@ -92,9 +92,11 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base["canary"] = {
         "steps": [{"weight": 50, "bake_seconds": 4}, {"weight": 100, "bake_seconds": 0}],
         # Tiny CPU engines answer in milliseconds: TTFT ratios between two of them are noise,
-        # so the healthy margin is wide; the slow canary below is 1.5 s, hundreds of times.
+        # so the healthy margin is wide. On a busy host stable's p50 nears 0.3 s, so the slow
+        # canary below (1.5 s) can sit within the ratio: the absolute SLO catches it.
         "gates": {"min_requests": 4, "max_error_rate": 0.05, "max_ttft_p50_ratio": 5,
-                  "max_ttft_p99_ratio": 20, "min_golden_agreement": 1.0},
+                  "max_ttft_p99_ratio": 20, "max_ttft_p50_seconds": 1.0,
+                  "min_golden_agreement": 1.0},
         "golden_prompts": ["capital", "arithmetic"],
         "retire_grace_seconds": 3,
     }  # fmt: skip
@@ -216,7 +218,7 @@ def test_faulty_canary_is_rolled_back_and_stable_keeps_serving(
         started = time.time()
         report = rollout(QUIET_MODEL, "v2")
         after = load.wait_for_requests(time.time(), 3, timeout=30)
-    assert report.decision == "rolled-back"
+    assert report.decision == "rolled-back", [step.analysis for step in report.steps]
     assert reason in report.reason.lower(), report.reason
     during = load.since(started)
     # The router retries a failed first byte on stable: clients see none of the canary's faults.
