@@ -18,6 +18,7 @@ import os
 import sys
 
 from rollout.plan import build_plan, render_text
+from serving.errors import one_line
 from serving.platform import Release, get_platform
 from serving.profile import Profile, ProfileError, check_revision, load_profile
 
@@ -94,7 +95,7 @@ def prep_command(args: argparse.Namespace) -> None:
     try:
         report = prep(profile.name, args.revision, args.target)
     except Exception as exc:  # the flow's logs have the details; the caller gets one line
-        print(f"rollout: prep failed: {_one_line(exc)}", file=sys.stderr)
+        print(f"rollout: prep failed: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(EXIT_FAILED) from None
     if args.json:
         print(report.model_dump_json())
@@ -115,7 +116,7 @@ def run_command(args: argparse.Namespace) -> None:
     try:
         report = rollout(profile.name, args.revision, args.target, args.approve)
     except Exception as exc:
-        print(f"rollout: run failed: {_one_line(exc)}", file=sys.stderr)
+        print(f"rollout: run failed: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(EXIT_FAILED) from None
     finally:
         # Nothing this process started keeps running (or costing) unless asked to.
@@ -165,11 +166,6 @@ def abort_command(args: argparse.Namespace) -> None:
         return
     revert(profile, platform, record, "aborted (rollout abort)")
     print(f"{profile.name}: canary {record.canary.id} rolled back; stable {_id(record.stable)}")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -52,6 +52,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from serving import modal_app
 from serving.deepgemm import CompileResult, Marker, marker_path
+from serving.errors import one_line
 from serving.files import write_atomically
 from serving.layout import SENTINEL_NAME, WEIGHTS_MOUNT, deepgemm_dir, weights_dir
 from serving.local import DEFAULT_HOME, DeployFailed
@@ -259,14 +260,7 @@ def attach_or_spawn(record: CallRecord | None, probe: Probe) -> Decision:
         )
     if poll.state is CallState.EXPIRED:
         return Decision("spawn", f"the output of call {record.call_id} has expired")
-    return Decision("spawn", f"call {record.call_id} failed: {_one_line(poll.error)}")
-
-
-def _one_line(error: BaseException | None) -> str:
-    if error is None:
-        return "unknown error"
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+    return Decision("spawn", f"call {record.call_id} failed: {one_line(poll.error)}")
 
 
 class _Gettable(Protocol):
@@ -724,7 +718,7 @@ class ModalPlatform:
                 response = self._admin(profile, "DELETE", f"/admin/routes/{model}")
         except (RouterAdminError, httpx.HTTPError) as exc:
             log.warning("%s: routes not pushed to the router (%s); it reads them within %gs",
-                        profile.name, _one_line(exc), modal_app.ROUTER_POLL_SECONDS)  # fmt: skip
+                        profile.name, one_line(exc), modal_app.ROUTER_POLL_SECONDS)  # fmt: skip
             return False
         if response.status_code not in (200, 404):  # 404: DELETE of a model it never had
             log.warning(
@@ -754,7 +748,7 @@ class ModalPlatform:
             # since=now: an empty window; in-flight counts are kept outside the window.
             stats = self.stats(profile, since=time.time())
         except (RouterAdminError, httpx.HTTPError, ValueError) as exc:
-            log.warning("%s: in-flight requests unknown: %s", rid, _one_line(exc))
+            log.warning("%s: in-flight requests unknown: %s", rid, one_line(exc))
             return None
         return int(stats.get("backends", {}).get(rid, {}).get("in_flight", 0))
 
@@ -893,7 +887,7 @@ class ModalPlatform:
             raise ModalCallError(f"{what}: the output of call {started.call_id} has expired")
         # The record stays: the next attempt probes it, sees the failure and spawns anew.
         raise ModalCallError(
-            f"{what}: call {started.call_id} failed: {_one_line(poll.error)}"
+            f"{what}: call {started.call_id} failed: {one_line(poll.error)}"
         ) from poll.error
 
     def _ensure_deployed(self, profile: Profile, app_kind: Literal["weights", "compile"]) -> str:

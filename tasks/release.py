@@ -8,6 +8,7 @@ twice, and setting the same weights again must set them again.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 from prefect import get_run_logger, task
@@ -18,6 +19,7 @@ from prefect.transactions import Transaction, get_transaction
 from pydantic import BaseModel
 
 from serving.analysis import Analysis, GateResult, Window, analyse, golden_agreement
+from serving.errors import one_line
 from serving.platform import Platform, Release, Target, get_platform
 from serving.profile import Profile, load_profile
 from serving.releases import HistoryEntry, Outcome, ReleaseRecord, now
@@ -112,12 +114,16 @@ def deploy_canary(model: str, revision: str, target: Target, owner: str) -> Rele
 
 @deploy_canary.on_rollback
 def _revert_on_failure(transaction: Transaction) -> None:
-    """A later task of the rollout failed (not a gate: those roll back by decision)."""
+    """Something raised after the canary was deployed: a failed task, SIGTERM (Prefect raises
+    TerminationSignal), Ctrl-C. Not a gate: those roll back by decision."""
     model, target = transaction.get("model"), transaction.get("target")
     profile, platform = _context(model, target)
     record = platform.release_store().read(model)
     if record.canary is not None:
-        revert(profile, platform, record, "the rollout failed after the canary was deployed")
+        # Rollback hooks run while the exception propagates out of the transaction block.
+        cause = one_line(sys.exc_info()[1])
+        revert(profile, platform, record, f"the rollout stopped after its canary was deployed:"
+               f" {cause}")  # fmt: skip
 
 
 @task(name="set-weight", cache_policy=NO_CACHE)

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -228,44 +229,83 @@ def test_faulty_canary_is_rolled_back_and_stable_keeps_serving(
     assert outcome == "rolled-back" and reason in why.lower()
 
 
-def test_killed_orchestrator_mid_canary_is_reconciled_by_the_next_run(
-    home: Path, revisions: dict[str, str], prefect_server: str  # noqa: F811
-) -> None:
-    rollout(MODEL, "v1")
-    script = "from flows.rollout import rollout; rollout('tiny-chat', 'v2')"
-    env = {**os.environ, "PREFECT_API_URL": prefect_server}
-    # A long bake, so the orchestrator is surely mid-canary when it is killed.
-    models = Path(os.environ["ROLLOUT_MODELS_DIR"])
-    slow = yaml.safe_load((models / f"{MODEL}.yaml").read_text())
+@contextmanager
+def rollout_of_v2_in_another_process(
+    argv: list[str], api_url: str, stdout: int = subprocess.DEVNULL
+) -> Iterator[subprocess.Popen[str]]:
+    """Start `argv` (a rollout of v2) with a 120 s first bake, so it is surely mid-canary;
+    yield it once its canary is deployed. The profile's bake is restored on the way out."""
+    profile_path = Path(os.environ["ROLLOUT_MODELS_DIR"]) / f"{MODEL}.yaml"
+    original = profile_path.read_text()
+    slow = yaml.safe_load(original)
     slow["canary"]["steps"][0]["bake_seconds"] = 120
-    (models / f"{MODEL}.yaml").write_text(yaml.safe_dump(slow))
+    profile_path.write_text(yaml.safe_dump(slow))
+    env = {**os.environ, "PREFECT_API_URL": api_url}
+    child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=stdout,
+                             stderr=subprocess.DEVNULL, text=True)  # fmt: skip
     try:
-        child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         store = LocalPlatform.from_env().release_store()
         deadline = time.monotonic() + 120
         while store.read(MODEL).canary is None and time.monotonic() < deadline:
             time.sleep(0.5)
-        time.sleep(2)  # into the bake
         assert store.read(MODEL).canary is not None
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        canary_dir = home / "releases" / release_id(load_profile(MODEL), revisions["v2"])
-        assert processes_under(canary_dir)  # the orphaned canary is still running
-
-        report = rollout(MODEL, "v1")  # the next run
+        yield child
     finally:
-        slow["canary"]["steps"][0]["bake_seconds"] = 4
-        (models / f"{MODEL}.yaml").write_text(yaml.safe_dump(slow))
-    assert report.decision == "no-op"
-    assert processes_under(canary_dir) == []
-    record = store.read(MODEL)
-    assert record.canary is None and record.stable.revision == revisions["v1"]
-    assert any("reconciled" in why for _, why in history())
-    routes = json.loads((home / "state" / "routes.json").read_text())
+        profile_path.write_text(original)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+ROLLOUT_V2 = [sys.executable, "-c", f"from flows.rollout import rollout; rollout({MODEL!r}, 'v2')"]
+
+
+def assert_stable_alone(revision: str) -> None:
+    """v1 is stable with all the traffic, no canary is recorded or running."""
+    record = LocalPlatform.from_env().release_store().read(MODEL)
+    assert record.canary is None and record.stable is not None
+    assert record.stable.revision == revision
+    running = LocalPlatform.from_env().running_releases(load_profile(MODEL))
+    assert [release.id for release in running] == [record.stable.id]
+    routes = json.loads((Path(os.environ["ROLLOUT_HOME"]) / "state" / "routes.json").read_text())
     assert [(b["name"], b["weight"]) for b in routes["models"][MODEL] if b["weight"]] == [
         (record.stable.id, 100)
     ]
+
+
+def test_killed_orchestrator_mid_canary_is_reconciled_by_the_next_run(
+    home: Path, revisions: dict[str, str], prefect_server: str  # noqa: F811
+) -> None:
+    rollout(MODEL, "v1")
+    canary_dir = home / "releases" / release_id(load_profile(MODEL), revisions["v2"])
+    with rollout_of_v2_in_another_process(ROLLOUT_V2, prefect_server) as child:
+        time.sleep(2)  # into the bake
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert processes_under(canary_dir)  # the orphaned canary is still running
+
+    report = rollout(MODEL, "v1")  # the next run
+    assert report.decision == "no-op"
+    assert processes_under(canary_dir) == []
+    assert_stable_alone(revisions["v1"])
+    assert any("reconciled" in why for _, why in history())
+
+
+def test_terminated_orchestrator_rolls_back_its_own_canary(
+    home: Path, revisions: dict[str, str], prefect_server: str  # noqa: F811
+) -> None:
+    """SIGTERM (a worker stopping, a pod evicted): the transaction's rollback hook reverts."""
+    rollout(MODEL, "v1")
+    with rollout_of_v2_in_another_process(ROLLOUT_V2, prefect_server) as child:
+        time.sleep(2)  # into the bake
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=120)
+    canary_dir = home / "releases" / release_id(load_profile(MODEL), revisions["v2"])
+    assert processes_under(canary_dir) == []
+    assert_stable_alone(revisions["v1"])
+    outcome, why = history()[-1]
+    assert outcome == "rolled-back", why
+    assert why.startswith("the rollout stopped after its canary was deployed: TerminationSignal")
 
 
 def test_refresh_starts_one_rollout_per_new_commit(
@@ -350,20 +390,10 @@ def test_abort_rolls_back_a_running_canary_and_status_shows_it(
     home: Path, revisions: dict[str, str], prefect_server: str  # noqa: F811
 ) -> None:
     rollout(MODEL, "v1")
-    models = Path(os.environ["ROLLOUT_MODELS_DIR"])
-    slow = yaml.safe_load((models / f"{MODEL}.yaml").read_text())
-    slow["canary"]["steps"][0]["bake_seconds"] = 120
-    (models / f"{MODEL}.yaml").write_text(yaml.safe_dump(slow))
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     cli = [sys.executable, "-m", "rollout.cli"]
-    try:
-        running = subprocess.Popen([*cli, "run", MODEL, "--revision", "v2"], cwd=ROOT, env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                   text=True)  # fmt: skip
-        store = LocalPlatform.from_env().release_store()
-        deadline = time.monotonic() + 120
-        while store.read(MODEL).canary is None and time.monotonic() < deadline:
-            time.sleep(0.5)
+    run_v2 = [*cli, "run", MODEL, "--revision", "v2"]
+    with rollout_of_v2_in_another_process(run_v2, prefect_server, subprocess.PIPE) as running:
         status = json.loads(subprocess.run([*cli, "status", MODEL, "--json"], cwd=ROOT,
                                            env=env, capture_output=True, text=True,
                                            timeout=60).stdout)  # fmt: skip
@@ -373,10 +403,6 @@ def test_abort_rolls_back_a_running_canary_and_status_shows_it(
                                  capture_output=True, text=True, timeout=120)  # fmt: skip
         assert aborted.returncode == 0 and "rolled back" in aborted.stdout
         output, _ = running.communicate(timeout=120)  # the run notices within a bake tick
-    finally:
-        slow["canary"]["steps"][0]["bake_seconds"] = 4
-        (models / f"{MODEL}.yaml").write_text(yaml.safe_dump(slow))
     assert running.returncode == 1 and "rolled-back" in output
     assert history()[-1] == ("rolled-back", "aborted (rollout abort)")
-    record = store.read(MODEL)
-    assert record.canary is None and record.stable.revision == revisions["v1"]
+    assert_stable_alone(revisions["v1"])
