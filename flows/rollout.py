@@ -40,7 +40,9 @@ def _settle(flow: object, run: FlowRun, state: State) -> None:
     model, target = run.parameters["model"], run.parameters.get("target", "local")
     profile, platform = load_profile(model), get_platform(target)
     record = platform.release_store().read(model)
-    reason = f"flow run {state.name.lower()}: {state.message or ''}".strip()
+    # The state message may hold a whole traceback: the history keeps its first line.
+    first_line = next(iter((state.message or "").strip().splitlines()), "")
+    reason = f"flow run {state.name.lower()}: {first_line}".strip()
     if record.canary is not None and record.canary_owner == str(run.id):
         revert(profile, platform, record, reason)
 

@@ -28,6 +28,7 @@ from pydantic import BaseModel
 
 from serving.files import write_atomically
 from serving.profile import Profile
+from serving.redaction import SECRET_ENV_VARS, Redactor, secrets_in_env
 from serving.sglang import COMPILE_SUCCESS_LINE, Command, compile_command, deepgemm_cache_key
 
 # compile_deep_gemm's own timeout. Platforms give their job a margin beyond it, so the child
@@ -148,9 +149,13 @@ def run_compile(command: Command, timeout_seconds: float, log: Log) -> None:
     """Run compile_deep_gemm in its own process group; raise CompileFailed unless it exits 0
     having printed the success line. A dead server child, the timeout, or an exception in the
     caller (cancellation) kill the whole group."""
+    # The compile runs offline (HF_HUB_OFFLINE=1): it gets no secret, and its output, which
+    # goes to the logs and into CompileFailed, is masked for any it could still echo.
+    env = {**os.environ, **command.env}
+    redact = Redactor(secrets_in_env(env))
     process = subprocess.Popen(
         command.argv,
-        env={**os.environ, **command.env},
+        env={name: value for name, value in env.items() if name not in SECRET_ENV_VARS},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -160,7 +165,8 @@ def run_compile(command: Command, timeout_seconds: float, log: Log) -> None:
     tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
     succeeded = threading.Event()
     reader = threading.Thread(
-        target=_stream, args=(process, tail, succeeded, log), daemon=True, name="compile-log"
+        target=_stream, args=(process, tail, succeeded, log, redact), daemon=True,
+        name="compile-log",
     )
     reader.start()
     try:
@@ -175,10 +181,10 @@ def run_compile(command: Command, timeout_seconds: float, log: Log) -> None:
 
 
 def _stream(process: subprocess.Popen[str], tail: deque[str], succeeded: threading.Event,
-            log: Log) -> None:  # fmt: skip
+            log: Log, redact: Redactor) -> None:  # fmt: skip
     assert process.stdout is not None
     for raw in process.stdout:
-        line = raw.rstrip("\n")
+        line = redact(raw.rstrip("\n"))
         tail.append(line)
         log(f"[compile] {line}")
         if COMPILE_SUCCESS_LINE in line:

@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal, TextIO
@@ -50,15 +50,12 @@ from serving.engine import (
     write_secrets_config,
 )
 from serving.profile import Probe, Profile, ProfileError, load_profile
+from serving.redaction import API_KEY_ENV, Redactor, secrets_in_env
 from serving.sglang import Command
 
 logger = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 50
-REDACTED = "[REDACTED]"
-# Environment variables whose values are secrets wherever they appear in engine output.
-API_KEY_ENV = "ROLLOUT_API_KEY"
-SECRET_ENV_VARS = (API_KEY_ENV, "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 HEALTH_PATH = "/health"
 CHAT_PATH = "/v1/chat/completions"
@@ -93,28 +90,6 @@ class ProbeFailed(RuntimeError):
 
 class ShutdownRequested(Exception):
     """SIGTERM or SIGINT arrived while the release was still starting."""
-
-
-# --------------------------------------------------------------------------------------------
-# Secrets
-# --------------------------------------------------------------------------------------------
-
-
-class Redactor:
-    """Masks known secret values in text: engine output can echo its config or environment."""
-
-    def __init__(self, secrets: Iterable[str | None]) -> None:
-        # Longest first, so a secret that contains another is masked whole.
-        self._secrets = sorted({secret for secret in secrets if secret}, key=len, reverse=True)
-
-    def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, REDACTED)
-        return text
-
-
-def secrets_in_env(env: dict[str, str]) -> list[str]:
-    return [env[name] for name in SECRET_ENV_VARS if env.get(name)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,6 +44,20 @@ def test_a_dead_server_child_fails_at_once_not_at_the_timeout() -> None:
     assert "capturing DeepGEMM calls" in str(raised.value)  # the log tail explains
 
 
+def test_compile_gets_no_secret_and_its_output_is_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    token = "hf_compile_secret_123"
+    monkeypatch.setenv("HF_TOKEN", token)
+    # The child prints what its environment holds, then echoes the value it got another way.
+    script = ("import os, sys; print('env:', os.environ.get('HF_TOKEN'));"
+              " print('argv:', sys.argv[1]); sys.exit(1)")  # fmt: skip
+    lines: list[str] = []
+    with pytest.raises(CompileFailed) as raised:
+        run_compile(Command(argv=[sys.executable, "-c", script, token], env={}), 60, lines.append)
+    assert "[compile] env: None" in lines
+    assert "[compile] argv: [REDACTED]" in lines
+    assert token not in str(raised.value) and "argv: [REDACTED]" in str(raised.value)
+
+
 def _running_fakes(mode: str) -> list[int]:
     """PIDs of fake compile processes (parent or server child) still alive in MODE."""
     alive = []

@@ -27,8 +27,8 @@ import pytest
 
 from serving.engine import engine_command, request_model, write_secrets_config
 from serving.profile import Profile, load_profile
+from serving.redaction import REDACTED
 from serving.server import (
-    REDACTED,
     EngineFailed,
     ProbeFailed,
     ServerEvent,
