@@ -8,10 +8,14 @@ import os
 import tempfile
 from pathlib import Path
 
+TEMPORARY_SUFFIX = ".tmp"
+
 
 def write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, temporary = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX
+    )
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
@@ -27,3 +31,9 @@ def write_atomically(path: Path, text: str) -> None:
         os.fsync(directory)  # the rename itself is durable
     finally:
         os.close(directory)
+
+
+def is_partial_write_of(name: str, target: str) -> bool:
+    """Whether `name` is a temporary file `write_atomically` left behind for `target` (a
+    process killed mid-write)."""
+    return name.startswith(f".{target}.") and name.endswith(TEMPORARY_SUFFIX)

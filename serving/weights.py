@@ -43,7 +43,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import filter_repo_objects
 from pydantic import BaseModel, Field
 
-from serving.files import write_atomically
+from serving.files import is_partial_write_of, write_atomically
 from serving.layout import SENTINEL_NAME, weights_dir
 from serving.profile import Profile, check_revision, is_commit_sha
 
@@ -304,7 +304,7 @@ def list_present(directory: Path) -> set[str]:
             dirnames[:] = [d for d in dirnames if d != HF_LOCAL_CACHE]
         for name in filenames:
             path = (rel / name).as_posix()
-            if path != SENTINEL_NAME and not name.endswith(".tmp-sentinel"):
+            if path != SENTINEL_NAME and not is_partial_write_of(path, SENTINEL_NAME):
                 present.add(path)
     return present
 

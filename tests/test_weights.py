@@ -31,6 +31,7 @@ from serving.weights import (
     download_repo,
     fetch_files,
     fetch_model_config,
+    list_present,
     merge,
     plan_shards,
     read_sentinel,
@@ -148,6 +149,13 @@ def test_branch_move_gives_a_new_directory_and_leaves_the_old_one(
     assert {p: p.stat().st_mtime_ns for p in old.directory.rglob("*") if p.is_file()} == before
     assert read_sentinel(old.directory, repo_id, old_sha) == old.manifest
     assert verify(old.directory, old.manifest.files).passed
+
+
+def test_a_sentinel_write_cut_short_is_not_a_repo_file(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / SENTINEL_NAME).write_text("{}")
+    (tmp_path / f".{SENTINEL_NAME}.k3x9q.tmp").write_text("{")  # killed mid-write
+    assert list_present(tmp_path) == {"config.json"}
 
 
 def test_a_resolved_sha_makes_no_request(mirror: MirrorServer) -> None:
