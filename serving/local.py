@@ -12,7 +12,8 @@ ROLLOUT_HOME defaults to `.rollout/` in the repository. The Hub endpoint comes f
 Serving: each release is a `python -m serving.server` process (own session, so its group can be
 signalled whole) behind one router per home (serving/local_routing.py). Processes outlive the
 orchestrator only when asked (ROLLOUT_KEEP_SERVING=1); those of a SIGKILLed orchestrator are
-found through their inventory records and stopped by the next platform (`reconcile_orphans`).
+found through their inventory records and stopped by the next run's `reconcile` task
+(`reconcile_orphans`).
 """
 
 from __future__ import annotations
@@ -109,16 +110,13 @@ class LocalPlatform:
     @classmethod
     def from_env(cls) -> LocalPlatform:
         override = os.environ.get(COMPILE_ENTRYPOINT_ENV)
-        platform = cls(
+        return cls(
             Path(os.environ.get("ROLLOUT_HOME", DEFAULT_HOME)),
             endpoint=os.environ.get("HF_ENDPOINT") or None,
             compile_entrypoint=shlex.split(override) if override else None,
             keep_serving=os.environ.get(KEEP_SERVING_ENV) == "1",
             router_port=int(os.environ.get(ROUTER_PORT_ENV) or DEFAULT_ROUTER_PORT),
         )
-        # A SIGKILLed orchestrator cannot stop what it started: the next one does.
-        platform.reconcile_orphans()
-        return platform
 
     def volume(self, name: str) -> Path:
         return self.home / "volumes" / name

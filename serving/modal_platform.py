@@ -660,6 +660,11 @@ class ModalPlatform:
     def release_store(self) -> ReleaseStore:
         return DictReleaseStore(self.gateway.dict(modal_app.RELEASES_DICT_NAME))
 
+    def reconcile_orphans(self) -> list[str]:
+        # Nothing is tied to an orchestrator process: releases and routers are Modal apps that
+        # serve on, and a half-finished canary is reverted from the release record.
+        return []
+
     def shutdown(self) -> None:
         # Nothing to stop: spawned preparation calls are meant to outlive this process, so a
         # restarted orchestrator can re-attach to them; releases and routers serve on.

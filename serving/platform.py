@@ -115,6 +115,11 @@ class Platform(Protocol):
 
     def release_store(self) -> ReleaseStore: ...
 
+    def reconcile_orphans(self) -> list[str]:
+        """Stop what a killed orchestrator left running (its hooks never ran); the names of
+        what was stopped or forgotten."""
+        ...
+
     def shutdown(self) -> None:
         """Stop what this process started, unless it was asked to keep serving."""
         ...

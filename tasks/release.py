@@ -86,6 +86,9 @@ def reconcile(model: str, target: Target) -> ReleaseRecord:
     """Finish what a killed orchestrator left: an orphaned canary is reverted, a stable release
     that is no longer running is forgotten (nothing can be compared against it)."""
     profile, platform = _context(model, target)
+    # A SIGKILLed orchestrator cannot stop what it started: the next run does.
+    for name in platform.reconcile_orphans():
+        get_run_logger().warning("%s: stopped %s, left by a dead orchestrator", model, name)
     store = platform.release_store()
     record = store.read(model)
     if record.canary is not None:

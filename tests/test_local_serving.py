@@ -436,7 +436,8 @@ def test_a_sigkilled_orchestrator_leaves_orphans_the_next_platform_stops(
 
     for name in ("ROLLOUT_HOME", "ROLLOUT_ROUTER_PORT", "ROLLOUT_KEEP_SERVING"):
         monkeypatch.setenv(name, env[name])
-    platform = LocalPlatform.from_env()  # reconciles on creation
+    platform = LocalPlatform.from_env()
+    platform.reconcile_orphans()  # as the next run's reconcile task does
 
     assert all_gone(pids), describe(pids)
     assert processes_under(home) == []
@@ -463,7 +464,8 @@ def test_keep_serving_outlives_the_orchestrator_and_the_router_is_reused(
     for name in ("ROLLOUT_HOME", "ROLLOUT_ROUTER_PORT"):
         monkeypatch.setenv(name, env[name])
     monkeypatch.delenv("ROLLOUT_KEEP_SERVING", raising=False)
-    later = LocalPlatform.from_env()  # reconcile leaves kept processes alone
+    later = LocalPlatform.from_env()
+    later.reconcile_orphans()  # leaves kept processes alone
     profile = load_profile(PASSABLE_PROFILE, models_env)
     assert [r.id for r in later.running_releases(profile)] == [release.id]
     later.set_traffic(profile, {release.id: 100})
