@@ -8,14 +8,12 @@ golden prompts asked of both, turned into a verdict with the numbers behind it.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
-import httpx
 from pydantic import BaseModel, Field
 
 from serving.profile import Gates, GoldenPrompt
-
-GOLDEN_TIMEOUT_SECONDS = 120.0
 
 Verdict = Literal["pass", "fail", "inconclusive"]
 
@@ -138,39 +136,30 @@ def _at_most(gate: str, observed: float, limit: float, what: str) -> GateResult:
     )
 
 
+# One chat completion request → its response (Platform.ask bound to one release).
+Ask = Callable[[dict[str, Any]], dict[str, Any]]
+
+
 def golden_agreement(
-    prompts: list[GoldenPrompt],
-    *,
-    model: str,
-    canary_url: str,
-    stable_url: str,
-    api_key: str | None = None,
+    prompts: list[GoldenPrompt], *, model: str, canary: Ask, stable: Ask
 ) -> GoldenResult:
     """Ask both releases the same prompts at temperature 0; agreement is the share of
     identical answers (after trimming whitespace and case)."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     answers = []
-    with httpx.Client(timeout=GOLDEN_TIMEOUT_SECONDS, headers=headers) as client:
-        for prompt in prompts:
-            answers.append(
-                (_ask(client, canary_url, model, prompt), _ask(client, stable_url, model, prompt))
-            )
-    same = sum(_normal(ours) == _normal(theirs) for ours, theirs in answers)
-    return GoldenResult(agreement=same / len(answers) if answers else 1.0, answers=answers)
-
-
-def _ask(client: httpx.Client, base_url: str, model: str, prompt: GoldenPrompt) -> str:
-    response = client.post(
-        f"{base_url}/v1/chat/completions",
-        json={
+    for prompt in prompts:
+        chat = {
             "model": model,
             "messages": [message.model_dump() for message in prompt.messages],
             "max_tokens": prompt.max_tokens,
             "temperature": 0,
-        },
-    )
-    response.raise_for_status()
-    return response.json()["choices"][0]["message"].get("content") or ""
+        }
+        answers.append((_content(canary(chat)), _content(stable(chat))))
+    same = sum(_normal(ours) == _normal(theirs) for ours, theirs in answers)
+    return GoldenResult(agreement=same / len(answers) if answers else 1.0, answers=answers)
+
+
+def _content(completion: dict[str, Any]) -> str:
+    return completion["choices"][0]["message"].get("content") or ""
 
 
 def _normal(answer: str) -> str:

@@ -267,6 +267,9 @@ class LocalPlatform:
         # An unanswered query is an error, never an empty window: empty reads as "no traffic".
         return self._router().stats(profile.served_model_name, since)
 
+    def ask(self, profile: Profile, release_id: str, chat: dict[str, Any]) -> dict[str, Any]:
+        return self._router().ask(release_id, chat)
+
     def running_releases(self, profile: Profile) -> list[Release]:
         return [
             record.release

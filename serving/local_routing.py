@@ -35,6 +35,7 @@ from serving.local_processes import (
     stop_process,
     wait_for,
 )
+from serving.platform import ASK_TIMEOUT_SECONDS
 from serving.router import Backend, RoutingTable
 
 logger = logging.getLogger(__name__)
@@ -227,6 +228,12 @@ class LocalRouter:
         response.raise_for_status()
         return dict(response.json())
 
+    def ask(self, backend: str, chat: dict[str, Any]) -> dict[str, Any]:
+        response = self._admin("POST", f"/admin/ask/{backend}", json=chat,
+                               timeout=ASK_TIMEOUT_SECONDS)  # fmt: skip
+        response.raise_for_status()
+        return dict(response.json())
+
     def in_flight(self, model: str, backend: str) -> int:
         # since=now: an empty window; in_flight is counted outside the window.
         stats = self.stats(model, time.time())
@@ -234,10 +241,11 @@ class LocalRouter:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _admin(self, method: str, path: str, timeout: float = ADMIN_TIMEOUT_SECONDS,
+               **kwargs: Any) -> httpx.Response:  # fmt: skip
         headers = {"Authorization": f"Bearer {self.admin_token()}"}
         # trust_env=False: a proxy from the environment must never see the admin token.
-        with httpx.Client(timeout=ADMIN_TIMEOUT_SECONDS, trust_env=False) as client:
+        with httpx.Client(timeout=timeout, trust_env=False) as client:
             return client.request(method, self.url + path, headers=headers, **kwargs)
 
     @contextmanager

@@ -56,7 +56,14 @@ from serving.errors import one_line
 from serving.files import write_atomically
 from serving.layout import SENTINEL_NAME, WEIGHTS_MOUNT, deepgemm_dir, weights_dir
 from serving.local import DEFAULT_HOME, DeployFailed
-from serving.platform import Release, Target, VerifyResult, release_id, traffic_plan
+from serving.platform import (
+    ASK_TIMEOUT_SECONDS,
+    Release,
+    Target,
+    VerifyResult,
+    release_id,
+    traffic_plan,
+)
 from serving.profile import Profile
 from serving.releases import DictReleaseStore, ReleaseStore
 from serving.router import Backend, RoutingTable
@@ -657,6 +664,12 @@ class ModalPlatform:
             releases.append(release)
         return releases
 
+    def ask(self, profile: Profile, release_id: str, chat: dict[str, Any]) -> dict[str, Any]:
+        response = self._admin(profile, "POST", f"/admin/ask/{release_id}", json=chat,
+                               timeout=ASK_TIMEOUT_SECONDS)  # fmt: skip
+        response.raise_for_status()
+        return dict(response.json())
+
     def release_store(self) -> ReleaseStore:
         return DictReleaseStore(self.gateway.dict(modal_app.RELEASES_DICT_NAME))
 
@@ -733,7 +746,8 @@ class ModalPlatform:
             return False
         return True
 
-    def _admin(self, profile: Profile, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _admin(self, profile: Profile, method: str, path: str,
+               timeout: float = ADMIN_TIMEOUT_SECONDS, **kwargs: Any) -> httpx.Response:
         token = os.environ.get(modal_app.ROUTER_ADMIN_TOKEN_ENV)
         if not token:
             raise RouterAdminError(
@@ -744,7 +758,7 @@ class ModalPlatform:
         url = self.router_url(profile) + path
         headers = {"Authorization": f"Bearer {token}"}
         return self._http.request(
-            method, url, headers=headers, timeout=ADMIN_TIMEOUT_SECONDS, **kwargs
+            method, url, headers=headers, timeout=timeout, **kwargs
         )
 
     def _in_flight(self, profile: Profile, rid: str) -> int | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
@@ -68,6 +68,10 @@ def traffic_plan(
     return [(release, wanted.get(rid, 0)) for rid, release in sorted(by_id.items())]
 
 
+# A release's first answers may pay for graph capture and JIT compilation.
+ASK_TIMEOUT_SECONDS = 120.0
+
+
 def release_id(profile: Profile, revision: str) -> str:
     return f"{profile.name}-{revision[:8]}"
 
@@ -107,6 +111,11 @@ class Platform(Protocol):
     def stats(self, profile: Profile, since: float) -> dict:
         """The router's per-backend measurements for the model since a unix time
         (GET /admin/stats: {"backends": {release id: {...}}})."""
+        ...
+
+    def ask(self, profile: Profile, release_id: str, chat: dict[str, Any]) -> dict[str, Any]:
+        """One chat completion from one release, through the router, which holds the
+        release's key (POST /admin/ask/<release id>); not measured, not retried."""
         ...
 
     def running_releases(self, profile: Profile) -> list[Release]:

@@ -10,9 +10,10 @@ The router is a raw ASGI app (measured faster than starlette on the proxy hot pa
   so a dying canary costs clients nothing; never after bytes reached the client;
 * measures every attempt per backend (see ``serving.measurements``) for the orchestrator's
   promote/rollback gate, and exports Prometheus ``/metrics``;
-* exposes an admin API (Bearer admin token) to read/replace routes, read stats and probe
-  backend health; and can poll an external routing source (a Modal Dict, a JSON state file)
-  through a plain callable -- this module imports neither prefect nor modal.
+* exposes an admin API (Bearer admin token) to read/replace routes, read stats, probe
+  backend health and ask one named backend (golden prompts); and can poll an external
+  routing source (a Modal Dict, a JSON state file) through a plain callable -- this module
+  imports neither prefect nor modal.
 
 Run it as a process: ``python -m serving.router --port N --state-file PATH``.
 """
@@ -81,7 +82,9 @@ MAX_WEIGHT = 100
 # effects, and a failing canary must cost clients nothing. 501 says the request itself is
 # unsupported; another backend would answer the same.
 NOT_RETRYABLE_5XX = frozenset({501})
-MODEL_ROUTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+CHAT_PATH = "/v1/chat/completions"
+MODEL_ROUTED_PATHS = frozenset({CHAT_PATH, "/v1/completions"})
+ASK_PREFIX = "/admin/ask/"
 BACKEND_HEADER = b"x-rollout-backend"
 RETRIED_HEADER = b"x-rollout-retried"
 # Never forwarded between hops (RFC 9110 7.6.1) or recomputed by the next hop.
@@ -690,8 +693,44 @@ class RouterApp:
             await self._admin_stats(query, send)
         elif path == "/admin/health" and method == "GET":
             await _send_json(send, 200, await self._probe_backends())
+        elif path.startswith(ASK_PREFIX) and method == "POST":
+            await self._admin_ask(path.removeprefix(ASK_PREFIX), receive, send)
         else:
             await _send_error(send, 404, "unknown admin endpoint", "not_found")
+
+    async def _admin_ask(self, backend: str, receive: Receive, send: Send) -> None:
+        """One chat completion from one named backend, sent with that backend's key: the
+        orchestrator compares releases prompt by prompt (golden prompts) without holding
+        their keys. Not measured (it is not client traffic) and not retried elsewhere."""
+        body = await _read_body(receive)
+        model = self._resolve_model(CHAT_PATH, body)
+        route = self._routes.get(model) if model is not None else None
+        target = next((t for t in route.targets if t.name == backend), None) if route else None
+        if target is None:
+            await _send_error(send, 404, "no such backend for this model", "not_found")
+            return
+        if self._client is None:
+            await self.startup()
+        assert self._client is not None
+        headers = [(b"content-type", b"application/json")]
+        if target.auth is not None:
+            headers.append((b"authorization", target.auth))
+        try:
+            response = await self._client.request("POST", target.url, CHAT_PATH, headers, body)
+            chunks: list[bytes] = []
+            try:
+                while (chunk := await response.next_chunk()) is not None:
+                    chunks.append(chunk)
+            finally:
+                response.close()
+        except (UpstreamError, OSError):
+            await _send_error(send, 502, "backend unavailable", "bad_gateway")
+            return
+        answer = b"".join(chunks)
+        await send({"type": "http.response.start", "status": response.status, "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(answer)).encode()), target.backend_header]})
+        await send({"type": "http.response.body", "body": answer})
 
     def _routes_view(self) -> dict[str, Any]:
         return {

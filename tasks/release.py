@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from functools import partial
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -173,8 +174,8 @@ def analyse_canary(model: str, target: Target, canary: Release, stable: Release 
         golden = golden_agreement(
             profile.canary.golden_prompts,
             model=profile.served_model_name,
-            canary_url=canary.url,
-            stable_url=stable.url,
+            canary=partial(platform.ask, profile, canary.id),
+            stable=partial(platform.ask, profile, stable.id),
         )
     analysis = analyse(profile.canary.gates, canary_window, stable_window, golden)
     get_run_logger().info("%s at %d%%: %s — %s", model, window.weight, analysis.verdict,

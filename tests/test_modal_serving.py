@@ -732,6 +732,28 @@ def test_retire_stops_the_app_once_the_router_counts_nothing_in_flight(
     assert sum(clock.sleeps) < 60
 
 
+def test_ask_goes_through_the_router_admin_api_to_the_named_release(
+    tmp_path: Path, admin_token: str
+) -> None:
+    seen: list[httpx.Request] = []
+
+    def router(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"choices": [{"message": {"content": "Paris"}}]})
+
+    profile = serving_profile(snapshot=False, api_key=True)
+    modal = MockModal(router, apps=["qwen3-8b-router"])
+    chat = {"model": "qwen3-8b", "messages": [{"role": "user", "content": "capital?"}]}
+
+    answer = modal.platform(tmp_path, FakeClock()).ask(profile, "qwen3-8b-aaaaaaaa", chat)
+
+    assert answer["choices"][0]["message"]["content"] == "Paris"
+    [request] = seen
+    assert (request.method, request.url.path) == ("POST", "/admin/ask/qwen3-8b-aaaaaaaa")
+    assert request.headers["authorization"] == f"Bearer {admin_token}"  # never the API key
+    assert json.loads(request.content) == chat
+
+
 def test_retire_stops_at_the_deadline_when_requests_do_not_finish(
     tmp_path: Path, admin_token: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -414,6 +414,29 @@ def test_client_key_state_file_and_backend_key(log_dir: Path, engines: list[Proc
     assert client_key not in log and backend_key not in log  # ...but never secrets
 
 
+def test_admin_ask_sends_one_backend_its_key_and_is_not_measured(
+        router: RouterProc, engines: list[Proc], log_dir: Path) -> None:
+    """Golden prompts: the orchestrator asks canary and stable by name, holding neither key."""
+    key = new_secret()
+    keyed = start_fake_engine("smollm2-135m-gold5555", log_dir, api_key=key)
+    try:
+        router.put_route("ask", [backend(engines[0], 100), backend(keyed, 0, api_key=key)])
+        since = time.time()
+        ask = f"{router.url}/admin/ask/{keyed.name}"
+        answer = httpx.post(ask, json=chat_body("ask"), headers=router.admin_headers())
+        # the fake engine answers 401 unless it got its own key
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-rollout-backend"] == keyed.name  # even at weight 0
+        assert answer.json()["choices"][0]["message"]["content"]
+        assert httpx.post(ask, json=chat_body("ask")).status_code == 401  # admin only
+        unknown = httpx.post(f"{router.url}/admin/ask/nope", json=chat_body("ask"),
+                             headers=router.admin_headers())
+        assert unknown.status_code == 404
+        assert router.stats("ask", since)["backends"] == {}  # not client traffic
+    finally:
+        keyed.stop()
+
+
 def test_no_secret_in_router_log(router: RouterProc) -> None:
     # runs last in this module: the shared router has served every test above by now
     httpx.get(f"{router.url}/admin/routes", headers={"authorization": "Bearer leaked?"})
