@@ -71,6 +71,7 @@ from serving.weights import (
     ProgressCallback,
     download,
     fetch_model_config,
+    hf_token,
     log_progress,
     resolve_revision,
 )
@@ -121,9 +122,6 @@ class LocalPlatform:
     def volume(self, name: str) -> Path:
         return self.home / "volumes" / name
 
-    def _token(self, profile: Profile) -> str | None:
-        return os.environ.get(profile.secrets.hf_token) if profile.secrets.hf_token else None
-
     def _weights_root(self, profile: Profile) -> Path:
         return self.volume(profile.volumes.weights)
 
@@ -134,7 +132,7 @@ class LocalPlatform:
 
     def resolve(self, profile: Profile, revision: str) -> str:
         return resolve_revision(
-            profile.hub.repo, revision, self._token(profile), endpoint=self.endpoint
+            profile.hub.repo, revision, hf_token(), endpoint=self.endpoint
         )
 
     def download(
@@ -144,7 +142,7 @@ class LocalPlatform:
             profile,
             revision,
             self._weights_root(profile),
-            token=self._token(profile),
+            token=hf_token(),
             endpoint=self.endpoint,
             progress=progress or log_progress,
         )
@@ -158,7 +156,7 @@ class LocalPlatform:
             profile.hub.repo,
             revision,
             compile_model_dir(deepgemm_root, profile, revision),
-            token=self._token(profile),
+            token=hf_token(),
             endpoint=self.endpoint,
         )
         return compile_kernels(
@@ -185,7 +183,7 @@ class LocalPlatform:
             weights_root=self._weights_root(profile),
             deepgemm_root=self._deepgemm_root(profile),
             compile_required=self.compile_entrypoint is not None or unavailable_reason() is None,
-            token=self._token(profile),
+            token=hf_token(),
             endpoint=self.endpoint,
         )
 

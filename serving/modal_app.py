@@ -50,6 +50,7 @@ from serving.weights import (
     download_files,
     fetch_files,
     fetch_model_config,
+    hf_token,
     merge,
     read_sentinel,
     select_files,
@@ -72,7 +73,6 @@ ENGINE_PORT = 8000
 ROUTER_PORT = 8000
 
 # Environment variable names inside containers; the Modal Secrets must hold these keys.
-HF_TOKEN_ENV = "HF_TOKEN"
 API_KEY_ENV = "API_KEY"
 ROUTER_ADMIN_TOKEN_ENV = "ROUTER_ADMIN_TOKEN"
 ROUTER_ADMIN_SECRET = "rollout-router-admin"
@@ -222,11 +222,6 @@ class Syncable(Protocol):
     def reload(self) -> None: ...
 
     def commit(self) -> None: ...
-
-
-def container_token() -> str | None:
-    """The HF token the Modal Secret puts in the environment; passed on, never logged."""
-    return os.environ.get(HF_TOKEN_ENV) or None
 
 
 def mounted_volume(name: str) -> modal.Volume:
@@ -479,7 +474,7 @@ def build_weights_app(profile: Profile) -> WeightsApp:
             volume=mounted_volume(weights_name),
             paths=paths,
             files=files,
-            token=container_token(),
+            token=hf_token(),
         )
 
     def merge_shards(revision: str, shards: list[dict], files: list[dict] | None = None) -> dict:
@@ -491,7 +486,7 @@ def build_weights_app(profile: Profile) -> WeightsApp:
             root=Path(WEIGHTS_MOUNT),
             volume=mounted_volume(weights_name),
             files=files,
-            token=container_token(),
+            token=hf_token(),
         )
 
     def verify(revision: str) -> dict:
@@ -503,7 +498,7 @@ def build_weights_app(profile: Profile) -> WeightsApp:
             weights_volume=mounted_volume(weights_name),
             deepgemm_root=Path(DEEPGEMM_MOUNT) if deepgemm_name else None,
             deepgemm_volume=mounted_volume(deepgemm_name) if deepgemm_name else None,
-            token=container_token(),
+            token=hf_token(),
         )
 
     download_fn = app.function(
@@ -562,7 +557,7 @@ def build_compile_app(profile: Profile) -> CompileApp:
             deepgemm_root=Path(DEEPGEMM_MOUNT),
             deepgemm_volume=mounted_volume(deepgemm_name),
             timeout_seconds=COMPILE_TIMEOUT_SECONDS,
-            token=container_token(),
+            token=hf_token(),
         )
 
     compile_fn = app.function(

@@ -78,6 +78,7 @@ from serving.weights import (
     WeightsError,
     fetch_files,
     fetch_model_config,
+    hf_token,
     plan_shards,
     require_commit,
     resolve_revision,
@@ -464,14 +465,11 @@ class ModalPlatform:
     def from_env(cls) -> ModalPlatform:
         return cls()
 
-    def _token(self) -> str | None:
-        return os.environ.get(modal_app.HF_TOKEN_ENV) or None
-
     # -- preparation --------------------------------------------------------------------------
 
     def resolve(self, profile: Profile, revision: str) -> str:
         # One cheap HTTP call from the orchestrator; no container.
-        return resolve_revision(profile.hub.repo, revision, self._token(), endpoint=self.endpoint)
+        return resolve_revision(profile.hub.repo, revision, hf_token(), endpoint=self.endpoint)
 
     def download(
         self, profile: Profile, revision: str, progress: ProgressCallback | None = None
@@ -482,7 +480,7 @@ class ModalPlatform:
             log.info("%s@%s: weights already complete on the volume", profile.name, revision[:8])
             return cached
         hub = profile.hub
-        all_files = fetch_files(hub.repo, revision, self._token(), endpoint=self.endpoint)
+        all_files = fetch_files(hub.repo, revision, hf_token(), endpoint=self.endpoint)
         expected = select_files(all_files, hub.allow_patterns, hub.ignore_patterns)
         if not expected:
             raise WeightsError(
@@ -967,7 +965,7 @@ class ModalPlatform:
             profile.hub.repo,
             revision,
             self.home / "state" / CONFIGS_DIR / profile.hub.repo / revision,
-            token=self._token(),
+            token=hf_token(),
             endpoint=self.endpoint,
         )
         return deepgemm_cache_key(profile, (directory / "config.json").read_bytes())

@@ -231,7 +231,9 @@ class Volumes(_Strict):
 
 
 class Secrets(_Strict):
-    """Names of Modal Secrets / environment variables; never the values."""
+    """Names, never values. hf_token: the Modal Secret holding HF_TOKEN (outside Modal the
+    token is HF_TOKEN itself). api_key: the Modal Secret holding API_KEY; on the local target,
+    the environment variable holding the key."""
 
     hf_token: str | None = None
     api_key: str | None = None

@@ -78,6 +78,7 @@ HF_LOCAL_CACHE = ".cache"
 HF_DOWNLOAD_DIR = Path(".cache") / "huggingface" / "download"
 INCOMPLETE_SUFFIX = ".incomplete"
 HIGH_PERFORMANCE_ENV = "HF_XET_HIGH_PERFORMANCE"
+HF_TOKEN_ENV = "HF_TOKEN"
 # What an engine needs to build a model without its weights: trust_remote_code configs name
 # Python files of the repo.
 MODEL_CONFIG_PATTERNS = ["config.json", "*.py"]
@@ -191,6 +192,12 @@ class DownloadResult(BaseModel):
     refetched: list[str] = Field(default_factory=list)
     attempts: int = 0
     seconds: float = 0.0
+
+
+def hf_token() -> str | None:
+    """The Hub token: HF_TOKEN, which the profile's Modal Secret (`secrets.hf_token`) holds in
+    a container and the orchestrator's environment holds outside. Passed on, never logged."""
+    return os.environ.get(HF_TOKEN_ENV) or None
 
 
 def log_progress(progress: Progress) -> None:
@@ -399,16 +406,7 @@ def download(
     attempts: int = DOWNLOAD_ATTEMPTS,
     backoff_s: float = BACKOFF_FIRST_S,
 ) -> DownloadResult:
-    """The profile's files of `revision` (a 40-hex commit) into `weights_dir(root, profile, ...)`.
-
-    The token defaults to the environment variable named by `profile.secrets.hf_token`.
-    """
-    if token is None and profile.secrets.hf_token:
-        token = os.environ.get(profile.secrets.hf_token) or None
-        if token is None:
-            log.warning(
-                "env var %s is not set: downloading without a token", profile.secrets.hf_token
-            )
+    """The profile's files of `revision` (a 40-hex commit) into `weights_dir(root, profile, …)`."""
     return download_repo(
         profile.hub.repo,
         revision,
