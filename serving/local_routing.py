@@ -11,20 +11,18 @@ reaches the router through an environment variable: never on an argv, never in a
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import secrets
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from serving.files import write_atomically
+from serving.files import locked, write_atomically
 from serving.local_processes import (
     Inventory,
     Owner,
@@ -87,7 +85,7 @@ class LocalRouter:
 
     def ensure_running(self) -> None:
         """Reuse this home's router if it answers on the port, else start one."""
-        with self._locked("router"):
+        with locked(self.state / ".router.lock"):
             if self.answers():
                 return
             record = self.inventory.get(ROUTER_RECORD)
@@ -182,7 +180,7 @@ class LocalRouter:
         """Apply `mutate` to the model's backends: state file first (the router's source of
         truth across restarts), then the admin API (so it applies now), then read back.
         With push=False, or no router running, only the state file changes."""
-        with self._locked("routes"):
+        with locked(self.state / ".routes.lock"):
             table = self.table()
             backends = mutate(list(table.models.get(model, [])))
             self._write_table(table.with_backends(model, backends))
@@ -247,14 +245,6 @@ class LocalRouter:
         # trust_env=False: a proxy from the environment must never see the admin token.
         with httpx.Client(timeout=timeout, trust_env=False) as client:
             return client.request(method, self.url + path, headers=headers, **kwargs)
-
-    @contextmanager
-    def _locked(self, name: str) -> Iterator[None]:
-        # flock: exclusive between processes and between threads (each opens its own file).
-        self.state.mkdir(parents=True, exist_ok=True)
-        with (self.state / f".{name}.lock").open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
 
 
 def _pythonpath() -> str:

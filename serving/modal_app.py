@@ -39,6 +39,7 @@ from serving.layout import (
     deepgemm_dir,
     weights_dir,
 )
+from serving.platform import release_id
 from serving.profile import Profile, load_profile, models_dir
 from serving.server import CrashCallback, Supervisor, exit_process_on_crash
 from serving.sglang import Command
@@ -200,7 +201,8 @@ def api_key_secrets(profile: Profile) -> list[modal.Secret]:
 
 
 def release_app_name(profile: Profile, revision: str) -> str:
-    return f"{profile.name}-{revision[:8]}"
+    # The App and the router's backend share the release id: listing Apps lists releases.
+    return release_id(profile, revision)
 
 
 def routes_dict_name(profile: Profile) -> str:

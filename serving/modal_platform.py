@@ -29,15 +29,13 @@ the orchestrator read the router's measurements. Apps outlive the orchestrator b
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import math
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -53,11 +51,12 @@ from pydantic import BaseModel, Field, ValidationError
 from serving import modal_app
 from serving.deepgemm import CompileResult, Marker, marker_path
 from serving.errors import one_line
-from serving.files import write_atomically
+from serving.files import locked, write_atomically
 from serving.layout import SENTINEL_NAME, WEIGHTS_MOUNT, deepgemm_dir, weights_dir
 from serving.local import DEFAULT_HOME, DeployFailed
 from serving.platform import (
     ASK_TIMEOUT_SECONDS,
+    RELEASE_ID_HEX,
     Release,
     Target,
     VerifyResult,
@@ -114,7 +113,6 @@ ADMIN_TIMEOUT_SECONDS = 10.0
 # When the router could not be told directly, it reads the Dict within a poll interval.
 ROUTES_PROPAGATION_SECONDS = 2 * modal_app.ROUTER_POLL_SECONDS
 RETIRE_POLL_SECONDS = 2.0
-RELEASE_ID_HEX = 8
 
 Stage = Literal["download", "download-shard", "compile"]
 
@@ -182,13 +180,13 @@ class CallStore:
         return list(self._read().calls.values())
 
     def put(self, record: CallRecord) -> None:
-        with self._locked():
+        with locked(self._lock_path):
             data = self._read()
             data.calls[record.key.id] = record
             self._write(data)
 
     def remove(self, key: CallKey) -> None:
-        with self._locked():
+        with locked(self._lock_path):
             data = self._read()
             if data.calls.pop(key.id, None) is not None:
                 self._write(data)
@@ -211,16 +209,6 @@ class CallStore:
 
     def _write(self, data: _CallStoreFile) -> None:
         write_atomically(self.path, data.model_dump_json(indent=1))
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock_path.open("a") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------------------------

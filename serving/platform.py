@@ -72,8 +72,12 @@ def traffic_plan(
 ASK_TIMEOUT_SECONDS = 120.0
 
 
+# A release is named by its model and the first hex digits of its commit.
+RELEASE_ID_HEX = 8
+
+
 def release_id(profile: Profile, revision: str) -> str:
-    return f"{profile.name}-{revision[:8]}"
+    return f"{profile.name}-{revision[:RELEASE_ID_HEX]}"
 
 
 class Platform(Protocol):

@@ -8,16 +8,13 @@ under a lock locally, a `modal.Dict` entry on Modal.
 
 from __future__ import annotations
 
-import fcntl
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field
 
-from serving.files import write_atomically
+from serving.files import locked, write_atomically
 from serving.platform import Release
 
 # Enough history to see a model's recent rollouts; older entries are dropped.
@@ -82,14 +79,8 @@ class FileReleaseStore:
 
     def write(self, record: ReleaseRecord) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        with self._locked(record.model):
+        with locked(self.directory / f".{record.model}.lock"):
             write_atomically(self._path(record.model), record.model_dump_json(indent=1))
-
-    @contextmanager
-    def _locked(self, model: str) -> Iterator[None]:
-        with (self.directory / f".{model}.lock").open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
 
 
 class DictReleaseStore:
@@ -108,4 +99,3 @@ class DictReleaseStore:
 
     def write(self, record: ReleaseRecord) -> None:
         self.mapping.put(record.model, record.model_dump_json())  # type: ignore[attr-defined]
-
