@@ -2,12 +2,12 @@
 
 A tiny OpenAI-compatible HTTP server (``/v1/chat/completions``, ``/v1/completions``, streaming
 and not, ``/v1/models``, ``/health``). It exists only to inject faults a real engine cannot
-produce on demand: a delay before the first byte, a 5xx rate, wrong answers, dying abruptly
-after N requests, slow streams. Its answers are canned strings.
+produce on demand: a delay before the first byte, a 5xx rate, dying abruptly after N
+requests, slow streams, failing health. Its answer is a canned string.
 
-Faults are set on the command line and can be changed at runtime with
-``PUT /fake/config`` (JSON, any subset of ``FakeConfig``); ``GET /fake/stats`` returns how
-many requests it saw. A request may override the delay with the ``x-fake-delay-ms`` header.
+Faults are set on the command line and replaced at runtime with ``PUT /fake/config`` (JSON,
+a ``FakeConfig``: fields left out are back to their defaults). A request may override the
+delay with the ``x-fake-delay-ms`` header.
 
 Run: ``python tests/fake_engine.py --port 18001 --name smollm2-135m-aaaa [--api-key-env VAR]``
 """
@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,8 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-RIGHT_ANSWER = "The answer is 4."
-WRONG_ANSWER = "The answer is 5."
+ANSWER = "The answer is 4."
 
 
 class FakeConfig(BaseModel):
@@ -40,7 +38,6 @@ class FakeConfig(BaseModel):
     delay_s: float = Field(default=0.0, ge=0)  # before the first response byte
     error_rate: float = Field(default=0.0, ge=0, le=1)
     error_status: int = Field(default=500, ge=500, le=599)
-    wrong_answer_rate: float = Field(default=0.0, ge=0, le=1)
     die_after: int | None = Field(default=None, ge=0)  # exit abruptly on request N+1
     stream_chunks: int = Field(default=5, ge=1)
     chunk_interval_s: float = Field(default=0.0, ge=0)
@@ -48,13 +45,11 @@ class FakeConfig(BaseModel):
 
 
 class FakeEngine:
-    def __init__(self, name: str, config: FakeConfig, api_key: str | None, seed: int) -> None:
+    def __init__(self, name: str, config: FakeConfig, api_key: str | None) -> None:
         self.name = name
         self.config = config
         self.api_key = api_key
-        self.rng = random.Random(seed)
         self.requests = 0
-        self.errors = 0
 
     def _fails(self, rate: float) -> bool:
         """Errors spread evenly (request 1/rate, 2/rate, ...), not drawn: a random draw can
@@ -78,17 +73,15 @@ class FakeEngine:
         delay_ms = request.headers.get("x-fake-delay-ms")
         await asyncio.sleep(float(delay_ms) / 1000 if delay_ms else cfg.delay_s)
         if self._fails(cfg.error_rate):
-            self.errors += 1
             return JSONResponse({"error": {"message": "injected failure"}},
                                 status_code=cfg.error_status)
-        answer = WRONG_ANSWER if self.rng.random() < cfg.wrong_answer_rate else RIGHT_ANSWER
         chat = request.url.path.endswith("/chat/completions")
         model = body.get("model", "fake")
         headers = {"x-fake-engine": self.name}
         if body.get("stream"):
-            return StreamingResponse(self._stream(answer, model, chat),
+            return StreamingResponse(self._stream(ANSWER, model, chat),
                                      media_type="text/event-stream", headers=headers)
-        return JSONResponse(_completion(answer, model, chat, self.name), headers=headers)
+        return JSONResponse(_completion(ANSWER, model, chat, self.name), headers=headers)
 
     async def _stream(self, answer: str, model: str, chat: bool) -> AsyncIterator[bytes]:
         words = answer.split(" ")
@@ -111,13 +104,8 @@ class FakeEngine:
         return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model"}]})
 
     async def set_config(self, request: Request) -> Response:
-        update = json.loads(await request.body() or b"{}")
-        self.config = FakeConfig.model_validate({**self.config.model_dump(), **update})
+        self.config = FakeConfig.model_validate_json(await request.body() or b"{}")
         return JSONResponse(self.config.model_dump())
-
-    async def stats(self, request: Request) -> Response:
-        return JSONResponse({"name": self.name, "requests": self.requests,
-                             "errors": self.errors})
 
     def app(self) -> Starlette:
         return Starlette(routes=[
@@ -126,7 +114,6 @@ class FakeEngine:
             Route("/v1/models", self.models),
             Route("/health", self.health),
             Route("/fake/config", self.set_config, methods=["PUT"]),
-            Route("/fake/stats", self.stats),
         ])
 
 
@@ -151,12 +138,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--api-key-env", help="env var holding the key this engine requires")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", default="{}", help="FakeConfig as JSON")
     args = parser.parse_args()
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
-    engine = FakeEngine(args.name, FakeConfig.model_validate_json(args.config), api_key,
-                        args.seed)
+    engine = FakeEngine(args.name, FakeConfig.model_validate_json(args.config), api_key)
     uvicorn.run(engine.app(), host="127.0.0.1", port=args.port, log_level="warning",
                 access_log=False)
 

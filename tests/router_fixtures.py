@@ -7,17 +7,20 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
+from serving.files import write_atomically
+from serving.local_processes import free_port, wait_for
+from tests.server_fixtures import POLL_SECONDS
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_ENGINE = REPO / "tests" / "fake_engine.py"
@@ -26,12 +29,6 @@ STOP_TIMEOUT_S = 5.0
 # Shared router: first-byte timeout short enough for a test to wait it out.
 TEST_FIRST_BYTE_TIMEOUT_S = 1.5
 MODEL_PREFIX = "smollm2-135m"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -91,9 +88,9 @@ def _wait_ready(proc: Proc) -> None:
 
 
 def start_fake_engine(name: str, log_dir: Path, config: dict[str, Any] | None = None,
-                      api_key: str | None = None, seed: int = 0) -> Proc:
+                      api_key: str | None = None) -> Proc:
     port = free_port()
-    args = [str(FAKE_ENGINE), "--port", str(port), "--name", name, "--seed", str(seed),
+    args = [str(FAKE_ENGINE), "--port", str(port), "--name", name,
             "--config", json.dumps(config or {})]
     env = {}
     if api_key is not None:
@@ -104,10 +101,7 @@ def start_fake_engine(name: str, log_dir: Path, config: dict[str, Any] | None = 
 
 def configure_engine(engine: Proc, **config: Any) -> None:
     """Reset an engine's faults to defaults plus ``config``."""
-    defaults = {"delay_s": 0.0, "error_rate": 0.0, "error_status": 500,
-                "wrong_answer_rate": 0.0, "die_after": None, "stream_chunks": 5,
-                "chunk_interval_s": 0.0, "healthy": True}
-    response = httpx.put(engine.url + "/fake/config", json={**defaults, **config}, timeout=5)
+    response = httpx.put(engine.url + "/fake/config", json=config, timeout=5)
     response.raise_for_status()
 
 
@@ -117,7 +111,6 @@ class RouterProc:
     admin_token: str | None
     client_key: str | None
     state_file: Path | None
-    secrets_used: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -175,18 +168,11 @@ def new_secret() -> str:
 
 def write_state_file(path: Path, table: dict[str, Any]) -> None:
     """Atomic replace, as the local platform does: the router never reads half a file."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(table))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(table))
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+    assert wait_for(predicate, timeout_s, POLL_SECONDS), f"timed out after {timeout_s}s: {what}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,8 +242,8 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def engines(log_dir: Path) -> Iterator[list[Proc]]:
     procs: list[Proc] = []
     try:
-        for i, suffix in enumerate(("aaaa1111", "bbbb2222", "cccc3333")):
-            procs.append(start_fake_engine(f"{MODEL_PREFIX}-{suffix}", log_dir, seed=i))
+        for suffix in ("aaaa1111", "bbbb2222", "cccc3333"):
+            procs.append(start_fake_engine(f"{MODEL_PREFIX}-{suffix}", log_dir))
         yield procs
     finally:
         for p in procs:

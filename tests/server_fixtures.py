@@ -11,17 +11,19 @@ attribute; the shared conftest.py stays untouched.
 from __future__ import annotations
 
 import shutil
-import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from serving.local_processes import free_port
 from serving.profile import ChatMessage, Probe, Profile, load_profile
 from serving.server import Supervisor
 from serving.sglang import Command
 
+# How often tests poll a condition they wait for.
+POLL_SECONDS = 0.05
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAKE_ENGINE = Path(__file__).parent / "engines" / "fake_engine.py"
 DEMO_PROFILE = "smollm2-135m"
@@ -38,12 +40,6 @@ TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def process_gone(pid: int) -> bool:

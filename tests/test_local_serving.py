@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from serving.local import DeployFailed, LocalPlatform
-from serving.local_processes import is_running, processes_in, wait_for
+from serving.local_processes import free_port, is_running, processes_in, wait_for
 from serving.local_routing import ADMIN_TOKEN_FILE, ROUTER_RECORD
 from serving.platform import Release, release_id
 from serving.profile import Profile, load_profile
@@ -42,7 +42,7 @@ from tests.local_fixtures import (
     processes_under,
     start_driver,
 )
-from tests.server_fixtures import DEMO_PROFILE, PASSABLE_PROFILE, free_port
+from tests.server_fixtures import DEMO_PROFILE, PASSABLE_PROFILE
 
 # Fixtures are found by module attribute; the shared conftest.py stays untouched.
 tiny_model_dir = server_fixtures.tiny_model_dir

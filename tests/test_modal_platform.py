@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import modal.exception
 import pytest
@@ -54,9 +54,6 @@ from serving.weights import (
     read_sentinel,
 )
 from tests.mirror_fixtures import SyntheticRepo
-
-if TYPE_CHECKING:
-    from tests.mirror_fixtures import SyntheticRepo
 
 pytest_plugins = ("tests.mirror_fixtures",)
 
@@ -131,9 +128,8 @@ def metadata_requests(mirror: Any) -> list[str]:
 
 
 def test_download_body_writes_the_sentinel_between_reload_and_commit(
-    mirror: Any, synthetic_repo: SyntheticRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mirror: Any, synthetic_repo: SyntheticRepo, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv(HIGH_PERFORMANCE_ENV, "0")  # restored after the test
     profile = cpu_profile(synthetic_repo.repo_id)
     volume = FakeVolume("weights")
 
@@ -151,9 +147,8 @@ def test_download_body_writes_the_sentinel_between_reload_and_commit(
 
 
 def test_shards_then_merge_give_one_sentinel_and_no_extra_metadata_calls(
-    mirror: Any, synthetic_repo: SyntheticRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mirror: Any, synthetic_repo: SyntheticRepo, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv(HIGH_PERFORMANCE_ENV, "0")
     profile = cpu_profile(synthetic_repo.repo_id)
     sha = synthetic_repo.v2
     all_files = fetch_files(profile.hub.repo, sha, endpoint=mirror.url)  # the orchestrator's
@@ -202,9 +197,8 @@ def test_shards_then_merge_give_one_sentinel_and_no_extra_metadata_calls(
 
 
 def test_merge_with_a_shard_missing_writes_no_sentinel_and_commits_nothing(
-    mirror: Any, synthetic_repo: SyntheticRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mirror: Any, synthetic_repo: SyntheticRepo, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv(HIGH_PERFORMANCE_ENV, "0")
     profile = cpu_profile(synthetic_repo.repo_id)
     sha = synthetic_repo.v1
     all_files = fetch_files(profile.hub.repo, sha, endpoint=mirror.url)
@@ -240,9 +234,8 @@ def test_a_failed_download_commits_what_it_has_and_never_shows_the_token(
 
 
 def test_verify_body_refetches_a_corrupted_file_and_commits_the_repair(
-    mirror: Any, synthetic_repo: SyntheticRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mirror: Any, synthetic_repo: SyntheticRepo, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv(HIGH_PERFORMANCE_ENV, "0")
     profile = cpu_profile(synthetic_repo.repo_id)
     sha = synthetic_repo.v1
     download = DownloadResult.model_validate(
@@ -322,9 +315,8 @@ def test_compile_body_fetches_the_config_compiles_and_commits_only_on_success(
 
 
 def test_verify_body_checks_the_marker_of_the_current_cache_key(
-    mirror: Any, synthetic_repo: SyntheticRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mirror: Any, synthetic_repo: SyntheticRepo, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv(HIGH_PERFORMANCE_ENV, "0")
     profile = gpu_profile(synthetic_repo.repo_id)
     sha = synthetic_repo.v2
     weights_root, cache_root = tmp_path / "weights", tmp_path / "deepgemm"

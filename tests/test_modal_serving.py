@@ -34,6 +34,7 @@ import pytest
 from serving import modal_app, modal_platform
 from serving.layout import deepgemm_dir, weights_dir
 from serving.local import DeployFailed
+from serving.local_processes import free_port, wait_for
 from serving.modal_platform import ModalPlatform, RouterAdminError
 from serving.platform import Release
 from serving.profile import Profile, Secrets, load_profile
@@ -42,7 +43,7 @@ from serving.router import Backend, RoutingTable
 from serving.server import EngineFailed, Supervisor
 from serving.sglang import Command
 from serving.weights import Manifest, write_sentinel
-from tests.server_fixtures import fake_command, free_port, probe
+from tests.server_fixtures import POLL_SECONDS, fake_command, probe
 
 REV_A = "aaaaaaaa" + "0" * 32
 REV_B = "bbbbbbbb" + "1" * 32
@@ -115,15 +116,6 @@ def engine_requests(record: Path) -> list[str]:
     if not record.exists():
         return []
     return [json.loads(line)["path"] for line in record.read_text().splitlines()]
-
-
-def wait_until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 @pytest.fixture
@@ -211,7 +203,9 @@ def test_snapshot_release_warms_up_releases_memory_then_resumes_and_watches(
     # A dead engine is reported to on_crash (exit_process_on_crash in a container).
     assert supervisor.pid is not None
     os.killpg(supervisor.pid, signal.SIGKILL)
-    assert wait_until(lambda: bool(crashes)), "the crash monitor did not notice the dead engine"
+    assert wait_for(lambda: bool(crashes), 10, POLL_SECONDS), (
+        "the crash monitor did not notice the dead engine"
+    )
     assert "exited with code" in str(crashes[0])
 
 
@@ -376,7 +370,9 @@ def test_the_router_serves_on_a_thread_and_stops(admin_token: str) -> None:
             view = httpx.get(f"{url}/admin/routes", headers=headers).json()
             return view["source"] == "poll" and "qwen3-8b" in view["models"]
 
-        assert wait_until(polled, 5), "the router did not pick up the Dict within a second"
+        assert wait_for(polled, 5, POLL_SECONDS), (
+            "the router did not pick up the Dict within a second"
+        )
     finally:
         modal_app.stop_router(router)
     assert not router.thread.is_alive()
@@ -573,9 +569,12 @@ def test_retire_takes_the_release_out_waits_for_its_stream_then_stops_its_app(
     streamed: list[httpx.Response] = []
     stream = threading.Thread(target=lambda: streamed.append(chat(router, stream=True)))
     stream.start()
-    assert wait_until(
-        lambda: platform.stats(profile, time.time())["backends"].get(a.id, {}).get("in_flight") == 1
-    )
+
+    def stream_in_flight_on_a() -> bool:
+        stats = platform.stats(profile, time.time())
+        return stats["backends"].get(a.id, {}).get("in_flight") == 1
+
+    assert wait_for(stream_in_flight_on_a, 10, POLL_SECONDS)
     platform.set_traffic(profile, {b.id: 100})
     # What the router itself counts for the release when its App is stopped.
     at_stop: list[dict[str, Any]] = []

@@ -142,11 +142,9 @@ def _task_states(flow_run_id: object) -> dict[str, list[object]]:
         )
     states: dict[str, list[object]] = {}
     for run in runs:
-        name = run.task_key.split("-")[0] if run.task_key else run.name
         states.setdefault(run.name.rsplit("-", 1)[0], []).extend(
             [run.state.type, run.state.name] if run.state else []
         )
-        del name
     return states
 
 

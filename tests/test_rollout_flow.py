@@ -39,11 +39,12 @@ from flows.refresh import refresh
 from flows.rollout import rollout
 from serving.engine import FAULT_ENGINES_ENV
 from serving.local import LocalPlatform
+from serving.local_processes import free_port
 from serving.platform import release_id
 from serving.profile import DEFAULT_MODELS_DIR, load_profile
 from tests.local_fixtures import LoadGenerator, processes_under
 from tests.prefect_fixtures import prefect_server  # noqa: F401
-from tests.server_fixtures import build_tiny_model, free_port
+from tests.server_fixtures import build_tiny_model
 
 REPO = "test-org/tiny-chat"
 MODEL = "tiny-chat"

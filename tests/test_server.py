@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from serving.engine import engine_command, request_model, write_secrets_config
+from serving.local_processes import free_port, wait_for
 from serving.profile import Profile, load_profile
 from serving.redaction import REDACTED
 from serving.server import (
@@ -39,10 +40,10 @@ from tests import server_fixtures
 from tests.server_fixtures import (
     DEMO_PROFILE,
     PASSABLE_PROFILE,
+    POLL_SECONDS,
     REPO_ROOT,
     SupervisorFactory,
     fake_command,
-    free_port,
     probe,
     process_gone,
 )
@@ -66,15 +67,6 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def wait_until(condition: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return bool(condition())
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,7 +162,7 @@ def test_probe_against_a_dead_engine_fails_with_its_exit(
     )
     supervisor = supervisors(demo_profile, exits)
     supervisor.start()
-    assert wait_until(lambda: not supervisor.running, 10)
+    assert wait_for(lambda: not supervisor.running, 10, POLL_SECONDS)
     with pytest.raises(EngineFailed, match="exited with code 1 during probe 'capital'") as failure:
         supervisor.run_probe(next(p for p in demo_profile.probes if p.name == "capital"))
     assert "out of memory" in str(failure.value)
@@ -611,7 +603,8 @@ def test_an_engine_ignoring_sigterm_is_killed_with_its_group_at_the_deadline(
     assert supervisor.stop(drain_seconds=1.0) == -signal.SIGKILL
     assert 1.0 <= time.monotonic() - started < 5
     assert supervisor.pid is not None and process_gone(supervisor.pid)
-    assert wait_until(lambda: process_gone(child), 5)  # the engine's worker went with it
+    # the engine's worker went with it
+    assert wait_for(lambda: process_gone(child), 5, POLL_SECONDS)
     started = time.monotonic()
     supervisor.stop(drain_seconds=1.0)
     assert time.monotonic() - started < 0.5  # idempotent: nothing left to wait for

@@ -10,14 +10,12 @@ anything else gets DEFAULT_ANSWER. Stdlib only, so it starts in a fraction of a 
 
     python tests/engines/fake_engine.py --port N [--record FILE] [--health-delay S]
         [--stream-chunks K --stream-interval S] [--ignore-sigterm --child-pid-file FILE]
-        [--print-env VAR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -147,11 +145,8 @@ def main() -> None:
     parser.add_argument("--stream-interval", type=float, default=0.0)
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--child-pid-file", type=Path)
-    parser.add_argument("--print-env", default=None, help="print this variable (a leak to redact)")
     args = parser.parse_args()
 
-    if args.print_env:
-        print(f"fake: config {args.print_env}={os.environ.get(args.print_env)}", flush=True)
     if args.child_pid_file:
         child = subprocess.Popen([sys.executable, "-c", STUBBORN_CHILD])
         args.child_pid_file.write_text(str(child.pid))
