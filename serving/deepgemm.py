@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from serving.files import write_atomically
 from serving.profile import Profile
@@ -74,9 +74,18 @@ def marker_path(cache_dir: Path, key: str) -> Path:
     return cache_dir / "markers" / f"{key}.json"
 
 
+def parse_marker(raw: bytes | str) -> Marker | None:
+    """The one rule for "compiled": a marker that parses. A torn or foreign file is not one,
+    wherever it is read (the orchestrator, the compile container, verification)."""
+    try:
+        return Marker.model_validate_json(raw)
+    except ValidationError:
+        return None
+
+
 def read_marker(cache_dir: Path, key: str) -> Marker | None:
     path = marker_path(cache_dir, key)
-    return Marker.model_validate_json(path.read_text()) if path.is_file() else None
+    return parse_marker(path.read_bytes()) if path.is_file() else None
 
 
 def unavailable_reason() -> str | None:
@@ -110,7 +119,7 @@ def compile_kernels(
     started = time.monotonic()
     key = deepgemm_cache_key(profile, (weights_path / "config.json").read_bytes())
     marker = marker_path(cache_dir, key)
-    if marker.is_file():
+    if read_marker(cache_dir, key) is not None:
         return CompileResult(
             status="cached", reason="marker found", key=key, marker=str(marker), seconds=0.0
         )

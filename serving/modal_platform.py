@@ -49,7 +49,7 @@ import modal.experimental
 from pydantic import BaseModel, Field, ValidationError
 
 from serving import modal_app
-from serving.deepgemm import CompileResult, Marker, marker_path
+from serving.deepgemm import CompileResult, marker_path, parse_marker
 from serving.errors import one_line
 from serving.files import locked, write_atomically
 from serving.layout import SENTINEL_NAME, WEIGHTS_MOUNT, deepgemm_dir, weights_dir
@@ -938,11 +938,7 @@ class ModalPlatform:
         assert profile.volumes.deepgemm is not None
         relative = marker_path(Path(deepgemm_dir(PurePosixPath("/"), profile)), key)
         raw = self.gateway.read_volume_file(profile.volumes.deepgemm, str(relative))
-        if raw is None:
-            return None
-        try:
-            Marker.model_validate_json(raw)
-        except ValidationError:
+        if raw is None or parse_marker(raw) is None:
             return None
         return str(marker_path(Path(deepgemm_dir(modal_app.DEEPGEMM_MOUNT, profile)), key))
 

@@ -12,6 +12,7 @@ import pytest
 from serving.deepgemm import (
     CompileFailed,
     compile_kernels,
+    marker_path,
     read_marker,
     run_compile,
 )
@@ -127,6 +128,12 @@ def test_marker_makes_the_second_run_free(weights: Path, tmp_path: Path) -> None
     (weights / "config.json").write_text('{"hidden_size": 128}')
     assert compile_kernels(profile, **kwargs).status == "compiled"  # type: ignore[arg-type]
     assert len(calls) == 2
+    # A torn marker (a write cut short on the volume) is no marker: compile again.
+    key = deepgemm_cache_key(profile, (weights / "config.json").read_bytes())
+    marker_path(tmp_path / "sm_100", key).write_text('{"key": ')
+    assert read_marker(tmp_path / "sm_100", key) is None
+    assert compile_kernels(profile, **kwargs).status == "compiled"  # type: ignore[arg-type]
+    assert len(calls) == 3
 
 
 def test_failed_compile_writes_no_marker(weights: Path, tmp_path: Path) -> None:
