@@ -12,6 +12,8 @@ import pytest
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.deployments import run_deployment
+from prefect.states import Pending
 
 from serving.profile import available_models, load_profile
 from tests.prefect_fixtures import prefect_server  # noqa: F401
@@ -58,6 +60,22 @@ def test_rollout_deployment_is_registered_as_written(
     assert limit is not None and limit.limit == 1
     options = deployment.concurrency_options  # type: ignore[attr-defined]
     assert options is not None and options.collision_strategy.value == "ENQUEUE"
+
+
+def test_a_second_run_of_a_rollout_deployment_waits_for_the_first(
+    deployments: dict[str, object],
+) -> None:
+    """The limit as the file registers it, enforced by the server. No worker: the runs are
+    moved to Pending by hand, as a worker picking them up would."""
+    deployment = deployments["rollout/smollm2-135m"]
+    first = run_deployment(deployment.id, timeout=0)  # type: ignore[attr-defined]
+    second = run_deployment(deployment.id, timeout=0)  # type: ignore[attr-defined]
+    with get_client(sync_client=True) as client:
+        assert client.set_flow_run_state(first.id, Pending()).status.value == "ACCEPT"
+        answer = client.set_flow_run_state(second.id, Pending())
+        assert answer.status.value != "ACCEPT"  # queued behind the first
+        state = client.read_flow_run(second.id).state
+    assert state is not None and state.name == "AwaitingConcurrencySlot"
 
 
 def test_followed_branches_are_refreshed_on_a_schedule(deployments: dict[str, object]) -> None:

@@ -32,7 +32,6 @@ from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterId,
 )
-from prefect.states import Pending
 
 from dev.mirror import MirrorServer, MirrorStore, run_mirror
 from flows.refresh import refresh
@@ -342,25 +341,6 @@ def _move_main(store: MirrorStore, sha: str) -> None:
     refs = json.loads(refs_file.read_text())
     refs["branches"]["main"] = sha
     refs_file.write_text(json.dumps(refs))
-
-
-def test_a_second_run_of_one_deployment_waits_for_the_first(home: Path) -> None:
-    from prefect.client.schemas.objects import ConcurrencyLimitConfig
-    from prefect.deployments import run_deployment
-
-    deployment_id = rollout.to_deployment(
-        name=f"{MODEL}-limited",
-        parameters={"model": MODEL},
-        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy="ENQUEUE"),
-    ).apply()
-    first = run_deployment(deployment_id, timeout=0)
-    second = run_deployment(deployment_id, timeout=0)
-    with get_client(sync_client=True) as client:
-        assert client.set_flow_run_state(first.id, Pending()).status.value == "ACCEPT"
-        answer = client.set_flow_run_state(second.id, Pending())
-        assert answer.status.value != "ACCEPT"  # queued behind the first
-        state = client.read_flow_run(second.id).state
-    assert state is not None and state.name == "AwaitingConcurrencySlot"
 
 
 @pytest.mark.parametrize(
