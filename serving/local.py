@@ -76,6 +76,7 @@ from serving.weights import (
     resolve_revision,
 )
 
+HOME_ENV = "ROLLOUT_HOME"
 DEFAULT_HOME = REPO_ROOT / ".rollout"
 # Replaces `python3 -m sglang.compile_deep_gemm` by another program. Exists for fault injection
 # in tests (a compile that fails N times), because no real compile runs without a GPU.
@@ -84,6 +85,10 @@ KEEP_SERVING_ENV = "ROLLOUT_KEEP_SERVING"
 
 logger = logging.getLogger(__name__)
 
+
+def rollout_home() -> Path:
+    """Where the local target keeps everything: ROLLOUT_HOME, else .rollout in the repo."""
+    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME)
 
 class LocalPlatform:
     target: Target = "local"
@@ -112,7 +117,7 @@ class LocalPlatform:
     def from_env(cls) -> LocalPlatform:
         override = os.environ.get(COMPILE_ENTRYPOINT_ENV)
         return cls(
-            Path(os.environ.get("ROLLOUT_HOME", DEFAULT_HOME)),
+            rollout_home(),
             endpoint=os.environ.get("HF_ENDPOINT") or None,
             compile_entrypoint=shlex.split(override) if override else None,
             keep_serving=os.environ.get(KEEP_SERVING_ENV) == "1",

@@ -53,7 +53,7 @@ from serving.deepgemm import CompileResult, marker_path, parse_marker
 from serving.errors import one_line
 from serving.files import locked, write_atomically
 from serving.layout import SENTINEL_NAME, WEIGHTS_MOUNT, deepgemm_dir, weights_dir
-from serving.local import DEFAULT_HOME, DeployFailed
+from serving.local import DeployFailed, rollout_home
 from serving.platform import (
     ASK_TIMEOUT_SECONDS,
     RELEASE_ID_HEX,
@@ -428,7 +428,7 @@ class ModalPlatform:
         clock: Callable[[], float] = time.monotonic,
         http: httpx.Client | None = None,
     ) -> None:
-        self.home = Path(home or os.environ.get("ROLLOUT_HOME") or DEFAULT_HOME)
+        self.home = Path(home) if home else rollout_home()
         self.environment = environment or os.environ.get("MODAL_ENVIRONMENT") or None
         self.cache_scope = f"modal:{self.environment or 'default'}"
         # The Hub endpoint of the orchestrator's own cheap calls (resolve, file list, config).
