@@ -371,6 +371,10 @@ class LocalPlatform:
         ]  # fmt: skip
         if profile.secrets.api_key:
             argv += ["--api-key-env", profile.secrets.api_key]  # a variable name, not the key
+        deepgemm_root = self._deepgemm_root(profile)
+        if profile.deepgemm and deepgemm_root is not None:
+            # the kernels compile() prepared for this GPU (SGLANG_DG_CACHE_DIR)
+            argv += ["--deepgemm", str(deepgemm_dir(deepgemm_root, profile))]
         logs = self.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{rid}.log"
