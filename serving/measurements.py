@@ -195,10 +195,6 @@ class Measurements:
         while records and records[0].started_at < horizon:
             records.popleft()
 
-    def in_flight(self, model: str, backend: str) -> int:
-        series = self._series.get((model, backend))
-        return series.in_flight if series else 0
-
     def models(self) -> list[str]:
         return sorted({model for model, _ in self._series})
 

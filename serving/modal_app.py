@@ -783,12 +783,12 @@ def start_router(
     router must run beside it (port 0: any free port, for tests)."""
     import uvicorn
 
-    from serving.router import _fastest_uvicorn_impls, create_router_app
+    from serving.router import RouterApp, _fastest_uvicorn_impls
 
     loop, http = _fastest_uvicorn_impls()
     server = uvicorn.Server(
         uvicorn.Config(
-            create_router_app(config), host=host, port=port, loop=loop, http=http,
+            RouterApp(config), host=host, port=port, loop=loop, http=http,
             lifespan="on", access_log=False, timeout_keep_alive=ROUTER_KEEPALIVE_SECONDS,
             timeout_graceful_shutdown=ROUTER_DRAIN_SECONDS,
         )

@@ -177,9 +177,6 @@ def _check_unique(model: str, backends: list[Backend]) -> None:
         raise ValueError(f"duplicate backend names for model {model!r}")
 
 
-RoutingPoll = Callable[[], "RoutingTable | None"]
-
-
 class RouterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
@@ -192,7 +189,6 @@ class RouterConfig(BaseModel):
     first_byte_timeout_s: float = Field(default=DEFAULT_FIRST_BYTE_TIMEOUT_S, gt=0)
     total_timeout_s: float = Field(default=DEFAULT_TOTAL_TIMEOUT_S, gt=0)
     retention_s: float = Field(default=DEFAULT_RETENTION_S, gt=0)
-    routing: RoutingTable | None = None
     # Called in a worker thread every poll_interval_s; None means "no change".
     routing_poll: Callable[[], RoutingTable | None] | None = None
     poll_interval_s: float = Field(default=DEFAULT_POLL_INTERVAL_S, gt=0)
@@ -356,14 +352,8 @@ class RouterApp:
             if config.admin_token else None
         self._client_auth = _bearer(config.client_api_key.get_secret_value()) \
             if config.client_api_key else None
-        if config.routing is not None:
-            self.install(config.routing, source="config")
 
     # -- routing table --------------------------------------------------------------------
-
-    @property
-    def table(self) -> RoutingTable:
-        return self._table
 
     def install(self, table: RoutingTable, source: str) -> None:
         """Swap the routing table. New requests see it at once; in-flight ones keep theirs."""
@@ -876,11 +866,6 @@ class _UpstreamRequest:
         return cls(scope["method"], path_qs, headers, body)
 
 
-def create_router_app(config: RouterConfig) -> RouterApp:
-    """ASGI app factory. The returned object also exposes ``install``/``measurements``."""
-    return RouterApp(config)
-
-
 # ---------------------------------------------------------------------------------------
 # State file polling and process entry point
 # ---------------------------------------------------------------------------------------
@@ -968,7 +953,7 @@ def main(argv: list[str] | None = None) -> None:
     logger.info("router on %s:%d (loop=%s, http=%s, admin api %s)", args.host, args.port,
                 loop, http, "enabled" if config.admin_token else "disabled")
     uvicorn.run(
-        create_router_app(config), host=args.host, port=args.port, loop=loop, http=http,
+        RouterApp(config), host=args.host, port=args.port, loop=loop, http=http,
         lifespan="on", access_log=False, log_level=args.log_level, timeout_keep_alive=75,
         # the router never reads the client address: skip the X-Forwarded-* middleware
         proxy_headers=False,

@@ -343,15 +343,14 @@ class UpstreamClient:
         return pool
 
     async def request(self, method: str, base_url: str, path_qs: str,
-                      headers: list[tuple[bytes, bytes]], body: bytes,
-                      read_timeout_s: float | None = None) -> UpstreamResponse:
+                      headers: list[tuple[bytes, bytes]], body: bytes) -> UpstreamResponse:
         """Send a request and return once the response head arrived.
 
         ``base_url`` is scheme://host[:port][/prefix]; ``headers`` must not contain
         host, content-length or transfer-encoding, which are set here.
         """
         pool = self._pool(base_url)
-        timeout = self._read_timeout if read_timeout_s is None else read_timeout_s
+        timeout = self._read_timeout
         target = pool.path_prefix + path_qs
         head = [f"{method} {target} HTTP/1.1\r\nhost: ".encode("latin-1"), pool.host_header,
                 b"\r\ncontent-length: ", str(len(body)).encode()]
