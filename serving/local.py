@@ -58,6 +58,7 @@ from serving.local_routing import (
     ROUTER_RECORD,
     LocalRouter,
     RouterUnavailable,
+    repo_pythonpath,
 )
 from serving.platform import Release, Target, VerifyResult, release_id, traffic_plan
 from serving.profile import Profile, models_dir
@@ -516,9 +517,7 @@ def _served_path(profile: Profile) -> PurePosixPath:
 def _server_env() -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # The supervisor runs in the release's directory: paths it inherits must be absolute.
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    )
+    env["PYTHONPATH"] = repo_pythonpath()
     env["ROLLOUT_MODELS_DIR"] = str(models_dir().resolve())
     return env
 

@@ -120,7 +120,7 @@ class LocalRouter:
             "--state-file", str(self.routes_file),
             "--admin-token-env", ADMIN_TOKEN_ENV,
         ]  # fmt: skip
-        env = {**os.environ, ADMIN_TOKEN_ENV: self.admin_token(), "PYTHONPATH": _pythonpath()}
+        env = {**os.environ, ADMIN_TOKEN_ENV: self.admin_token(), "PYTHONPATH": repo_pythonpath()}
         with log_path.open("ab") as log:
             process = spawn(argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
         record = ProcessRecord(
@@ -247,7 +247,7 @@ class LocalRouter:
             return client.request(method, self.url + path, headers=headers, **kwargs)
 
 
-def _pythonpath() -> str:
+def repo_pythonpath() -> str:
     """The repository first, so `python -m serving...` works from any working directory."""
     existing = os.environ.get("PYTHONPATH")
     return f"{REPO_ROOT}{os.pathsep}{existing}" if existing else str(REPO_ROOT)
