@@ -150,11 +150,15 @@ RELEASES_DICT_NAME = "rollout-releases"
 
 
 def _with_project(image: modal.Image) -> modal.Image:
-    """The `serving` package (with its SGLang flag tables) and the profiles, in /root."""
+    """The `serving` package (with its SGLang flag tables) and the profiles, in /root.
+
+    The local files come last: Modal refuses, when the image loads at deploy time, any build
+    step (`.env` is one) on top of an `add_local_*` layer.
+    """
     return (
-        image.add_local_python_source("serving", ignore=["**/__pycache__", "**/*.pyc"])
+        image.env({"ROLLOUT_MODELS_DIR": CONTAINER_MODELS_DIR})
+        .add_local_python_source("serving", ignore=["**/__pycache__", "**/*.pyc"])
         .add_local_dir(models_dir(), CONTAINER_MODELS_DIR)
-        .env({"ROLLOUT_MODELS_DIR": CONTAINER_MODELS_DIR})
     )
 
 

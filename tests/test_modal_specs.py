@@ -192,3 +192,38 @@ def test_the_router_image_holds_what_the_router_imports() -> None:
     needed = {"uvicorn", "prometheus-client", "certifi", "httptools", "httpx", "pydantic"}
     assert needed <= pinned
     assert all("==" in spec for spec in modal_app.ROUTER_PACKAGES)
+
+
+def _build_steps_on_local_files(image: modal.Image) -> list[str]:
+    """Build steps whose base is an `add_local_*` layer: Modal raises InvalidError for each
+    when the image loads at deploy time, which `.info()` never reaches. Walks the image's
+    dependency graph offline (modal 1.6.4 internals: `_deps`, `_rep`)."""
+    local_files = "Image(local files)"
+    offending, seen = [], set()
+    stack = [synchronizer._translate_in(image)]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        bases = [dep for dep in node._deps() if type(dep).__name__ == "_Image"]
+        if node._rep != local_files and any(base._rep == local_files for base in bases):
+            offending.append(node._rep)
+        stack.extend(bases)
+    return offending
+
+
+@pytest.mark.parametrize("model", ["glm-5.1", "glm-4.7", "deepseek-v4-pro", "qwen3-8b"])
+def test_every_image_adds_its_local_files_last(model: str) -> None:
+    images = [
+        modal_app.weights_image(),
+        modal_app.router_image(),
+        modal_app.engine_image(load_profile(model)),
+    ]
+    for image in images:
+        assert _build_steps_on_local_files(image) == []
+
+
+def test_the_layer_check_catches_a_build_step_after_local_files() -> None:
+    wrong = modal.Image.debian_slim().add_local_python_source("serving").env({"A": "1"})
+    assert len(_build_steps_on_local_files(wrong)) == 1
