@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest -q

@@ -148,7 +148,7 @@ def main() -> None:
             last = max(scratch.glob("*-ours"), key=lambda p: p.stat().st_mtime)
             httpx.post(f"{url}/_mirror/requests/clear")
             os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-            from serving.weights import download_repo
+            from serving.weights.download import download_repo
 
             began = time.perf_counter()
             result = download_repo(REPO_ID, sha, last, endpoint=url, progress=None)

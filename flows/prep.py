@@ -11,8 +11,8 @@ from typing import Literal
 from prefect import flow
 from pydantic import BaseModel
 
+from serving.config.loader import load_profile
 from serving.platform import Target
-from serving.profile import load_profile
 from tasks.stopwatch import Stopwatch
 from tasks.weights import compile_kernels, download, resolve, verify
 

@@ -14,9 +14,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 from pydantic import BaseModel
 
-from serving.platform import Target, get_platform
-from serving.profile import load_profile
-from serving.releases import ReleaseRecord
+from serving.config.loader import load_profile
+from serving.domain.records import ReleaseRecord
+from serving.platform import Target
+from serving.platforms import get_platform
 from tasks.weights import resolve
 
 

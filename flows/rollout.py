@@ -19,8 +19,9 @@ from prefect.states import State
 from prefect.transactions import transaction
 
 from flows.prep import prep
-from serving.platform import Target, get_platform
-from serving.profile import load_profile
+from serving.config.loader import load_profile
+from serving.platform import Target
+from serving.platforms import get_platform
 from tasks.canary import CanaryRun
 from tasks.release import (
     deploy_canary,

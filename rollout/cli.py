@@ -18,9 +18,11 @@ import os
 import sys
 
 from rollout.plan import build_plan, render_text
-from serving.errors import one_line
-from serving.platform import Release, get_platform
-from serving.profile import Profile, ProfileError, check_revision, load_profile
+from serving.config.loader import load_profile
+from serving.config.profile import Profile, ProfileError, check_revision
+from serving.core.errors import one_line
+from serving.domain.release import Release
+from serving.platforms import get_platform
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2

@@ -11,16 +11,16 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from serving.deepgemm import COMPILE_TIMEOUT_SECONDS
-from serving.layout import DEEPGEMM_MOUNT, WEIGHTS_MOUNT
-from serving.modal_app import (
+from serving.config.layout import DEEPGEMM_MOUNT, WEIGHTS_MOUNT
+from serving.config.profile import CanaryStep, Gates, Profile, check_revision, is_commit_sha
+from serving.engines.deepgemm import COMPILE_TIMEOUT_SECONDS
+from serving.engines.sglang import compile_command, serve_command
+from serving.platforms.modal.apps import (
     ENGINE_PORT,
     build_compile_app,
     build_release_app,
     build_weights_app,
 )
-from serving.profile import CanaryStep, Gates, Profile, check_revision, is_commit_sha
-from serving.sglang import compile_command, serve_command
 
 # Shown where the commit is only known after `resolve` (a branch or tag in the profile).
 UNRESOLVED = "<resolved-commit>"

@@ -13,12 +13,12 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from serving.deepgemm import read_marker
-from serving.layout import deepgemm_dir, weights_dir
-from serving.platform import VerifyResult
-from serving.profile import Profile
-from serving.sglang import deepgemm_cache_key, parse_serve_argv, serve_command
-from serving.weights import VerifyReport, download, read_sentinel, verify
+from serving.config.layout import deepgemm_dir, weights_dir
+from serving.config.profile import Profile
+from serving.domain.release import VerifyResult
+from serving.engines.deepgemm import read_marker
+from serving.engines.sglang import deepgemm_cache_key, parse_serve_argv, serve_command
+from serving.weights.download import VerifyReport, download, read_sentinel, verify
 
 
 def verify_revision(

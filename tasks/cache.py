@@ -11,8 +11,8 @@ from typing import Any
 
 from prefect.context import TaskRunContext
 
-from serving.platform import get_platform
-from serving.profile import load_profile
+from serving.config.loader import load_profile
+from serving.platforms import get_platform
 
 
 def stage_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:

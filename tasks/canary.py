@@ -12,10 +12,12 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import BaseModel
 
-from serving.analysis import Analysis
-from serving.canary import Action, Outcome, canary_machine
-from serving.platform import Release, Target, get_platform
-from serving.profile import load_profile
+from serving.config.loader import load_profile
+from serving.domain.analysis import Analysis
+from serving.domain.canary import Action, Outcome, canary_machine
+from serving.domain.release import Release
+from serving.platform import Target
+from serving.platforms import get_platform
 from tasks.release import Bake, analyse_canary, bake, set_weight
 
 HOURS = 60 * 60

@@ -19,11 +19,14 @@ from prefect.exceptions import MissingContextError
 from prefect.transactions import Transaction, get_transaction
 from pydantic import BaseModel
 
-from serving.analysis import Analysis, GateResult, Window, analyse, golden_agreement
-from serving.errors import one_line
-from serving.platform import Platform, Release, Target, get_platform
-from serving.profile import Profile, load_profile
-from serving.releases import HistoryEntry, Outcome, ReleaseRecord, now
+from serving.config.loader import load_profile
+from serving.config.profile import Profile
+from serving.core.errors import one_line
+from serving.domain.analysis import Analysis, GateResult, Window, analyse, golden_agreement
+from serving.domain.records import HistoryEntry, Outcome, ReleaseRecord, now
+from serving.domain.release import Release
+from serving.platform import Platform, Target
+from serving.platforms import get_platform
 
 # How often a bake looks for a crashed canary, so a crash ends the bake at once.
 CRASH_CHECK_SECONDS = 2.0

@@ -7,7 +7,7 @@ from typing import Literal
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
-from serving.analysis import Window
+from serving.domain.analysis import Window
 from tasks.canary import StepRecord
 
 Decision = Literal["promoted", "rolled-back", "no-op", "failed"]

@@ -17,10 +17,12 @@ from prefect.concurrency.sync import concurrency
 from prefect.states import State
 from prefect.tasks import exponential_backoff
 
-from serving.deepgemm import CompileResult, unavailable_reason
-from serving.platform import Target, VerifyResult, get_platform
-from serving.profile import load_profile
-from serving.weights import DownloadResult, Progress, WeightsError
+from serving.config.loader import load_profile
+from serving.domain.release import VerifyResult
+from serving.engines.deepgemm import CompileResult, unavailable_reason
+from serving.platform import Target
+from serving.platforms import get_platform
+from serving.weights.download import DownloadResult, Progress, WeightsError
 from tasks.cache import stage_key
 
 # A proven stage stays proven for a day; after that a rerun re-checks (one stat for weights).

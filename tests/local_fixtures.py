@@ -30,10 +30,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(REPO_ROOT))
 
-from serving.layout import weights_dir  # noqa: E402
-from serving.local import LocalPlatform  # noqa: E402
-from serving.local_routing import ROUTER_RECORD  # noqa: E402
-from serving.profile import Profile, load_profile  # noqa: E402
+from serving.config.layout import weights_dir  # noqa: E402
+from serving.config.loader import load_profile  # noqa: E402
+from serving.config.profile import Profile  # noqa: E402
+from serving.platforms.local.platform import LocalPlatform  # noqa: E402
+from serving.platforms.local.router_process import ROUTER_RECORD  # noqa: E402
 
 REVISION_A = "a" * 40
 REVISION_B = "b" * 40

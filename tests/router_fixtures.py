@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from serving.files import write_atomically
-from serving.local_processes import free_port, wait_for
+from serving.core.files import write_atomically
+from serving.core.procs import free_port, wait_for
 from tests.server_fixtures import POLL_SECONDS
 
 REPO = Path(__file__).resolve().parents[1]

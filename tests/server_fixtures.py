@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from serving.local_processes import free_port
-from serving.profile import ChatMessage, Probe, Profile, load_profile
-from serving.server import Supervisor
-from serving.sglang import Command
+from serving.config.loader import load_profile
+from serving.config.profile import ChatMessage, Probe, Profile
+from serving.core.procs import free_port
+from serving.engines.sglang import Command
+from serving.supervisor.supervisor import Supervisor
 
 # How often tests poll a condition they wait for.
 POLL_SECONDS = 0.05

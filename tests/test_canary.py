@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from serving.analysis import Analysis, GoldenResult, Window, analyse
-from serving.canary import Action, Outcome, canary_machine
-from serving.platform import Release
-from serving.profile import Canary, CanaryStep, Gates
-from serving.releases import FileReleaseStore, HistoryEntry, ReleaseRecord, now
+from serving.config.profile import Canary, CanaryStep, Gates
+from serving.domain.analysis import Analysis, GoldenResult, Window, analyse
+from serving.domain.canary import Action, Outcome, canary_machine
+from serving.domain.records import HistoryEntry, ReleaseRecord, now
+from serving.domain.release import Release
+from serving.platforms.local.stores import FileReleaseStore
 
 GATES = Gates(min_requests=10)
 STABLE = Window(requests=100, errors=0, error_rate=0.0, ttft_p50=0.1, ttft_p99=0.3)

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from serving.deepgemm import (
+from serving.config.loader import load_profile
+from serving.engines.deepgemm import (
     CompileFailed,
     compile_kernels,
     marker_path,
     read_marker,
     run_compile,
 )
-from serving.profile import load_profile
-from serving.sglang import COMPILE_SUCCESS_LINE, Command, deepgemm_cache_key
+from serving.engines.sglang import COMPILE_SUCCESS_LINE, Command, deepgemm_cache_key
 
 FAKE = Path(__file__).parent / "engines" / "fake_compile_deep_gemm.py"
 REVISION = "c" * 40
@@ -81,7 +81,7 @@ def test_timeout_kills_the_whole_group() -> None:
 
 
 def test_cancellation_kills_the_group(monkeypatch: pytest.MonkeyPatch) -> None:
-    import serving.deepgemm as deepgemm
+    import serving.engines.deepgemm as deepgemm
 
     def watch_then_cancel(process: object, timeout: float) -> None:
         time.sleep(1.5)  # long enough for the server child to exist

@@ -1,5 +1,5 @@
 """The local platform's serving part with real processes over real HTTP: `python -m
-serving.server` releases running `transformers serve` on the tiny model of
+serving.supervisor` releases running `transformers serve` on the tiny model of
 tests/server_fixtures.py, behind the real router (`python -m serving.router`).
 
 Two revisions of the same tiny model are deployed once for the module; the traffic, crash and
@@ -23,11 +23,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.local import DeployFailed, LocalPlatform
-from serving.local_processes import free_port, is_running, processes_in, wait_for
-from serving.local_routing import ADMIN_TOKEN_FILE, ROUTER_RECORD
-from serving.platform import Release, release_id
-from serving.profile import Profile, load_profile
+from serving.config.loader import load_profile
+from serving.config.profile import Profile
+from serving.core.errors import DeployFailed
+from serving.core.procs import free_port, is_running, processes_in, wait_for
+from serving.domain.release import Release, release_id
+from serving.platforms.local.platform import LocalPlatform
+from serving.platforms.local.router_process import ADMIN_TOKEN_FILE, ROUTER_RECORD
 from tests import server_fixtures
 from tests.local_fixtures import (
     REVISION_A,

@@ -1,7 +1,8 @@
 """ModalPlatform and the Modal function bodies, offline.
 
-- The bodies in serving.modal_app are module-level functions: they run here against a temporary
-  directory (the "volume"), a FakeVolume that records reload/commit, and the local mirror.
+- The bodies in serving.platforms.modal.apps are module-level functions: they run here against
+  a temporary directory (the "volume"), a FakeVolume that records reload/commit, and the
+  local mirror.
 - ModalPlatform talks to Modal only through its Gateway; FakeModalGateway stands in for it and
   runs the same bodies as the "containers", so sharding, merge and re-attach are exercised with
   real files.
@@ -22,10 +23,14 @@ import modal.exception
 import pytest
 from modal._utils.async_utils import synchronizer
 
-from serving import modal_app
-from serving.deepgemm import CompileFailed, CompileResult, marker_path, read_marker
-from serving.layout import SENTINEL_NAME, compile_model_dir, deepgemm_dir, weights_dir
-from serving.modal_platform import (
+from serving.config.layout import SENTINEL_NAME, compile_model_dir, deepgemm_dir, weights_dir
+from serving.config.loader import load_profile
+from serving.config.profile import HubSource, Profile, Secrets
+from serving.domain.release import VerifyResult
+from serving.engines.deepgemm import CompileFailed, CompileResult, marker_path, read_marker
+from serving.engines.sglang import Command, deepgemm_cache_key
+from serving.platforms.modal import apps as modal_app
+from serving.platforms.modal.platform import (
     CallKey,
     CallRecord,
     CallState,
@@ -39,10 +44,7 @@ from serving.modal_platform import (
     probe_call,
     shard_count,
 )
-from serving.platform import VerifyResult
-from serving.profile import HubSource, Profile, Secrets, load_profile
-from serving.sglang import Command, deepgemm_cache_key
-from serving.weights import (
+from serving.weights.download import (
     HIGH_PERFORMANCE_ENV,
     DownloadResult,
     FileEntry,

@@ -1,7 +1,8 @@
 """Serving on Modal, offline: the release and router container bodies, and ModalPlatform's
 deploy / set_traffic / retire / stats / running_releases against a FAKE gateway.
 
-- The release body (serving.modal_app.start_release / resume_release / stop_release) runs here
+- The release body (serving.platforms.modal.apps: start_release / resume_release / stop_release)
+  runs here
   with the FAKE engine (tests/engines/fake_engine.py) instead of SGLang: the same lifecycle as
   in a Modal container (enter with snap=True, snapshot, enter with snap=False, exit).
 - FakeServingGateway stands in for Modal: deploying a release App runs the real release
@@ -31,18 +32,20 @@ from typing import Any
 import httpx
 import pytest
 
-from serving import modal_app, modal_platform
-from serving.layout import deepgemm_dir, weights_dir
-from serving.local import DeployFailed
-from serving.local_processes import free_port, wait_for
-from serving.modal_platform import ModalPlatform, RouterAdminError
-from serving.platform import Release
-from serving.profile import Profile, Secrets, load_profile
-from serving.releases import ReleaseRecord
-from serving.router import Backend, RoutingTable
-from serving.server import EngineFailed, Supervisor
-from serving.sglang import Command
-from serving.weights import Manifest, write_sentinel
+from serving.config.layout import deepgemm_dir, weights_dir
+from serving.config.loader import load_profile
+from serving.config.profile import Profile, Secrets
+from serving.core.errors import DeployFailed
+from serving.core.procs import free_port, wait_for
+from serving.domain.records import ReleaseRecord
+from serving.domain.release import Release
+from serving.engines.sglang import Command
+from serving.platforms.modal import apps as modal_app
+from serving.platforms.modal import platform as modal_platform
+from serving.platforms.modal.platform import ModalPlatform, RouterAdminError
+from serving.router.table import Backend, RoutingTable
+from serving.supervisor.supervisor import EngineFailed, Supervisor
+from serving.weights.download import Manifest, write_sentinel
 from tests.server_fixtures import POLL_SECONDS, fake_command, probe
 
 REV_A = "aaaaaaaa" + "0" * 32

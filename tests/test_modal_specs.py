@@ -12,8 +12,8 @@ import pytest
 from modal._partial_function import _find_partial_methods_for_user_cls, _PartialFunctionFlags
 from modal._utils.async_utils import synchronizer
 
-from serving import modal_app
-from serving.profile import load_profile
+from serving.config.loader import load_profile
+from serving.platforms.modal import apps as modal_app
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from rollout.plan import build_plan, render_text
-from serving.profile import available_models, load_profile
+from serving.config.loader import available_models, load_profile
 
 ROLLOUT = [sys.executable, "-m", "rollout.cli"]
 

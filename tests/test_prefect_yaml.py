@@ -15,7 +15,7 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.deployments import run_deployment
 from prefect.states import Pending
 
-from serving.profile import available_models, load_profile
+from serving.config.loader import available_models, load_profile
 from tests.prefect_fixtures import prefect_server  # noqa: F401
 
 ROOT = Path(__file__).parent.parent

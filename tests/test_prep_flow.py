@@ -21,8 +21,8 @@ from prefect.client.schemas.objects import StateType
 
 from dev.mirror import MirrorServer
 from flows.prep import prep
-from serving.local import COMPILE_ENTRYPOINT_ENV
-from serving.profile import DEFAULT_MODELS_DIR
+from serving.config.loader import DEFAULT_MODELS_DIR
+from serving.platforms.local.platform import COMPILE_ENTRYPOINT_ENV
 from tasks import weights as weight_tasks
 from tests.mirror_fixtures import (  # noqa: F401
     SyntheticRepo,

@@ -9,13 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from serving.profile import (
-    DEFAULT_MODELS_DIR,
-    ProfileError,
-    available_models,
-    check_revision,
-    load_profile,
-)
+from serving.config.loader import DEFAULT_MODELS_DIR, available_models, load_profile
+from serving.config.profile import ProfileError, check_revision
 
 SHIPPED = ["deepseek-v4-pro", "glm-4.7", "glm-5.1", "qwen3-8b", "smollm2-135m"]
 

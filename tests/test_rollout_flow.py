@@ -36,11 +36,11 @@ from prefect.client.schemas.filters import (
 from dev.mirror import MirrorServer, MirrorStore, run_mirror
 from flows.refresh import refresh
 from flows.rollout import rollout
-from serving.engine import FAULT_ENGINES_ENV
-from serving.local import LocalPlatform
-from serving.local_processes import free_port
-from serving.platform import release_id
-from serving.profile import DEFAULT_MODELS_DIR, load_profile
+from serving.config.loader import DEFAULT_MODELS_DIR, load_profile
+from serving.core.procs import free_port
+from serving.domain.release import release_id
+from serving.engines.engine import FAULT_ENGINES_ENV
+from serving.platforms.local.platform import LocalPlatform
 from tests.local_fixtures import LoadGenerator, processes_under
 from tests.prefect_fixtures import prefect_server  # noqa: F401
 from tests.server_fixtures import build_tiny_model

@@ -1,4 +1,4 @@
-"""The engine supervisor (serving/server.py) with real processes over real HTTP.
+"""The engine supervisor (serving/supervisor/) with real processes over real HTTP.
 
 The real engine is `transformers serve` with a tiny random Llama (tests/server_fixtures.py).
 The FAKE engine (tests/engines/fake_engine.py) is used only for what a real engine cannot do on
@@ -25,17 +25,14 @@ from typing import Any
 import httpx
 import pytest
 
-from serving.engine import engine_command, request_model, write_secrets_config
-from serving.local_processes import free_port, wait_for
-from serving.profile import Profile, load_profile
-from serving.redaction import REDACTED
-from serving.server import (
-    EngineFailed,
-    ProbeFailed,
-    ServerEvent,
-    Supervisor,
-)
-from serving.sglang import Command
+from serving.config.loader import load_profile
+from serving.config.profile import Profile
+from serving.core.procs import free_port, wait_for
+from serving.core.redaction import REDACTED
+from serving.engines.engine import engine_command, request_model, write_secrets_config
+from serving.engines.sglang import Command
+from serving.supervisor.events import ServerEvent
+from serving.supervisor.supervisor import EngineFailed, ProbeFailed, Supervisor
 from tests import server_fixtures
 from tests.server_fixtures import (
     DEMO_PROFILE,
@@ -180,8 +177,9 @@ def entry_point(models_dir_with_tiny_profile: Path) -> Iterator[Any]:
     def launch(model: str, weights: Path, port: int) -> subprocess.Popen[str]:
         env = {**os.environ, "ROLLOUT_MODELS_DIR": str(models_dir_with_tiny_profile)}
         process = subprocess.Popen(
-            [sys.executable, "-m", "serving.server", "--model", model, "--weights", str(weights),
-             "--port", str(port), "--release-id", "t1", "--drain-seconds", "10"],
+            [sys.executable, "-m", "serving.supervisor", "--model", model,
+             "--weights", str(weights), "--port", str(port), "--release-id", "t1",
+             "--drain-seconds", "10"],
             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         processes.append(process)
@@ -336,7 +334,7 @@ def test_secrets_never_reach_logs_or_errors(
     caplog: pytest.LogCaptureFixture,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    caplog.set_level(logging.INFO, logger="serving.server")
+    caplog.set_level(logging.INFO, logger="serving.supervisor.supervisor")
     leaky = Command(
         argv=[sys.executable, "-c",
               "import os, sys\nprint('api key is', os.environ['ENGINE_API_KEY'])\n"

@@ -6,8 +6,8 @@ from pathlib import PurePosixPath
 
 import pytest
 
-from serving.profile import load_profile
-from serving.sglang import (
+from serving.config.loader import load_profile
+from serving.engines.sglang import (
     KERNEL_SHAPING_FLAGS,
     compile_command,
     deepgemm_cache_key,
@@ -93,7 +93,7 @@ def test_cache_key_follows_what_shapes_kernels() -> None:
 
 
 def test_kernel_shaping_flags_exist_in_sglang() -> None:
-    from serving.sglang import flag_table
+    from serving.config.flags import flag_table
 
     table = flag_table("0.5.23")
     assert {f"--{flag}" for flag in KERNEL_SHAPING_FLAGS} <= set(table)

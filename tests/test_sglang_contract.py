@@ -14,10 +14,10 @@ from pathlib import PurePosixPath
 import pytest
 
 from dev.sglang_flags import compile_parser, option_table
-from serving.profile import available_models, load_profile
-from serving.sglang import (
+from serving.config.flags import FLAG_TABLES
+from serving.config.loader import available_models, load_profile
+from serving.engines.sglang import (
     COMPILE_ENTRYPOINT,
-    FLAG_TABLES,
     SERVE_ENTRYPOINT,
     compile_command,
     serve_command,

@@ -19,9 +19,10 @@ import pytest
 
 from dev.demo_model import make_synthetic_repo, shard_name
 from dev.mirror import CutFault, KiB, MiB, MirrorServer, MirrorStore
-from serving.layout import SENTINEL_NAME, weights_dir
-from serving.profile import HubSource, Secrets, load_profile
-from serving.weights import (
+from serving.config.layout import SENTINEL_NAME, weights_dir
+from serving.config.loader import load_profile
+from serving.config.profile import HubSource, Secrets
+from serving.weights.download import (
     HF_DOWNLOAD_DIR,
     FileEntry,
     Progress,

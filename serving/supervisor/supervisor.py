@@ -1,6 +1,6 @@
 """The engine supervisor: one release's engine process, from start to a graceful stop.
 
-The same code runs inside a Modal container and as a local process (`python -m serving.server`):
+The same code runs inside a Modal container and as a local process (`python -m serving.supervisor`):
 
 1. `start()`    launch the engine in its own process group, stream its output line by line
                 (prefixed with the release, secrets redacted), keep the last lines for errors;
@@ -20,38 +20,31 @@ No prefect or modal import here: this module is also the container's entry point
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import logging
-import math
 import os
 import signal
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
-from types import FrameType
-from typing import Any, Literal, TextIO
+from typing import TextIO
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from serving.engine import (
-    FAULT_ENGINES_ENV,
-    engine_command,
-    fault_engine_command,
-    request_model,
-    write_secrets_config,
+from serving.config.profile import Probe, Profile
+from serving.core.redaction import Redactor, secrets_in_env
+from serving.engines.sglang import Command
+from serving.supervisor.probes import (
+    AssistantMessage,
+    ChatCompletion,
+    _snippet,
+    check_answer,
+    probe_payload,
 )
-from serving.profile import Probe, Profile, ProfileError, load_profile
-from serving.redaction import API_KEY_ENV, Redactor, secrets_in_env
-from serving.sglang import Command
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +69,6 @@ DEFAULT_DRAIN_SECONDS = 30.0
 KILL_REAP_SECONDS = 10.0
 # Output still in the pipe when the engine exits belongs in the error message.
 LOG_DRAIN_SECONDS = 2.0
-ANSWER_SNIPPET_CHARS = 200
 
 
 class EngineFailed(RuntimeError):
@@ -95,107 +87,6 @@ class ShutdownRequested(Exception):
 # --------------------------------------------------------------------------------------------
 # Probes: what is sent, what comes back, what a valid answer is
 # --------------------------------------------------------------------------------------------
-
-
-class _Lenient(BaseModel):
-    # Engines add fields of their own (usage, logprobs, ids); only these matter.
-    model_config = ConfigDict(extra="ignore")
-
-
-class FunctionCall(_Lenient):
-    name: str
-    arguments: Any = None  # a JSON string per OpenAI; some engines send the object itself
-
-
-class ToolCall(_Lenient):
-    function: FunctionCall
-
-
-class AssistantMessage(_Lenient):
-    content: str | None = None
-    reasoning_content: str | None = None  # SGLang's reasoning parsers
-    reasoning: str | None = None  # the newer OpenAI-compatible spelling
-    tool_calls: list[ToolCall] | None = None
-
-
-class Choice(_Lenient):
-    message: AssistantMessage
-
-
-class ChatCompletion(_Lenient):
-    choices: list[Choice] = Field(min_length=1)
-
-
-def probe_payload(probe: Probe, model: str) -> dict[str, Any]:
-    """The chat request for a probe: deterministic (temperature 0), non-streaming."""
-    messages = [message.model_dump() for message in probe.messages]
-    if probe.pad_to_chars:
-        messages[-1]["content"] = pad_text(messages[-1]["content"], probe.pad_to_chars)
-    payload: dict[str, Any] = {
-        "model": model,
-        "messages": messages,
-        "max_tokens": probe.max_tokens,
-        "temperature": 0,
-        "stream": False,
-    }
-    if probe.chat_template_kwargs is not None:
-        payload["chat_template_kwargs"] = probe.chat_template_kwargs
-    if probe.tools is not None:
-        payload["tools"] = probe.tools
-    return payload
-
-
-def pad_text(text: str, chars: int) -> str:
-    """The text repeated whole until it is at least `chars` long: a long, natural prompt."""
-    return text * max(1, math.ceil(chars / len(text)))
-
-
-def check_answer(probe: Probe, message: AssistantMessage) -> str | None:
-    """What is wrong with the answer to `probe`, or None when it meets the expectation."""
-    content = (message.content or "").strip()
-    reasoning = (message.reasoning_content or message.reasoning or "").strip()
-    if probe.expect == "tool_call":
-        return _tool_call_problem(probe, message.tool_calls or [], content)
-    if probe.expect == "content" and not content:
-        return "empty content" + (" (the model only reasoned)" if reasoning else "")
-    if probe.expect == "reasoning" and not reasoning:
-        return f"no reasoning_content (content: {_snippet(content)!r})"
-    if probe.expect == "content_or_reasoning" and not (content or reasoning):
-        return "neither content nor reasoning_content"
-    answer = {"content": content, "reasoning": reasoning}.get(
-        probe.expect, f"{content}\n{reasoning}"
-    )
-    if probe.contains and probe.contains.lower() not in answer.lower():
-        return f"answer does not contain {probe.contains!r}: {_snippet(answer)!r}"
-    return None
-
-
-def _tool_call_problem(probe: Probe, calls: list[ToolCall], content: str) -> str | None:
-    if not calls:
-        return f"no tool call (content: {_snippet(content)!r})"
-    for call in calls:
-        problem = _arguments_problem(call.function.arguments)
-        if problem:
-            return f"tool call {call.function.name!r}: {problem}"
-    names = [call.function.name for call in calls]
-    if probe.tool_name and probe.tool_name not in names:
-        return f"called {names}, not {probe.tool_name!r}"
-    return None
-
-
-def _arguments_problem(arguments: Any) -> str | None:
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            return f"arguments are not JSON: {_snippet(arguments)!r}"
-    if not isinstance(arguments, dict):
-        return f"arguments are not a JSON object: {_snippet(json.dumps(arguments))!r}"
-    return None
-
-
-def _snippet(text: str) -> str:
-    return text if len(text) <= ANSWER_SNIPPET_CHARS else text[:ANSWER_SNIPPET_CHARS] + "…"
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,128 +408,3 @@ class Supervisor:
         # ProcessLookupError: the whole group is already gone.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signum)
-
-
-# --------------------------------------------------------------------------------------------
-# Process entry point: python -m serving.server --model NAME --weights PATH --port N
-# --------------------------------------------------------------------------------------------
-
-
-class ServerEvent(BaseModel):
-    """One JSON line on stdout, read by the local platform: `ready` once, then `stopped` or
-    `crashed`; or `failed` instead of `ready`."""
-
-    event: Literal["ready", "failed", "crashed", "stopped"]
-    model: str
-    release_id: str
-    url: str | None = None
-    pid: int | None = None
-    engine_pid: int | None = None
-    startup_seconds: float | None = None
-    error: str | None = None
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m serving.server", description="Supervise one release's engine."
-    )
-    parser.add_argument("--model", required=True, help="profile name (models/NAME.yaml)")
-    parser.add_argument(
-        "--weights", required=True, type=Path, help="the revision's weights directory"
-    )
-    parser.add_argument("--port", required=True, type=int)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--release-id", default=None)
-    parser.add_argument("--deepgemm", type=Path, default=None, help="DeepGEMM cache directory")
-    parser.add_argument("--drain-seconds", type=float, default=DEFAULT_DRAIN_SECONDS)
-    parser.add_argument("--startup-budget", type=float, default=None, help="default: the profile's")
-    parser.add_argument("--api-key-env", default=API_KEY_ENV, help="variable holding the API key")
-    return parser.parse_args(argv)
-
-
-def _emit(event: ServerEvent) -> None:
-    print(event.model_dump_json(exclude_none=True), flush=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health poll otherwise
-    release_id = args.release_id or new_release_id()
-    try:
-        profile = load_profile(args.model)
-    except ProfileError as exc:
-        _emit(ServerEvent(event="failed", model=args.model, release_id=release_id, error=str(exc)))
-        return 2
-    api_key = os.environ.get(args.api_key_env) or None
-    shutdown = threading.Event()
-    ready = threading.Event()
-    crashes: list[EngineFailed] = []
-
-    def on_crash(failure: EngineFailed) -> None:
-        crashes.append(failure)
-        shutdown.set()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        first = not shutdown.is_set()
-        shutdown.set()
-        # Interrupt a startup in progress (once); after ready, the main loop notices the event.
-        if first and not ready.is_set():
-            raise ShutdownRequested(signal.Signals(signum).name)
-
-    event = {"model": profile.name, "release_id": release_id}
-    with tempfile.TemporaryDirectory(prefix="rollout-engine-") as private:
-        command = fault_engine_command(f"{profile.name}-{release_id}", args.port)
-        if command is not None:
-            logger.warning("%s: FAULT INJECTION: serving a fake engine (%s)", release_id,
-                        FAULT_ENGINES_ENV)  # fmt: skip
-        else:
-            command = engine_command(
-                profile,
-                weights_path=args.weights,
-                deepgemm_path=args.deepgemm,
-                port=args.port,
-                host=args.host,
-                secrets_config=write_secrets_config(Path(private), api_key),
-            )
-        supervisor = Supervisor(
-            profile,
-            command,
-            port=args.port,
-            host=args.host,
-            model=request_model(profile, args.weights),
-            api_key=api_key,
-            release_id=release_id,
-            on_crash=on_crash,
-        )
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        try:
-            startup_seconds = supervisor.startup(args.startup_budget)
-            ready.set()
-            _emit(
-                ServerEvent(
-                    event="ready", url=supervisor.base_url, pid=os.getpid(),
-                    engine_pid=supervisor.pid, startup_seconds=round(startup_seconds, 3), **event,
-                )
-            )  # fmt: skip
-            while not shutdown.wait(timeout=1.0):
-                pass
-        except (EngineFailed, ProbeFailed) as exc:
-            logger.error("[%s] release failed: %s", supervisor.label, exc)
-            _emit(ServerEvent(event="failed", error=str(exc), **event))
-            return 1
-        except ShutdownRequested:
-            _emit(ServerEvent(event="stopped", error="shutdown requested during startup", **event))
-            return 0
-        finally:
-            supervisor.stop(args.drain_seconds)
-        if crashes:
-            _emit(ServerEvent(event="crashed", error=str(crashes[0]), **event))
-            return 1
-        _emit(ServerEvent(event="stopped", **event))
-        return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from serving.profile import Gates, GoldenPrompt
+from serving.config.profile import Gates, GoldenPrompt
 
 Verdict = Literal["pass", "fail", "inconclusive"]
 

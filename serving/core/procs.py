@@ -1,6 +1,6 @@
 """Processes as containers, for the local platform: spawning, identity, stopping, inventory.
 
-Every long-running process the local platform starts (a release's `python -m serving.server`,
+Every long-running process the local platform starts (a release's `python -m serving.supervisor`,
 the router) gets a record in `$ROLLOUT_HOME/state/processes/<name>.json`, written atomically.
 A record names its owner, the orchestrator process that started it, so a later orchestrator can
 tell a process still in use from one whose orchestrator was SIGKILLed (an orphan).
@@ -18,22 +18,14 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Literal
-
-from pydantic import BaseModel, ValidationError
-
-from serving.files import write_atomically
-from serving.platform import Release
+from typing import IO
 
 PROC = Path("/proc")
 # Between SIGKILL and the kernel removing a process: only uninterruptible sleep lasts longer.
 KILL_REAP_SECONDS = 10.0
 EXIT_POLL_SECONDS = 0.05
-RECORD_SUFFIX = ".json"
-
-ProcessKind = Literal["release", "router"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,20 +65,6 @@ def is_running(pid: int, ticks: int | None) -> bool:
     """True when `pid` runs and is the process that was recorded with `ticks`."""
     current = start_ticks(pid)
     return current is not None and (ticks is None or current == ticks or current == 0)
-
-
-class Owner(BaseModel):
-    """The orchestrator process that started a record's process."""
-
-    pid: int
-    ticks: int | None
-
-    @classmethod
-    def current(cls) -> Owner:
-        return cls(pid=os.getpid(), ticks=start_ticks(os.getpid()))
-
-    def alive(self) -> bool:
-        return is_running(self.pid, self.ticks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,70 +216,3 @@ def wait_for(condition: Callable[[], bool], timeout: float, interval: float) -> 
 # --------------------------------------------------------------------------------------------
 
 
-class ProcessRecord(BaseModel):
-    """One running process of the local platform, as $ROLLOUT_HOME/state/processes/<name>.json."""
-
-    kind: ProcessKind
-    name: str  # the release id, or "router"
-    pid: int
-    pgid: int
-    ticks: int | None
-    port: int
-    owner: Owner
-    keep: bool = False
-    log: str
-    release_id: str | None = None
-    model: str | None = None  # profile name
-    route: str | None = None  # the router's model key: the profile's served_model_name
-    revision: str | None = None
-    # Set once the release is ready: the engine runs in its own session, so stopping the
-    # supervisor's group alone could leave it behind.
-    engine_pid: int | None = None
-    engine_ticks: int | None = None
-    release: Release | None = None
-
-    def running(self) -> bool:
-        if not is_running(self.pid, self.ticks):
-            return False
-        return self.engine_pid is None or is_running(self.engine_pid, self.engine_ticks)
-
-    def orphaned(self) -> bool:
-        return not self.keep and not self.owner.alive()
-
-    def extra_groups(self) -> set[int]:
-        engine_alive = self.engine_pid is not None and is_running(
-            self.engine_pid, self.engine_ticks
-        )
-        return {self.engine_pid} if engine_alive and self.engine_pid is not None else set()
-
-
-class Inventory:
-    """The records of one ROLLOUT_HOME, one JSON file each, replaced atomically."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def _path(self, name: str) -> Path:
-        return self.directory / f"{name}{RECORD_SUFFIX}"
-
-    def write(self, record: ProcessRecord) -> None:
-        write_atomically(self._path(record.name), record.model_dump_json(indent=1))
-
-    def get(self, name: str) -> ProcessRecord | None:
-        try:
-            return ProcessRecord.model_validate_json(self._path(name).read_text())
-        except FileNotFoundError:
-            return None
-        except ValidationError:
-            return None  # a record from another version of this code: not ours to manage
-
-    def remove(self, name: str) -> None:
-        self._path(name).unlink(missing_ok=True)
-
-    def records(self) -> Iterator[ProcessRecord]:
-        if not self.directory.is_dir():
-            return
-        for path in sorted(self.directory.glob(f"*{RECORD_SUFFIX}")):
-            record = self.get(path.name.removesuffix(RECORD_SUFFIX))
-            if record is not None:
-                yield record

@@ -48,26 +48,22 @@ import modal.exception
 import modal.experimental
 from pydantic import BaseModel, Field, ValidationError
 
-from serving import modal_app
-from serving.deepgemm import CompileResult, marker_path, parse_marker
-from serving.errors import one_line
-from serving.files import locked, write_atomically
-from serving.layout import SENTINEL_NAME, WEIGHTS_MOUNT, deepgemm_dir, weights_dir
-from serving.local import DeployFailed, rollout_home
-from serving.platform import (
-    ASK_TIMEOUT_SECONDS,
-    RELEASE_ID_HEX,
-    Release,
-    Target,
-    VerifyResult,
-    release_id,
-    traffic_plan,
-)
-from serving.profile import Profile
-from serving.releases import DictReleaseStore, ReleaseStore
-from serving.router import Backend, RoutingTable
-from serving.sglang import deepgemm_cache_key
-from serving.weights import (
+from serving.config.layout import SENTINEL_NAME, WEIGHTS_MOUNT, deepgemm_dir, weights_dir
+from serving.config.profile import Profile
+from serving.core.constants import ASK_TIMEOUT_SECONDS
+from serving.core.errors import DeployFailed, one_line
+from serving.core.files import locked, write_atomically
+from serving.core.home import rollout_home
+from serving.domain.records import ReleaseStore
+from serving.domain.release import RELEASE_ID_HEX, Release, VerifyResult, release_id
+from serving.domain.traffic import traffic_plan
+from serving.engines.deepgemm import CompileResult, marker_path, parse_marker
+from serving.engines.sglang import deepgemm_cache_key
+from serving.platform import Target
+from serving.platforms.modal import apps as modal_app
+from serving.platforms.modal.stores import DictReleaseStore
+from serving.router.table import Backend, RoutingTable
+from serving.weights.download import (
     DownloadResult,
     FileEntry,
     GiB,

@@ -1,9 +1,9 @@
 """The engine process for a release, whichever engine the profile names.
 
-- sglang: `sglang serve` (serving/sglang.py), on GPUs in a Modal container.
+- sglang: `sglang serve` (serving/engines/sglang.py), on GPUs in a Modal container.
 - transformers: `transformers serve`, on the CPU, for the local target and its demo model.
 
-The supervisor (serving/server.py) runs the Command this module builds; it does not care which
+The supervisor (serving/supervisor/) runs the Command this module builds; it does not care which
 engine it is, except for what goes in a request's `model` field (`request_model`).
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path, PurePath
 
 import yaml
 
-from serving.profile import FlagValue, Profile
-from serving.sglang import Command, serve_command
+from serving.config.profile import FlagValue, Profile
+from serving.engines.sglang import Command, serve_command
 
 # The CLI module behind the `transformers` console script. Run through this interpreter, so the
 # engine is the transformers installed next to the supervisor, whatever PATH says.

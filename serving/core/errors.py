@@ -10,3 +10,8 @@ def one_line(error: BaseException | None) -> str:
         return "unknown error"
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+class DeployFailed(RuntimeError):
+    """A release did not become ready; the message is one line with the supervisor's reason
+    and the log file. Nothing of the release is left running."""

@@ -26,10 +26,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ValidationError
 
-from serving.files import write_atomically
-from serving.profile import Profile
-from serving.redaction import SECRET_ENV_VARS, Redactor, secrets_in_env
-from serving.sglang import COMPILE_SUCCESS_LINE, Command, compile_command, deepgemm_cache_key
+from serving.config.profile import Profile
+from serving.core.files import write_atomically
+from serving.core.redaction import SECRET_ENV_VARS, Redactor, secrets_in_env
+from serving.engines.sglang import (
+    COMPILE_SUCCESS_LINE,
+    Command,
+    compile_command,
+    deepgemm_cache_key,
+)
 
 # compile_deep_gemm's own timeout. Platforms give their job a margin beyond it, so the child
 # gives up first and its log says why.

@@ -20,8 +20,8 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from serving.analysis import Analysis
-from serving.profile import Canary
+from serving.config.profile import Canary
+from serving.domain.analysis import Analysis
 
 
 class Action(BaseModel):

@@ -9,13 +9,11 @@ under a lock locally, a `modal.Dict` entry on Modal.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field
 
-from serving.files import locked, write_atomically
-from serving.platform import Release
+from serving.domain.release import Release
 
 # Enough history to see a model's recent rollouts; older entries are dropped.
 HISTORY_LIMIT = 50
@@ -62,40 +60,3 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-class FileReleaseStore:
-    """One JSON file per model, replaced atomically (write, fsync, rename) under a lock."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def _path(self, model: str) -> Path:
-        return self.directory / f"{model}.json"
-
-    def read(self, model: str) -> ReleaseRecord:
-        path = self._path(model)
-        if not path.is_file():
-            return ReleaseRecord(model=model)
-        return ReleaseRecord.model_validate_json(path.read_text())
-
-    def write(self, record: ReleaseRecord) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with locked(self.directory / f".{record.model}.lock"):
-            write_atomically(self._path(record.model), record.model_dump_json(indent=1))
-
-
-class DictReleaseStore:
-    """The same record in a `modal.Dict` (or any mapping with get/put), one key per model.
-
-    A Dict write of one key is atomic; entries expire after 7 days without access, which the
-    router's and refresh's regular reads prevent.
-    """
-
-    def __init__(self, mapping: object) -> None:
-        self.mapping = mapping
-
-    def read(self, model: str) -> ReleaseRecord:
-        raw = self.mapping.get(model)  # type: ignore[attr-defined]
-        return ReleaseRecord(model=model) if raw is None else ReleaseRecord.model_validate_json(raw)
-
-    def write(self, record: ReleaseRecord) -> None:
-        self.mapping.put(record.model, record.model_dump_json())  # type: ignore[attr-defined]

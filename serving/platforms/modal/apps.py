@@ -30,21 +30,22 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import modal
 
-from serving.deepgemm import COMPILE_TIMEOUT_SECONDS, CompileFailed, compile_kernels
-from serving.engine import engine_command, request_model, write_secrets_config
-from serving.layout import (
+from serving.config.layout import (
     DEEPGEMM_MOUNT,
     WEIGHTS_MOUNT,
     compile_model_dir,
     deepgemm_dir,
     weights_dir,
 )
-from serving.platform import release_id
-from serving.profile import Profile, load_profile, models_dir
-from serving.server import CrashCallback, Supervisor, exit_process_on_crash
-from serving.sglang import Command
+from serving.config.loader import load_profile, models_dir
+from serving.config.profile import Profile
+from serving.domain.release import release_id
+from serving.engines.deepgemm import COMPILE_TIMEOUT_SECONDS, CompileFailed, compile_kernels
+from serving.engines.engine import engine_command, request_model, write_secrets_config
+from serving.engines.sglang import Command
+from serving.supervisor.supervisor import CrashCallback, Supervisor, exit_process_on_crash
 from serving.verification import verify_revision
-from serving.weights import (
+from serving.weights.download import (
     DownloadResult,
     FileEntry,
     ShardResult,
@@ -56,13 +57,14 @@ from serving.weights import (
     read_sentinel,
     select_files,
 )
-from serving.weights import download as download_revision
+from serving.weights.download import download as download_revision
 
 if TYPE_CHECKING:
     # The router's modules are imported where they run: an engine container never needs them.
     import uvicorn
 
-    from serving.router import RouterConfig, RoutingTable
+    from serving.router.app import RouterConfig
+    from serving.router.table import RoutingTable
 
 log = logging.getLogger(__name__)
 
@@ -738,7 +740,7 @@ def routes_poll(routes: KeyValue) -> Callable[[], RoutingTable | None]:
     None (no change) while nothing is written; the router applies a table only when it
     changed, so reading every second is cheap for it. The read also keeps the Dict entry from
     expiring (7 days without access)."""
-    from serving.router import RoutingTable
+    from serving.router.table import RoutingTable
 
     def poll() -> RoutingTable | None:
         raw = routes.get(ROUTES_KEY)
@@ -749,7 +751,7 @@ def routes_poll(routes: KeyValue) -> Callable[[], RoutingTable | None]:
 
 def router_config(profile: Profile, routes: KeyValue) -> RouterConfig:
     """The router's config from the container's environment (the Modal Secrets)."""
-    from serving.router import RouterConfig
+    from serving.router.app import RouterConfig
 
     admin_token = os.environ.get(ROUTER_ADMIN_TOKEN_ENV)
     if not admin_token:
@@ -787,7 +789,7 @@ def start_router(
     router must run beside it (port 0: any free port, for tests)."""
     import uvicorn
 
-    from serving.router import RouterApp, _fastest_uvicorn_impls
+    from serving.router.app import RouterApp, _fastest_uvicorn_impls
 
     loop, http = _fastest_uvicorn_impls()
     server = uvicorn.Server(

@@ -9,8 +9,8 @@
 ROLLOUT_HOME defaults to `.rollout/` in the repository. The Hub endpoint comes from HF_ENDPOINT
 (the local mirror in tests and in `make demo`).
 
-Serving: each release is a `python -m serving.server` process (own session, so its group can be
-signalled whole) behind one router per home (serving/local_routing.py). Processes outlive the
+Serving: each release is a `python -m serving.supervisor` process (own session, so its group
+can be signalled whole) behind one router per home (router_process.py). Processes outlive the
 orchestrator only when asked (ROLLOUT_KEEP_SERVING=1); those of a SIGKILLed orchestrator are
 found through their inventory records and stopped by the next run's `reconcile` task
 (`reconcile_orphans`).
@@ -31,7 +31,16 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from serving.deepgemm import (
+from serving.config.layout import compile_model_dir, deepgemm_dir, weights_dir
+from serving.config.loader import models_dir
+from serving.config.profile import Profile
+from serving.core.errors import DeployFailed
+from serving.core.home import repo_pythonpath, rollout_home
+from serving.core.procs import free_port, spawn, start_ticks, stop_process, sweep, wait_for
+from serving.domain.records import ReleaseStore
+from serving.domain.release import Release, VerifyResult, release_id
+from serving.domain.traffic import traffic_plan
+from serving.engines.deepgemm import (
     COMPILE_TIMEOUT_SECONDS,
     CompileResult,
     Log,
@@ -39,35 +48,21 @@ from serving.deepgemm import (
     run_compile,
     unavailable_reason,
 )
-from serving.layout import compile_model_dir, deepgemm_dir, weights_dir
-from serving.local_processes import (
-    Inventory,
-    Owner,
-    ProcessRecord,
-    free_port,
-    spawn,
-    start_ticks,
-    stop_process,
-    sweep,
-    wait_for,
-)
-from serving.local_routing import (
+from serving.engines.sglang import COMPILE_ENTRYPOINT, Command
+from serving.platform import Target
+from serving.platforms.local.inventory import Inventory, Owner, ProcessRecord
+from serving.platforms.local.router_process import (
     DEFAULT_ROUTER_PORT,
-    REPO_ROOT,
     ROUTER_PORT_ENV,
     ROUTER_RECORD,
     LocalRouter,
     RouterUnavailable,
-    repo_pythonpath,
 )
-from serving.platform import Release, Target, VerifyResult, release_id, traffic_plan
-from serving.profile import Profile, models_dir
-from serving.releases import FileReleaseStore, ReleaseStore
-from serving.router import Backend
-from serving.server import ServerEvent
-from serving.sglang import COMPILE_ENTRYPOINT, Command
+from serving.platforms.local.stores import FileReleaseStore
+from serving.router.table import Backend
+from serving.supervisor.events import ServerEvent
 from serving.verification import verify_revision
-from serving.weights import (
+from serving.weights.download import (
     DownloadResult,
     ProgressCallback,
     download,
@@ -77,8 +72,6 @@ from serving.weights import (
     resolve_revision,
 )
 
-HOME_ENV = "ROLLOUT_HOME"
-DEFAULT_HOME = REPO_ROOT / ".rollout"
 # Replaces `python3 -m sglang.compile_deep_gemm` by another program. Exists for fault injection
 # in tests (a compile that fails N times), because no real compile runs without a GPU.
 COMPILE_ENTRYPOINT_ENV = "ROLLOUT_COMPILE_ENTRYPOINT"
@@ -86,10 +79,6 @@ KEEP_SERVING_ENV = "ROLLOUT_KEEP_SERVING"
 
 logger = logging.getLogger(__name__)
 
-
-def rollout_home() -> Path:
-    """Where the local target keeps everything: ROLLOUT_HOME, else .rollout in the repo."""
-    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME)
 
 class LocalPlatform:
     target: Target = "local"
@@ -361,7 +350,7 @@ class LocalPlatform:
         )
         port = free_port()
         argv = [
-            sys.executable, "-m", "serving.server",
+            sys.executable, "-m", "serving.supervisor",
             "--model", profile.name,
             "--weights", weights_arg,
             "--port", str(port),
@@ -465,11 +454,6 @@ class LocalPlatform:
             self.inventory.write(record.model_copy(update={"owner": users[0].owner, "keep": keep}))
             return
         self._stop(record, drain_seconds=0)
-
-
-class DeployFailed(RuntimeError):
-    """A release did not become ready; the message is one line with the supervisor's reason
-    and the log file. Nothing of the release is left running."""
 
 
 # Release id → percent of the model's traffic.

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import PurePath, PurePosixPath
 from typing import TypeVar
 
-from serving.profile import Profile, is_commit_sha
+from serving.config.profile import Profile, is_commit_sha
 
 # Mount points inside Modal containers.
 WEIGHTS_MOUNT = PurePosixPath("/weights")

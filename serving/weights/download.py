@@ -15,14 +15,12 @@ The HF token is passed to huggingface_hub only; it never reaches a log line or a
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import hashlib
 import logging
 import os
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -43,9 +41,9 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import filter_repo_objects
 from pydantic import BaseModel, Field
 
-from serving.files import is_partial_write_of, write_atomically
-from serving.layout import SENTINEL_NAME, weights_dir
-from serving.profile import Profile, check_revision, is_commit_sha
+from serving.config.layout import SENTINEL_NAME, weights_dir
+from serving.config.profile import Profile, check_revision, is_commit_sha
+from serving.core.files import is_partial_write_of, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -986,55 +984,3 @@ class _DiskProgress:
             self.thread.join()
         if exc[0] is None:
             self.throttle.finish(self.bytes_on_disk())
-
-
-# --------------------------------------------------------------------------------------------
-# CLI (used by tests that kill a download mid-way, and by hand)
-# --------------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.weights", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    get = sub.add_parser("download", help="download + verify + sentinel")
-    get.add_argument("repo")
-    get.add_argument("--revision", required=True)
-    get.add_argument("--dir", type=Path, required=True)
-    get.add_argument("--endpoint", default=None)
-    get.add_argument("--token-env", default=None, help="name of the env var holding the token")
-    get.add_argument("--attempts", type=int, default=DOWNLOAD_ATTEMPTS)
-    get.add_argument("--backoff", type=float, default=BACKOFF_FIRST_S)
-    get.add_argument("--high-performance", action="store_true")
-    check = sub.add_parser("verify", help="hash the files against the sentinel's manifest")
-    check.add_argument("dir", type=Path)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    # Our own progress lines replace huggingface_hub's tqdm bars.
-    from huggingface_hub.utils import disable_progress_bars
-
-    disable_progress_bars()
-    try:
-        if args.command == "download":
-            token = os.environ.get(args.token_env) if args.token_env else None
-            sha = resolve_revision(args.repo, args.revision, token, endpoint=args.endpoint)
-            result = download_repo(
-                args.repo, sha, args.dir, token=token, endpoint=args.endpoint,
-                attempts=args.attempts, backoff_s=args.backoff,
-                high_performance=args.high_performance,
-            )  # fmt: skip
-            print(result.model_dump_json(exclude={"manifest": {"files"}}))
-            return 0
-        manifest = Manifest.model_validate_json((args.dir / SENTINEL_NAME).read_text())
-        report = verify(args.dir, manifest.files)
-        print(report.model_dump_json())
-        return 0 if report.passed else 1
-    except WeightsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except FileNotFoundError:
-        print(f"error: no sentinel in {args.dir}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,19 +22,12 @@ from typing import Any
 
 import httpx
 
-from serving.files import locked, write_atomically
-from serving.local_processes import (
-    Inventory,
-    Owner,
-    ProcessRecord,
-    port_is_free,
-    spawn,
-    start_ticks,
-    stop_process,
-    wait_for,
-)
-from serving.platform import ASK_TIMEOUT_SECONDS
-from serving.router import Backend, RoutingTable
+from serving.core.constants import ASK_TIMEOUT_SECONDS
+from serving.core.files import locked, write_atomically
+from serving.core.home import REPO_ROOT, repo_pythonpath
+from serving.core.procs import port_is_free, spawn, start_ticks, stop_process, wait_for
+from serving.platforms.local.inventory import Inventory, Owner, ProcessRecord
+from serving.router.table import Backend, RoutingTable
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +51,6 @@ VERIFY_ATTEMPTS = 5
 VERIFY_RETRY_SECONDS = 0.1
 LOG_TAIL_CHARS = 1500
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 Mutation = Callable[[list[Backend]], list[Backend]]
 
@@ -247,7 +239,3 @@ class LocalRouter:
             return client.request(method, self.url + path, headers=headers, **kwargs)
 
 
-def repo_pythonpath() -> str:
-    """The repository first, so `python -m serving...` works from any working directory."""
-    existing = os.environ.get("PYTHONPATH")
-    return f"{REPO_ROOT}{os.pathsep}{existing}" if existing else str(REPO_ROOT)

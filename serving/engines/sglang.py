@@ -6,9 +6,10 @@ Two facts shape this module (see REFERENCE.md):
 - The DeepGEMM cache is only worth something if serving finds it: its key names everything that
   changes which kernels get compiled.
 
-Profiles are checked against a table of SGLang's options (serving/sglang_flags/<version>.json,
-dumped from SGLang's own parser; tests/test_sglang_contract.py keeps it honest), so a renamed or
-misspelled flag fails when the profile loads, without importing SGLang or torch.
+Profiles are checked against a table of SGLang's options
+(serving/config/sglang_flags/<version>.json, dumped from SGLang's own parser;
+tests/test_sglang_contract.py keeps it honest), so a renamed or misspelled flag fails when the
+profile loads, without importing SGLang or torch (serving/config/flags.py).
 """
 
 from __future__ import annotations
@@ -16,14 +17,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-from functools import cache
-from pathlib import Path, PurePath
+from pathlib import PurePath
 
 from pydantic import BaseModel
 
-from serving.profile import FlagValue, Profile
-
-FLAG_TABLES = Path(__file__).parent / "sglang_flags"
+from serving.config.profile import FlagValue, Profile
 
 SERVE_ENTRYPOINT = ["sglang", "serve"]
 COMPILE_ENTRYPOINT = ["python3", "-m", "sglang.compile_deep_gemm"]
@@ -62,44 +60,11 @@ KERNEL_SHAPING_FLAGS = frozenset(
 )
 
 
-class FlagSpec(BaseModel):
-    takes_value: bool
-    choices: list[str] | None = None
-
-
 class Command(BaseModel):
     """A process to start: its argv and the environment it adds to the container's."""
 
     argv: list[str]
     env: dict[str, str]
-
-
-@cache
-def flag_table(version: str) -> dict[str, FlagSpec]:
-    path = FLAG_TABLES / f"{version}.json"
-    if not path.is_file():
-        raise ValueError(f"no SGLang {version} flag table ({path.name}); pin a supported version")
-    options = json.loads(path.read_text())
-    return {name: FlagSpec.model_validate(spec) for name, spec in options.items()}
-
-
-def check_flags(profile: Profile) -> None:
-    """Reject flags SGLang would reject, naming the profile field. No-op for other engines."""
-    engine = profile.engine
-    if engine.kind != "sglang":
-        return
-    table = flag_table(engine.version)
-    for name, value in engine.flags.items():
-        field = f"engine.flags.{name}"
-        spec = table.get(f"--{name}")
-        if spec is None:
-            raise ValueError(f"{field}: SGLang {engine.version} has no flag --{name}")
-        if not spec.takes_value and value is not True:
-            raise ValueError(f"{field}: --{name} is a switch; write `true` or leave it out")
-        if spec.takes_value and isinstance(value, bool):
-            raise ValueError(f"{field}: --{name} takes a value, not {value}")
-        if spec.choices is not None and str(value) not in spec.choices:
-            raise ValueError(f"{field}: {value!r} is not one of {spec.choices}")
 
 
 def _flag_args(flags: dict[str, FlagValue]) -> list[str]:

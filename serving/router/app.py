@@ -47,17 +47,11 @@ from pydantic import (
     SecretStr,
     TypeAdapter,
     ValidationError,
-    field_validator,
-    model_validator,
 )
 
-from serving.measurements import (
-    DEFAULT_RETENTION_S,
-    ErrorKind,
-    Measurements,
-    Record,
-)
-from serving.router_upstream import (
+from serving.router.measurements import DEFAULT_RETENTION_S, ErrorKind, Measurements, Record
+from serving.router.table import Backend, RoutingTable, _check_unique
+from serving.router.upstream import (
     PoolLimits,
     UpstreamClient,
     UpstreamConnectError,
@@ -77,7 +71,6 @@ HEALTH_PROBE_TIMEOUT_S = 3.0
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_MAX_KEEPALIVE = 512
 KEEPALIVE_EXPIRY_S = 60.0
-MAX_WEIGHT = 100
 # Any 5xx before the first byte is retried once elsewhere: chat completions have no side
 # effects, and a failing canary must cost clients nothing. 501 says the request itself is
 # unsupported; another backend would answer the same.
@@ -107,74 +100,6 @@ Send = Callable[[Message], Awaitable[None]]
 # ---------------------------------------------------------------------------------------
 # Boundary models
 # ---------------------------------------------------------------------------------------
-
-
-class Backend(BaseModel):
-    """One release of a model behind the router."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1, max_length=200, description="release id")
-    url: str = Field(description="base URL, e.g. http://127.0.0.1:30000")
-    weight: int = Field(ge=0, le=MAX_WEIGHT)
-    # Sent to the backend as Bearer; never logged, never returned by the admin API.
-    api_key: SecretStr | None = None
-    # Alternative to api_key for files on disk: name of an env var holding the key.
-    api_key_env: str | None = None
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError("backend url must start with http:// or https://")
-        return url.rstrip("/")
-
-    def resolved_api_key(self) -> str | None:
-        if self.api_key is not None:
-            return self.api_key.get_secret_value()
-        if self.api_key_env:
-            return os.environ.get(self.api_key_env) or None
-        return None
-
-    def public(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "url": self.url,
-            "weight": self.weight,
-            "has_api_key": self.api_key is not None or bool(self.api_key_env),
-        }
-
-
-class RoutingTable(BaseModel):
-    """Model name -> its backends. Weights are relative; they need not sum to 100."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    models: dict[str, list[Backend]] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _unique_names(self) -> RoutingTable:
-        for model, backends in self.models.items():
-            _check_unique(model, backends)
-        return self
-
-    def public(self) -> dict[str, Any]:
-        return {"models": {m: [b.public() for b in bs] for m, bs in self.models.items()}}
-
-    def with_backends(self, model: str, backends: list[Backend]) -> RoutingTable:
-        """This table with `model` routed to `backends`; no backends removes the model."""
-        models = {name: list(entries) for name, entries in self.models.items()}
-        if backends:
-            models[model] = backends
-        else:
-            models.pop(model, None)
-        return RoutingTable(models=models)
-
-
-def _check_unique(model: str, backends: list[Backend]) -> None:
-    names = [b.name for b in backends]
-    if len(names) != len(set(names)):
-        raise ValueError(f"duplicate backend names for model {model!r}")
 
 
 class RouterConfig(BaseModel):
@@ -958,7 +883,3 @@ def main(argv: list[str] | None = None) -> None:
         # the router never reads the client address: skip the X-Forwarded-* middleware
         proxy_headers=False,
     )
-
-
-if __name__ == "__main__":
-    main()
