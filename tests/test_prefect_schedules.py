@@ -41,9 +41,10 @@ from pydantic import BaseModel
 
 from dev.demo_model import make_synthetic_repo
 from dev.mirror import KiB, MirrorServer, MirrorStore, run_mirror
-from serving.platform import Release
-from serving.profile import available_models, load_profile
-from serving.releases import FileReleaseStore, ReleaseRecord
+from serving.config.loader import available_models, load_profile
+from serving.domain.records import ReleaseRecord
+from serving.domain.release import Release
+from serving.platforms.local.stores import FileReleaseStore
 from tests.mirror_fixtures import hf_env
 
 ROOT = Path(__file__).parent.parent
