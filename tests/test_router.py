@@ -451,3 +451,37 @@ def _engines_alive(request: pytest.FixtureRequest) -> None:
     if "engines" in request.fixturenames:
         for engine in request.getfixturevalue("engines"):
             assert engine.alive(), engine.log()
+
+
+def test_a_stale_table_never_replaces_a_newer_one(log_dir: Path, engines: list[Proc],
+                                                  tmp_path: Path) -> None:
+    """The race of a poll that read the store just before a change: the push of the newer
+    generation wins, and the older table, from a poll or a push, is never installed."""
+    state = tmp_path / "routes.json"
+    old = {"generation": 1, "models": {"gen": [backend(engines[0], 100)]}}
+    write_state_file(state, old)
+    r = start_router(log_dir, admin_token=new_secret(), state_file=state)
+    try:
+        routes_url = f"{r.url}/admin/routes"
+
+        def routes() -> dict[str, Any]:
+            return dict(httpx.get(routes_url, headers=r.admin_headers(), timeout=5).json())
+
+        wait_until(lambda: routes()["generation"] == 1, 5, "state file applied")
+        newer = {"generation": 2, "models": {"gen": [backend(engines[1], 100)]}}
+        pushed = httpx.put(routes_url, json=newer, headers=r.admin_headers(), timeout=5)
+        assert pushed.status_code == 200, pushed.text
+        # The poll still reads generation 1, now with a change so the router looks at it.
+        write_state_file(state, {"generation": 1, "models": {"gen": [
+            backend(engines[0], 50), backend(engines[1], 50)]}})
+        time.sleep(1.0)  # five poll intervals
+        assert routes()["generation"] == 2
+        assert {b["name"]: b["weight"] for b in routes()["models"]["gen"]} == {
+            engines[1].name: 100}
+        stale = httpx.put(routes_url, json=old, headers=r.admin_headers(), timeout=5)
+        assert stale.status_code == 409 and stale.json()["generation"] == 2
+        # The store moving past the push is installed as usual.
+        write_state_file(state, {"generation": 3, "models": {"gen": [backend(engines[0], 100)]}})
+        wait_until(lambda: routes()["generation"] == 3, 5, "newer state file applied")
+    finally:
+        r.proc.stop()

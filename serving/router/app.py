@@ -280,8 +280,13 @@ class RouterApp:
 
     # -- routing table --------------------------------------------------------------------
 
-    def install(self, table: RoutingTable, source: str) -> None:
-        """Swap the routing table. New requests see it at once; in-flight ones keep theirs."""
+    def install(self, table: RoutingTable, source: str) -> bool:
+        """Swap the routing table. New requests see it at once; in-flight ones keep theirs.
+        A table of an older generation than the one installed is ignored (False)."""
+        if table.generation < self._table.generation:
+            logger.info("ignored a routing table of generation %d from %s: have %d",
+                        table.generation, source, self._table.generation)  # fmt: skip
+            return False
         self._routes = {m: _ModelRoute.build(bs) for m, bs in table.models.items()}
         self._table = table
         self._table_version += 1
@@ -289,6 +294,7 @@ class RouterApp:
         self._table_source = source
         summary = {m: {b.name: b.weight for b in bs} for m, bs in table.models.items()}
         logger.info("routing table v%d from %s: %s", self._table_version, source, summary)
+        return True
 
     def set_model_backends(self, model: str, backends: list[Backend]) -> None:
         _check_unique(model, backends)
@@ -296,13 +302,24 @@ class RouterApp:
         merged = [_keep_previous_key(b, previous.get(b.name)) for b in backends]
         models = dict(self._table.models)
         models[model] = merged
-        self.install(RoutingTable(models=models), source="admin")
+        # An operator's edit of one model: applied at the current generation, so the next
+        # change the control plane writes supersedes it.
+        self.install(RoutingTable(models=models, generation=self._table.generation),
+                     source="admin")  # fmt: skip
+
+    def replace_table(self, table: RoutingTable) -> bool:
+        """The control plane's push: the whole table, unless it is older than the one here."""
+        for model, backends in table.models.items():
+            previous = {b.name: b for b in self._table.models.get(model, [])}
+            table.models[model] = [_keep_previous_key(b, previous.get(b.name)) for b in backends]
+        return self.install(table, source="admin")
 
     def remove_model(self, model: str) -> bool:
         if model not in self._table.models:
             return False
         models = {m: bs for m, bs in self._table.models.items() if m != model}
-        self.install(RoutingTable(models=models), source="admin")
+        self.install(RoutingTable(models=models, generation=self._table.generation),
+                     source="admin")  # fmt: skip
         return True
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -601,6 +618,8 @@ class RouterApp:
         query = parse_qs(scope.get("query_string", b"").decode())
         if path == "/admin/routes" and method == "GET":
             await _send_json(send, 200, self._routes_view())
+        elif path == "/admin/routes" and method == "PUT":
+            await self._admin_put_table(receive, send)
         elif path.startswith("/admin/routes/") and method in ("PUT", "DELETE"):
             await self._admin_put_route(path.removeprefix("/admin/routes/"), method,
                                         receive, send)
@@ -654,6 +673,22 @@ class RouterApp:
             "updated_at": self._table_updated_at,
             "source": self._table_source,
         }
+
+    async def _admin_put_table(self, receive: Receive, send: Send) -> None:
+        try:
+            table = RoutingTable.model_validate_json(await _read_body(receive))
+        except ValidationError as exc:
+            # include_input=False: the rejected input may hold an api_key
+            details = exc.errors(include_input=False, include_url=False, include_context=False)
+            await _send_json(send, 422, {"error": {"message": "invalid routing table",
+                                                   "details": details}})
+            return
+        if not self.replace_table(table):
+            await _send_json(send, 409, {"error": {"message": "stale routing table",
+                                                   "code": "stale_generation"},
+                                         "generation": self._table.generation})
+            return
+        await _send_json(send, 200, self._routes_view())
 
     async def _admin_put_route(self, model: str, method: str, receive: Receive,
                                send: Send) -> None:

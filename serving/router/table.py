@@ -59,6 +59,10 @@ class RoutingTable(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: dict[str, list[Backend]] = Field(default_factory=dict)
+    # Rises with every change the control plane writes. The router ignores a table older than
+    # the one it has, whether a poll of the store or an admin push brought it: a poll that
+    # read the store just before a change must not undo the change once it has been pushed.
+    generation: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _unique_names(self) -> RoutingTable:
@@ -67,16 +71,23 @@ class RoutingTable(BaseModel):
         return self
 
     def public(self) -> dict[str, Any]:
-        return {"models": {m: [b.public() for b in bs] for m, bs in self.models.items()}}
+        return {
+            "generation": self.generation,
+            "models": {m: [b.public() for b in bs] for m, bs in self.models.items()},
+        }
 
     def with_backends(self, model: str, backends: list[Backend]) -> RoutingTable:
-        """This table with `model` routed to `backends`; no backends removes the model."""
+        """The next generation of this table, with `model` routed to `backends` (no backends
+        removes the model)."""
         models = {name: list(entries) for name, entries in self.models.items()}
         if backends:
             models[model] = backends
         else:
             models.pop(model, None)
-        return RoutingTable(models=models)
+        return RoutingTable(models=models, generation=self.generation + 1)
+
+    def weights(self, model: str) -> dict[str, int]:
+        return {backend.name: backend.weight for backend in self.models.get(model, [])}
 
 
 def _check_unique(model: str, backends: list[Backend]) -> None:
