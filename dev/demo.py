@@ -21,72 +21,22 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
+from dev.load import ChatLoad
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME = ROOT / ".rollout" / "demo"
 MODEL = "smollm2-135m"
 # Two CPU engines share two cores: three clients keep both busy without queueing forever.
 LOAD_CLIENTS = 3
-REQUEST_TIMEOUT_SECONDS = 60
-PROMPTS = ["What is the capital of France?", "Name a primary colour.", "Say hello."]
+PROMPTS = ("What is the capital of France?", "Name a primary colour.", "Say hello.")
 
 
-class SteadyLoad:
-    """A few clients sending chat requests back to back through the router (closed loop: the
-    load follows what the engines can serve), counted as the clients see them."""
-
-    def __init__(self, router_url: str, model: str) -> None:
-        self.url = f"{router_url}/v1/chat/completions"
-        self.model = model
-        self.ok = self.failed = 0
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._clients = [threading.Thread(target=self._run, args=(i,), daemon=True)
-                         for i in range(LOAD_CLIENTS)]  # fmt: skip
-
-    def __enter__(self) -> SteadyLoad:
-        for client in self._clients:
-            client.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for client in self._clients:
-            client.join()
-
-    def _run(self, index: int) -> None:
-        with httpx.Client(timeout=REQUEST_TIMEOUT_SECONDS) as client:
-            sent = index
-            while not self._stop.is_set():
-                self._one(client, PROMPTS[sent % len(PROMPTS)])
-                sent += 1
-
-    def _one(self, client: httpx.Client, prompt: str) -> None:
-        try:
-            response = client.post(self.url, json={
-                "model": self.model, "max_tokens": 8,
-                "messages": [{"role": "user", "content": prompt}],
-            })  # fmt: skip
-            good = response.status_code == 200
-            detail = f"HTTP {response.status_code}"
-        except httpx.HTTPError as exc:
-            good, detail = False, type(exc).__name__
-        with self._lock:
-            if good:
-                self.ok += 1
-            else:
-                self.failed += 1
-                self.errors.append(detail)
-
-
-def live_status(load: SteadyLoad, routes_file: Path, stop: threading.Event) -> None:
+def live_status(load: ChatLoad, routes_file: Path, stop: threading.Event) -> None:
     """One line a second: what the clients saw, and where the traffic goes."""
     started = time.monotonic()
     while not stop.wait(1.0):
         weights = _weights(routes_file)
-        print(f"\r[{time.monotonic() - started:5.0f}s] clients: {load.ok} ok, {load.failed} "
+        print(f"\r[{time.monotonic() - started:5.0f}s] clients: {load.ok} ok, {len(load.failed)} "
               f"failed | traffic: {weights}    ", end="", flush=True)  # fmt: skip
     print()
 
@@ -133,7 +83,7 @@ def main() -> None:
             router = platform.router_url(load_profile(MODEL))
             print(f"== 2/2 rolling out v2 ({revisions.v2[:8]}) as a canary under steady load")
             stop = threading.Event()
-            with SteadyLoad(router, MODEL) as load:
+            with ChatLoad(router, MODEL, workers=LOAD_CLIENTS, prompts=PROMPTS) as load:
                 status = threading.Thread(
                     target=live_status, args=(load, HOME / "state" / "routes.json", stop)
                 )
@@ -144,8 +94,10 @@ def main() -> None:
                     stop.set()
                     status.join()
             print("\n" + second.markdown() + "\n")
-            kinds = f" ({', '.join(sorted(set(load.errors)))})" if load.errors else ""
-            print(f"client requests during the canary: {load.ok} ok, {load.failed} failed{kinds}")
+            failed = load.failed
+            kinds = sorted({(result.error or "").split(":")[0] for result in failed})
+            print(f"client requests during the canary: {load.ok} ok, {len(failed)} failed"
+                  + (f" ({', '.join(kinds)})" if kinds else ""))
             print("\ntry it:\n  curl -s " + router + "/v1/chat/completions -H 'Content-Type: "
                   f"application/json' -d '{{\"model\": \"{MODEL}\", \"messages\": [{{\"role\": "
                   "\"user\", \"content\": \"What is the capital of France?\"}]}'")  # fmt: skip
@@ -153,7 +105,7 @@ def main() -> None:
                 print("\nkeeping it serving; Ctrl-C to stop")
                 while True:
                     time.sleep(3600)
-            if second.decision != "promoted" or load.failed:
+            if second.decision != "promoted" or failed:
                 sys.exit(1)
         except KeyboardInterrupt:
             pass

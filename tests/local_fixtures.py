@@ -2,7 +2,6 @@
 
 - weights: the tiny real model of tests/server_fixtures.py, copied into a ROLLOUT_HOME's volume
   layout as the weights of fake 40-hex revisions (no download: a release only needs the dir);
-- `LoadGenerator`: steady closed-loop chat traffic from a few threads, bounded in time;
 - `processes_under`: every live process whose working directory or command line lies under a
   directory, which is how the tests see that nothing of a home is left running;
 - run as a script, an orchestrator to SIGKILL: it deploys one release, routes all traffic to
@@ -18,13 +17,10 @@ import select
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script
@@ -163,14 +159,6 @@ def _drive(profile_name: str, revision: str, mode: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Result:
-    started_at: float
-    status: int  # 0: no response at all
-    backend: str | None
-    error: str | None = None
-
-
 def chat_body(model: str, *, max_tokens: int = 8, stream: bool = False) -> dict[str, Any]:
     return {
         "model": model,
@@ -178,61 +166,6 @@ def chat_body(model: str, *, max_tokens: int = 8, stream: bool = False) -> dict[
         "max_tokens": max_tokens,
         "stream": stream,
     }
-
-
-class LoadGenerator:
-    """`workers` threads sending non-streamed chats to the router until stopped or `limit_s`."""
-
-    def __init__(self, url: str, model: str, *, workers: int, limit_s: float) -> None:
-        self.url = f"{url}/v1/chat/completions"
-        self.model = model
-        self.results: list[Result] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._deadline = time.monotonic() + limit_s
-        self._threads = [threading.Thread(target=self._work, daemon=True) for _ in range(workers)]
-
-    def __enter__(self) -> LoadGenerator:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(LOAD_REQUEST_TIMEOUT)
-
-    def since(self, started: float, until: float = float("inf")) -> list[Result]:
-        with self._lock:
-            return [r for r in self.results if started <= r.started_at < until]
-
-    def wait_for_requests(self, started: float, count: int, timeout: float) -> list[Result]:
-        deadline = time.monotonic() + timeout
-        while len(self.since(started)) < count and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return self.since(started)
-
-    def _work(self) -> None:
-        with httpx.Client(timeout=LOAD_REQUEST_TIMEOUT, trust_env=False) as client:
-            while not self._stop.is_set() and time.monotonic() < self._deadline:
-                self._record(self._one(client))
-
-    def _one(self, client: httpx.Client) -> Result:
-        started = time.time()
-        try:
-            response = client.post(self.url, json=chat_body(self.model))
-        except httpx.HTTPError as exc:
-            return Result(started, 0, None, type(exc).__name__)
-        content = None
-        if response.status_code == 200:
-            content = response.json()["choices"][0]["message"].get("content")
-        error = None if content else response.text[:200]
-        return Result(started, response.status_code, response.headers.get("x-rollout-backend"),
-                      error)  # fmt: skip
-
-    def _record(self, result: Result) -> None:
-        with self._lock:
-            self.results.append(result)
 
 
 def main() -> None:

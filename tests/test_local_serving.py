@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from dev.load import ChatLoad
 from serving.config.loader import load_profile
 from serving.config.profile import Profile
 from serving.core.errors import DeployFailed
@@ -35,7 +36,6 @@ from tests.local_fixtures import (
     REVISION_A,
     REVISION_B,
     REVISION_C,
-    LoadGenerator,
     chat_body,
     describe,
     inventory_pids,
@@ -192,7 +192,7 @@ def test_weights_move_under_load_without_a_failed_request(deployed: Deployed) ->
     windows: dict[int, list] = {}
     platform.set_traffic(profile, {a.id: 100})  # from "deployed at 0%" to serving
     load_started = time.time()
-    with LoadGenerator(
+    with ChatLoad(
         deployed.router, deployed.model, workers=LOAD_WORKERS, limit_s=LOAD_LIMIT_SECONDS
     ) as load:
         for index, weight in enumerate(steps):
@@ -224,7 +224,7 @@ def test_killing_an_engine_under_load_costs_no_request(deployed: Deployed) -> No
     platform, profile, a, b = deployed.platform, deployed.profile, deployed.a, deployed.b
     platform.set_traffic(profile, {a.id: 50, b.id: 50})
     victim = deployed.engine_pid(b)
-    with LoadGenerator(
+    with ChatLoad(
         deployed.router, deployed.model, workers=LOAD_WORKERS, limit_s=LOAD_LIMIT_SECONDS
     ) as load:
         load.wait_for_requests(time.time(), 20, STEP_TIMEOUT_SECONDS)

@@ -33,6 +33,7 @@ from prefect.client.schemas.filters import (
     DeploymentFilterId,
 )
 
+from dev.load import ChatLoad
 from dev.mirror import MirrorServer, MirrorStore, run_mirror
 from flows.refresh import refresh
 from flows.rollout import rollout
@@ -41,7 +42,7 @@ from serving.core.procs import free_port
 from serving.domain.release import release_id
 from serving.engines.engine import FAULT_ENGINES_ENV
 from serving.platforms.local.platform import LocalPlatform
-from tests.local_fixtures import LoadGenerator, processes_under
+from tests.local_fixtures import processes_under
 from tests.prefect_fixtures import prefect_server  # noqa: F401
 from tests.server_fixtures import build_tiny_model
 
@@ -149,7 +150,7 @@ def test_first_rollout_then_a_canary_promotes_with_no_failed_request(
     first = rollout(MODEL, "v1")
     assert first.decision == "promoted" and "first release" in first.reason
     assert first.bytes_downloaded > 0
-    with LoadGenerator(router(), MODEL, workers=3, limit_s=120) as load:
+    with ChatLoad(router(), MODEL, workers=3, limit_s=120) as load:
         started = time.time()
         second = rollout(MODEL, "v2")
     assert second.decision == "promoted", second.reason
@@ -183,7 +184,7 @@ def test_canary_with_different_answers_is_rolled_back(
     home: Path, revisions: dict[str, str]
 ) -> None:
     rollout(MODEL, "v1")
-    with LoadGenerator(router(), MODEL, workers=3, limit_s=120) as load:
+    with ChatLoad(router(), MODEL, workers=3, limit_s=120) as load:
         started = time.time()
         report = rollout(MODEL, "v3")
     assert report.decision == "rolled-back"
@@ -215,7 +216,7 @@ def test_faulty_canary_is_rolled_back_and_stable_keeps_serving(
 ) -> None:
     rollout(QUIET_MODEL, "v1")
     inject_fake_canary(monkeypatch, QUIET_MODEL, revisions["v2"], **faults)
-    with LoadGenerator(router(QUIET_MODEL), QUIET_MODEL, workers=3, limit_s=120) as load:
+    with ChatLoad(router(QUIET_MODEL), QUIET_MODEL, workers=3, limit_s=120) as load:
         started = time.time()
         report = rollout(QUIET_MODEL, "v2")
         after = load.wait_for_requests(time.time(), 3, timeout=30)
