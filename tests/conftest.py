@@ -1,4 +1,5 @@
-"""Shared test setup: no test may reach past loopback (no Hub, no Modal API)."""
+"""Shared test setup: no test may reach past loopback (no Hub, no Modal API), and the shared
+fixtures, registered once here (tests use them by name; helpers are imported as functions)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+pytest_plugins = [  # a module that another imports comes first, so pytest can rewrite it
+    "tests.server_fixtures",
+    "tests.mirror_fixtures",
+    "tests.prefect_fixtures",
+    "tests.weights_fixtures",
+    "tests.router_fixtures",
+    "tests.local_fixtures",
+]
 
 _original_connect = socket.socket.connect
 

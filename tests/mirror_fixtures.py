@@ -1,6 +1,4 @@
-"""Pytest fixtures for the local HF mirror (dev.mirror). Import them into a test module:
-
-    from tests.mirror_fixtures import mirror, mirror_store, synthetic_repo  # noqa: F401
+"""Pytest fixtures for the local HF mirror (dev.mirror), registered in conftest.py.
 
 In-process clients pass `endpoint=mirror.url`; subprocess clients get `hf_env(mirror.url, home)`,
 because huggingface_hub reads HF_ENDPOINT once, at import time.

@@ -1,7 +1,5 @@
-"""A real Prefect server for the session (prefect_test_harness), shared by flow tests.
-
-    from tests.prefect_fixtures import prefect_server  # noqa: F401
-"""
+"""A real Prefect server for the session (prefect_test_harness), shared by flow tests
+(registered in conftest.py)."""
 
 from __future__ import annotations
 

@@ -33,16 +33,11 @@ from dev.mirror import (
     git_blob_sha1_header,
     lfs_pointer,
 )
-from tests import mirror_fixtures
+from serving.core.home import REPO_ROOT
 from tests.mirror_fixtures import SYNTHETIC_SHARDS, SyntheticRepo, hf_env
 
 # Fixtures are found by module attribute; the shared conftest.py stays untouched.
-mirror_server = mirror_fixtures.mirror_server
-mirror_store = mirror_fixtures.mirror_store
-synthetic_repo = mirror_fixtures.synthetic_repo
-mirror = mirror_fixtures.mirror
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARD_COUNT = len(SYNTHETIC_SHARDS)
 BIG_SHARD = shard_name(0, SHARD_COUNT)  # 3 MiB
 SMALL_SHARD = shard_name(2, SHARD_COUNT)  # 200 KiB, LFS by suffix

@@ -31,7 +31,6 @@ from serving.core.procs import free_port, is_running, processes_in, wait_for
 from serving.domain.release import Release, release_id
 from serving.platforms.local.platform import LocalPlatform
 from serving.platforms.local.router_process import ADMIN_TOKEN_FILE, ROUTER_RECORD
-from tests import server_fixtures
 from tests.local_fixtures import (
     REVISION_A,
     REVISION_B,
@@ -47,8 +46,6 @@ from tests.local_fixtures import (
 from tests.server_fixtures import DEMO_PROFILE, PASSABLE_PROFILE
 
 # Fixtures are found by module attribute; the shared conftest.py stays untouched.
-tiny_model_dir = server_fixtures.tiny_model_dir
-models_dir_with_tiny_profile = server_fixtures.models_dir_with_tiny_profile
 
 LOAD_WORKERS = 3
 LOAD_LIMIT_SECONDS = 60.0

@@ -22,6 +22,7 @@ from dev.mirror import CutFault, KiB, MiB, MirrorServer, MirrorStore
 from serving.config.layout import SENTINEL_NAME, weights_dir
 from serving.config.loader import load_profile
 from serving.config.profile import HubSource, Secrets
+from serving.core.home import REPO_ROOT
 from serving.weights.download import (
     HF_DOWNLOAD_DIR,
     FileEntry,
@@ -42,9 +43,6 @@ from serving.weights.download import (
 from tests.mirror_fixtures import SYNTHETIC_SHARDS, SyntheticRepo, hf_env
 from tests.weights_fixtures import FaultProxy, can_mount_private_tmpfs, in_tiny_tmpfs
 
-pytest_plugins = ("tests.mirror_fixtures", "tests.weights_fixtures")
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARD_COUNT = len(SYNTHETIC_SHARDS)
 BIG_SHARD = shard_name(0, SHARD_COUNT)  # 3 MiB
 MID_SHARD = shard_name(1, SHARD_COUNT)  # 1.5 MiB

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -16,13 +15,13 @@ from prefect.deployments import run_deployment
 from prefect.states import Pending
 
 from serving.config.loader import available_models, load_profile
-from tests.prefect_fixtures import prefect_server  # noqa: F401
+from serving.core.home import REPO_ROOT
 
-ROOT = Path(__file__).parent.parent
+ROOT = REPO_ROOT
 
 
 @pytest.fixture(scope="module")
-def deployments(prefect_server: str) -> dict[str, object]:  # noqa: F811
+def deployments(prefect_server: str) -> dict[str, object]:
     with get_client(sync_client=True) as client:
         if not any(pool.name == "rollout" for pool in client.read_work_pools()):
             client.create_work_pool(WorkPoolCreate(name="rollout", type="process"))

@@ -38,19 +38,19 @@ from dev.mirror import MirrorServer, MirrorStore, run_mirror
 from flows.refresh import refresh
 from flows.rollout import rollout
 from serving.config.loader import DEFAULT_MODELS_DIR, load_profile
+from serving.core.home import REPO_ROOT
 from serving.core.procs import free_port
 from serving.domain.release import release_id
 from serving.engines.engine import FAULT_ENGINES_ENV
 from serving.platforms.local.platform import LocalPlatform
 from tests.local_fixtures import processes_under
-from tests.prefect_fixtures import prefect_server  # noqa: F401
 from tests.server_fixtures import build_tiny_model
 
 REPO = "test-org/tiny-chat"
 MODEL = "tiny-chat"
 QUIET_MODEL = "tiny-chat-no-golden"  # the fault canaries: golden prompts would fail them anyway
-FAKE_ENGINE = Path(__file__).parent / "fake_engine.py"
-ROOT = Path(__file__).parent.parent
+FAKE_ENGINE = REPO_ROOT / "tests" / "fake_engine.py"
+ROOT = REPO_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def home(
     tmp_path: Path,
     models_dir: Path,
     mirror: MirrorServer,
-    prefect_server: str,  # noqa: F811
+    prefect_server: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Path]:
     monkeypatch.setenv("ROLLOUT_HOME", str(tmp_path))
@@ -275,7 +275,7 @@ def assert_stable_alone(revision: str) -> None:
 
 
 def test_killed_orchestrator_mid_canary_is_reconciled_by_the_next_run(
-    home: Path, revisions: dict[str, str], prefect_server: str  # noqa: F811
+    home: Path, revisions: dict[str, str], prefect_server: str
 ) -> None:
     rollout(MODEL, "v1")
     canary_dir = home / "releases" / release_id(load_profile(MODEL), revisions["v2"])
@@ -293,7 +293,7 @@ def test_killed_orchestrator_mid_canary_is_reconciled_by_the_next_run(
 
 
 def test_terminated_orchestrator_rolls_back_its_own_canary(
-    home: Path, revisions: dict[str, str], prefect_server: str  # noqa: F811
+    home: Path, revisions: dict[str, str], prefect_server: str
 ) -> None:
     """SIGTERM (a worker stopping, a pod evicted): the transaction's rollback hook reverts."""
     rollout(MODEL, "v1")
@@ -369,7 +369,7 @@ def test_bad_input_fails_before_anything_starts(
 
 
 def test_abort_rolls_back_a_running_canary_and_status_shows_it(
-    home: Path, revisions: dict[str, str], prefect_server: str  # noqa: F811
+    home: Path, revisions: dict[str, str], prefect_server: str
 ) -> None:
     rollout(MODEL, "v1")
     env = {**os.environ, "PREFECT_API_URL": prefect_server}

@@ -42,12 +42,13 @@ from pydantic import BaseModel
 from dev.demo_model import make_synthetic_repo
 from dev.mirror import KiB, MirrorServer, MirrorStore, run_mirror
 from serving.config.loader import available_models, load_profile
+from serving.core.home import REPO_ROOT
 from serving.domain.records import ReleaseRecord
 from serving.domain.release import Release
 from serving.platforms.local.stores import FileReleaseStore
 from tests.mirror_fixtures import hf_env
 
-ROOT = Path(__file__).parent.parent
+ROOT = REPO_ROOT
 # Generous for a busy 2-core machine: the server migrates a fresh SQLite database first.
 SERVER_STARTUP_SECONDS = 120.0
 STOP_SECONDS = 20.0

@@ -57,8 +57,6 @@ from serving.weights.download import (
 )
 from tests.mirror_fixtures import SyntheticRepo
 
-pytest_plugins = ("tests.mirror_fixtures",)
-
 TOKEN = "hf_test_SECRET_token_value_0987654321"
 MISSING_SHA = "f" * 40
 COMPILE_TIMEOUT_S = 60

@@ -22,27 +22,23 @@ from prefect.client.schemas.objects import StateType
 from dev.mirror import MirrorServer
 from flows.prep import prep
 from serving.config.loader import DEFAULT_MODELS_DIR
+from serving.core.home import REPO_ROOT
 from serving.platforms.local.platform import COMPILE_ENTRYPOINT_ENV
 from tasks import weights as weight_tasks
-from tests.mirror_fixtures import (  # noqa: F401
+from tests.mirror_fixtures import (
     SyntheticRepo,
-    mirror,
-    mirror_server,
-    mirror_store,
-    synthetic_repo,
 )
-from tests.prefect_fixtures import prefect_server  # noqa: F401
 
-FAKE_COMPILE = Path(__file__).parent / "engines" / "fake_compile_deep_gemm.py"
+FAKE_COMPILE = REPO_ROOT / "tests" / "engines" / "fake_compile_deep_gemm.py"
 MODEL = "synthetic-fp8"
 
 
 @pytest.fixture
 def workspace(
     tmp_path: Path,
-    mirror: MirrorServer,  # noqa: F811
-    synthetic_repo: SyntheticRepo,  # noqa: F811
-    prefect_server: str,  # noqa: F811
+    mirror: MirrorServer,
+    synthetic_repo: SyntheticRepo,
+    prefect_server: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Path]:
     """Profiles with a synthetic DeepGEMM model, a fresh ROLLOUT_HOME, the mirror as the Hub."""
@@ -68,7 +64,7 @@ def attempts(workspace: Path) -> int:
 
 
 def test_fresh_prep_downloads_compiles_and_verifies(
-    workspace: Path, mirror: MirrorServer, synthetic_repo: SyntheticRepo  # noqa: F811
+    workspace: Path, mirror: MirrorServer, synthetic_repo: SyntheticRepo
 ) -> None:
     report = prep(MODEL)
     assert report.revision == synthetic_repo.v2  # main → its commit
@@ -83,7 +79,7 @@ def test_fresh_prep_downloads_compiles_and_verifies(
 
 
 def test_rerun_of_a_commit_makes_no_hub_request(
-    workspace: Path, mirror: MirrorServer, synthetic_repo: SyntheticRepo  # noqa: F811
+    workspace: Path, mirror: MirrorServer, synthetic_repo: SyntheticRepo
 ) -> None:
     prep(MODEL, synthetic_repo.v1)
     mirror.clear_requests()
@@ -104,9 +100,9 @@ def test_compile_failing_twice_is_retried(
 
 def test_flow_run_retry_after_a_compile_failure_resumes_at_compile(
     workspace: Path,
-    prefect_server: str,  # noqa: F811
-    mirror: MirrorServer,  # noqa: F811
-    synthetic_repo: SyntheticRepo,  # noqa: F811
+    prefect_server: str,
+    mirror: MirrorServer,
+    synthetic_repo: SyntheticRepo,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("FAKE_COMPILE_FAILURES", "3")  # more than the task's 2 retries
@@ -120,7 +116,7 @@ def test_flow_run_retry_after_a_compile_failure_resumes_at_compile(
             sys.executable, "-m", "prefect", "flow-run", "retry", str(flow_run_id),
             "--entrypoint", "flows/prep.py:prep",
         ],
-        cwd=Path(__file__).parent.parent,
+        cwd=REPO_ROOT,
         env={**os.environ, "PREFECT_API_URL": prefect_server},
         capture_output=True,
         text=True,
@@ -149,7 +145,7 @@ def _task_states(flow_run_id: object) -> dict[str, list[object]]:
 
 
 def test_unknown_revision_is_one_clear_line(
-    workspace: Path, prefect_server: str  # noqa: F811
+    workspace: Path, prefect_server: str
 ) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "rollout.cli", "prep", MODEL, "--revision", "no-such-branch"],

@@ -21,11 +21,11 @@ from dev.demo_model import (
     publish_demo_model,
 )
 from dev.mirror import MirrorStore, run_mirror
+from serving.core.home import REPO_ROOT
 
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHED_BUILD_MAX_S = 1.0
 SUBPROCESS_TIMEOUT_S = 120
 QUESTION = "What is the capital of France?"

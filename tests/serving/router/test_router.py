@@ -22,10 +22,7 @@ from router_fixtures import (
     backend,
     chat_body,
     configure_engine,
-    engines,
-    log_dir,
     new_secret,
-    router,
     run_load,
     start_fake_engine,
     start_router,
@@ -34,7 +31,6 @@ from router_fixtures import (
 )
 
 # fixtures are used by name; importing them is how pytest finds them outside conftest.py
-__all__ = ["engines", "log_dir", "router"]
 
 # 10/90 over 1000 draws: sd of the 10% share is ~0.95 pp, so +-3.5 pp is > 3.5 sigma.
 WEIGHT_SHARE_TOLERANCE = 0.035

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from serving.config.loader import load_profile
+from serving.core.home import REPO_ROOT
 from serving.engines.deepgemm import (
     CompileFailed,
     compile_kernels,
@@ -19,7 +20,7 @@ from serving.engines.deepgemm import (
 )
 from serving.engines.sglang import COMPILE_SUCCESS_LINE, Command, deepgemm_cache_key
 
-FAKE = Path(__file__).parent / "engines" / "fake_compile_deep_gemm.py"
+FAKE = REPO_ROOT / "tests" / "engines" / "fake_compile_deep_gemm.py"
 REVISION = "c" * 40
 
 

@@ -33,7 +33,6 @@ from serving.engines.engine import engine_command, request_model, write_secrets_
 from serving.engines.sglang import Command
 from serving.supervisor.events import ServerEvent
 from serving.supervisor.supervisor import EngineFailed, ProbeFailed, Supervisor
-from tests import server_fixtures
 from tests.server_fixtures import (
     DEMO_PROFILE,
     PASSABLE_PROFILE,
@@ -46,11 +45,6 @@ from tests.server_fixtures import (
 )
 
 # Fixtures are found by module attribute; the shared conftest.py stays untouched.
-tiny_model_dir = server_fixtures.tiny_model_dir
-models_dir_with_tiny_profile = server_fixtures.models_dir_with_tiny_profile
-demo_profile = server_fixtures.demo_profile
-supervisors = server_fixtures.supervisors
-module_supervisors = server_fixtures.module_supervisors
 
 API_KEY = "sk-test-7f3a9c1e5b2d4f6a8c0e"
 HF_TOKEN = "hf_testTokenValue1234567890"
