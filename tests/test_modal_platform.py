@@ -357,6 +357,48 @@ def test_verify_body_checks_the_marker_of_the_current_cache_key(
     assert ("reload", "cache") in cache_volume.events
 
 
+class FakeRefusingVolume(FakeVolume):
+    """FAKE: a read-only mount whose reload() the server refuses, a fault a local directory
+    cannot produce (modal 1.6.4 does not check the flag client side)."""
+
+    def reload(self) -> None:
+        super().reload()
+        raise modal.exception.InvalidError("volume is mounted read-only")
+
+
+def test_verify_body_survives_a_refused_reload_of_the_read_only_cache(
+    mirror: Any, synthetic_repo: SyntheticRepo, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same guard as a release container's start: a fresh container already mounts the
+    latest commit, so verification goes on against the mounted cache, with a warning."""
+    profile = gpu_profile(synthetic_repo.repo_id)
+    sha = synthetic_repo.v2
+    weights_root, cache_root = tmp_path / "weights", tmp_path / "deepgemm"
+    bodies.download_body(
+        profile, sha, root=weights_root, volume=FakeVolume("w"), endpoint=mirror.url
+    )
+    bodies.compile_body(
+        profile, sha, deepgemm_root=cache_root, deepgemm_volume=FakeVolume("cache"),
+        timeout_seconds=COMPILE_TIMEOUT_S, endpoint=mirror.url, run=FakeCompileRun(),
+        unavailable=no_gpu_check, log=lambda line: None,
+    )  # fmt: skip
+    cache_volume = FakeRefusingVolume("cache")
+    result = VerifyResult.model_validate(
+        bodies.verify_body(
+            profile,
+            sha,
+            weights_root=weights_root,
+            weights_volume=FakeVolume("weights"),
+            deepgemm_root=cache_root,
+            deepgemm_volume=cache_volume,
+            endpoint=mirror.url,
+        )
+    )
+    assert result.passed and result.compile_status == "compiled"
+    assert cache_volume.events == [("reload", "cache")]
+    assert "volume reload failed (InvalidError)" in caplog.text
+
+
 def test_the_modal_closures_carry_only_strings_into_the_container() -> None:
     """Serialized functions are pickled with their closure: a captured Modal object (an
     unhydrated Volume) would fail the deploy. Reads modal's private `_raw_f` (modal 1.6.4)."""

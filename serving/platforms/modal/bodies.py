@@ -16,7 +16,7 @@ from typing import Any
 from serving.config.layout import compile_model_dir, deepgemm_dir, weights_dir
 from serving.config.profile import Profile
 from serving.engines.deepgemm import CompileFailed, compile_kernels
-from serving.platforms.modal.resources import Syncable
+from serving.platforms.modal.resources import Syncable, reload_read_only
 from serving.verification import verify_revision
 from serving.weights.download import (
     DownloadResult,
@@ -152,7 +152,7 @@ def verify_body(
     _quiet_hub()
     weights_volume.reload()
     if deepgemm_volume is not None:
-        deepgemm_volume.reload()
+        reload_read_only([deepgemm_volume])
     try:
         result = verify_revision(
             profile,
