@@ -23,6 +23,15 @@ def _mounts(info: object) -> dict[str, tuple[str, bool]]:
     return {path: (mount.name, mount.read_only) for path, mount in volumes.items()}
 
 
+def _deprecated_read_only_mounts(function: object) -> list[str]:
+    """Mounts made read-only with the deprecated `Volume.read_only()` (modal 1.6.4 sets the
+    client-side `_read_only` flag only there; `with_mount_options` sets the mount options).
+    Reads modal's private `_spec` and `_service_function`."""
+    raw = synchronizer._translate_in(function)
+    raw = getattr(raw, "_service_function", None) or raw
+    return [str(path) for path, volume in raw._spec.volumes.items() if volume._read_only]
+
+
 def test_glm51_compile_asks_for_eight_b200_and_mounts_only_the_cache_volume() -> None:
     info = apps.build_compile_app(load_profile("glm-5.1")).compile.info()
     assert info.gpus == [("B200", 8)]
@@ -56,6 +65,8 @@ def test_verify_reads_the_compile_marker_from_a_read_only_cache_mount() -> None:
         "/weights": ("glm51-weights", False),  # verify re-fetches bad files
         "/deepgemm": ("glm51-deepgemm-cache", True),
     }
+    verify = apps.build_weights_app(load_profile("glm-5.1")).verify
+    assert _deprecated_read_only_mounts(verify) == []
     smol = apps.build_weights_app(load_profile("smollm2-135m")).verify.info()
     assert _mounts(smol) == {"/weights": ("smollm2-weights", False)}
 
@@ -79,6 +90,7 @@ def test_release_server_spec(name: str, gpus: list[tuple[str, int]], startup: in
     assert info.port == resources.ENGINE_PORT
     # Serving never writes the volumes.
     assert all(read_only for _, read_only in _mounts(info).values())
+    assert _deprecated_read_only_mounts(release.server) == []
     assert ("/deepgemm" in _mounts(info)) == profile.deepgemm
     assert info.exit_grace_period == min(
         int(profile.canary.retire_grace_seconds), resources.MAX_EXIT_GRACE

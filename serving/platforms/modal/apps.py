@@ -182,7 +182,7 @@ def build_weights_app(profile: Profile) -> WeightsApp:
     verify_volumes = dict(volumes)
     if profile.deepgemm:
         # Verify checks the compile marker; it never writes kernels.
-        verify_volumes[DEEPGEMM_MOUNT] = deepgemm_volume(profile).read_only()
+        verify_volumes[DEEPGEMM_MOUNT] = deepgemm_volume(profile).with_mount_options(read_only=True)
     verify_fn = app.function(
         image=weights_image(),
         volumes=verify_volumes,
@@ -238,9 +238,9 @@ def build_compile_app(profile: Profile) -> CompileApp:
 def build_release_app(profile: Profile, revision: str) -> ReleaseApp:
     """One App per release, so a canary and the stable release scale and stop independently."""
     app = modal.App(release_app_name(profile, revision))
-    volumes = {WEIGHTS_MOUNT: weights_volume(profile).read_only()}
+    volumes = {WEIGHTS_MOUNT: weights_volume(profile).with_mount_options(read_only=True)}
     if profile.deepgemm:
-        volumes[DEEPGEMM_MOUNT] = deepgemm_volume(profile).read_only()
+        volumes[DEEPGEMM_MOUNT] = deepgemm_volume(profile).with_mount_options(read_only=True)
     # The closures carry strings only (see build_weights_app); "" means no cache volume.
     profile_name = profile.name
     weights_name = profile.volumes.weights
