@@ -13,7 +13,7 @@ import modal.exception
 import modal.experimental
 
 from serving.platforms.modal.calls import Poll, probe_call
-from serving.platforms.modal.resources import KeyValue
+from serving.platforms.modal.resources import KeyValue, volume_version_mismatch
 
 
 class Gateway(Protocol):
@@ -57,7 +57,15 @@ class ModalGateway:
 
     def deploy(self, app: modal.App) -> None:
         # A no-op deploy does not bump the version; a changed one rolls the App.
-        app.deploy(environment_name=self.environment)
+        try:
+            app.deploy(environment_name=self.environment)
+        except modal.exception.InvalidError as exc:
+            # A volume of another version fails every deploy with a message that does not
+            # say what to do about it.
+            mismatch = volume_version_mismatch(exc)
+            if mismatch is None:
+                raise
+            raise mismatch from exc
 
     def _function(self, app_name: str, function: str) -> modal.Function:
         return modal.Function.from_name(app_name, function, environment_name=self.environment)

@@ -163,8 +163,10 @@ def volume_version_mismatch(error: BaseException) -> VolumeVersionMismatch | Non
 
     Only the weights volume asks for a version (v2, see weights_volume), so the fix is either
     a new volume name in the profile or deleting the old volume."""
+    if not isinstance(error, modal.exception.InvalidError):
+        return None
     match = _VERSION_MISMATCH.search(str(error))
-    if not isinstance(error, modal.exception.InvalidError) or match is None:
+    if match is None:
         return None
     name = match["name"]
     return VolumeVersionMismatch(
