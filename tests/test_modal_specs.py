@@ -5,11 +5,17 @@ The loopback guard in conftest.py makes any attempt to reach Modal's API fail th
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import modal
 import pytest
 from modal._partial_function import _find_partial_methods_for_user_cls, _PartialFunctionFlags
+from modal._serialization import serialize
 from modal._utils.async_utils import synchronizer
 
 from serving.config.loader import load_profile
@@ -239,3 +245,48 @@ def test_every_image_adds_its_local_files_last(model: str) -> None:
 def test_the_layer_check_catches_a_build_step_after_local_files() -> None:
     wrong = modal.Image.debian_slim().add_local_python_source("serving").env({"A": "1"})
     assert len(_build_steps_on_local_files(wrong)) == 1
+
+
+# Unpickles its arguments' files in a process that imports only what a container's image
+# ships: the copy of `serving` on its path. The editable install of this checkout is taken off
+# the import system first, so `rollout`, `tests` or `dev` cannot be found by accident.
+_CONTAINER_UNPICKLE = """
+import json, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in repr(f)]
+from modal._serialization import deserialize
+for path in sys.argv[2:]:
+    deserialize(open(path, "rb").read(), None)
+import serving
+assert serving.__file__.startswith(sys.argv[1]), serving.__file__
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+def test_containers_unpickle_every_app_from_the_serving_package_alone(tmp_path: Path) -> None:
+    """serialized=True: a container unpickles each function and Server class and imports what
+    they name (the bodies, by module and name) from the image's `serving` package
+    (add_local_python_source). A body moved out of `serving`, or into a module the closures
+    cannot import there, fails this."""
+    glm = load_profile("glm-5.1")
+    weights, compiled = apps.build_weights_app(glm), apps.build_compile_app(glm)
+    functions = [weights.download, weights.merge, weights.verify, compiled.compile]
+    classes = [apps.build_release_app(glm, REVISION).server, apps.build_router_app(glm).server]
+    blobs = [serialize(synchronizer._translate_in(fn)._raw_f) for fn in functions]
+    blobs += [serialize(synchronizer._translate_in(cls)._user_cls) for cls in classes]
+    image_root = tmp_path / "root"
+    source = Path(__file__).resolve().parents[1] / "serving"
+    shutil.copytree(source, image_root / "serving", ignore=shutil.ignore_patterns("__pycache__"))
+    paths = []
+    for index, blob in enumerate(blobs):
+        paths.append(tmp_path / f"{index}.pkl")
+        paths[-1].write_bytes(blob)
+    done = subprocess.run(
+        [sys.executable, "-c", _CONTAINER_UNPICKLE, str(image_root), *map(str, paths)],
+        cwd=image_root, env={"PYTHONPATH": str(image_root)},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    imported = set(json.loads(done.stdout))
+    assert "serving" in imported
+    assert not imported & {"rollout", "tests", "dev", "flows", "tasks", "prefect"}
+
