@@ -15,12 +15,8 @@ from serving.config.layout import DEEPGEMM_MOUNT, WEIGHTS_MOUNT
 from serving.config.profile import CanaryStep, Gates, Profile, check_revision, is_commit_sha
 from serving.engines.deepgemm import COMPILE_TIMEOUT_SECONDS
 from serving.engines.sglang import compile_command, serve_command
-from serving.platforms.modal.apps import (
-    ENGINE_PORT,
-    build_compile_app,
-    build_release_app,
-    build_weights_app,
-)
+from serving.platforms.modal.apps import build_compile_app, build_release_app, build_weights_app
+from serving.platforms.modal.resources import ENGINE_PORT
 
 # Shown where the commit is only known after `resolve` (a branch or tag in the profile).
 UNRESOLVED = "<resolved-commit>"

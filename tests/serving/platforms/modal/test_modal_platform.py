@@ -1,6 +1,6 @@
 """ModalPlatform and the Modal function bodies, offline.
 
-- The bodies in serving.platforms.modal.apps are module-level functions: they run here against
+- The bodies in serving.platforms.modal.bodies are module-level functions: they run here against
   a temporary directory (the "volume"), a FakeVolume that records reload/commit, and the
   local mirror.
 - ModalPlatform talks to Modal only through its Gateway; FakeModalGateway stands in for it and
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import modal.exception
+import modal.volume
 import pytest
 from modal._utils.async_utils import synchronizer
 
@@ -29,21 +30,22 @@ from serving.config.profile import HubSource, Profile, Secrets
 from serving.domain.release import VerifyResult
 from serving.engines.deepgemm import CompileFailed, CompileResult, marker_path, read_marker
 from serving.engines.sglang import Command, deepgemm_cache_key
-from serving.platforms.modal import apps as modal_app
-from serving.platforms.modal.platform import (
+from serving.platforms.modal import apps, bodies, resources
+from serving.platforms.modal.calls import (
     CallKey,
     CallRecord,
     CallState,
     CallStore,
     CallStoreError,
     ModalCallError,
-    ModalGateway,
-    ModalPlatform,
     Poll,
     attach_or_spawn,
     probe_call,
-    shard_count,
 )
+from serving.platforms.modal.gateway import ModalGateway
+from serving.platforms.modal.platform import ModalPlatform
+from serving.platforms.modal.prep import shard_count
+from serving.platforms.modal.resources import VolumeVersionMismatch
 from serving.weights.download import (
     HIGH_PERFORMANCE_ENV,
     DownloadResult,
@@ -134,7 +136,7 @@ def test_download_body_writes_the_sentinel_between_reload_and_commit(
     volume = FakeVolume("weights")
 
     result = DownloadResult.model_validate(
-        modal_app.download_body(
+        bodies.download_body(
             profile, synthetic_repo.v1, root=tmp_path, volume=volume, endpoint=mirror.url
         )
     )
@@ -159,7 +161,7 @@ def test_shards_then_merge_give_one_sentinel_and_no_extra_metadata_calls(
     mirror.clear_requests()
 
     results = [
-        modal_app.download_body(
+        bodies.download_body(
             profile,
             sha,
             root=tmp_path,
@@ -176,7 +178,7 @@ def test_shards_then_merge_give_one_sentinel_and_no_extra_metadata_calls(
     assert [ShardResult.model_validate(r).files != [] for r in results] == [True, True]
 
     merged = DownloadResult.model_validate(
-        modal_app.merge_body(
+        bodies.merge_body(
             profile,
             sha,
             results,
@@ -204,14 +206,14 @@ def test_merge_with_a_shard_missing_writes_no_sentinel_and_commits_nothing(
     all_files = fetch_files(profile.hub.repo, sha, endpoint=mirror.url)
     files = [entry.model_dump(mode="json") for entry in all_files]
     first, _ = plan_shards(all_files, 2)
-    one = modal_app.download_body(
+    one = bodies.download_body(
         profile, sha, root=tmp_path, volume=FakeVolume("shard"), paths=first, files=files,
         endpoint=mirror.url,
     )  # fmt: skip
     volume = FakeVolume("merge")
 
     with pytest.raises(WeightsError, match="shards did not verify"):
-        modal_app.merge_body(
+        bodies.merge_body(
             profile, sha, [one], root=tmp_path, volume=volume, files=files, endpoint=mirror.url
         )
 
@@ -224,7 +226,7 @@ def test_a_failed_download_commits_what_it_has_and_never_shows_the_token(
 ) -> None:
     volume = FakeVolume("weights")
     with pytest.raises(WeightsError) as failure:
-        modal_app.download_body(
+        bodies.download_body(
             cpu_profile(synthetic_repo.repo_id), MISSING_SHA, root=tmp_path, volume=volume,
             token=TOKEN, endpoint=mirror.url,
         )  # fmt: skip
@@ -239,7 +241,7 @@ def test_verify_body_refetches_a_corrupted_file_and_commits_the_repair(
     profile = cpu_profile(synthetic_repo.repo_id)
     sha = synthetic_repo.v1
     download = DownloadResult.model_validate(
-        modal_app.download_body(
+        bodies.download_body(
             profile, sha, root=tmp_path, volume=FakeVolume("w"), endpoint=mirror.url
         )
     )
@@ -249,7 +251,7 @@ def test_verify_body_refetches_a_corrupted_file_and_commits_the_repair(
     volume = FakeVolume("weights")
 
     result = VerifyResult.model_validate(
-        modal_app.verify_body(
+        bodies.verify_body(
             profile, sha, weights_root=tmp_path, weights_volume=volume, endpoint=mirror.url
         )
     )
@@ -269,7 +271,7 @@ def test_compile_body_fetches_the_config_compiles_and_commits_only_on_success(
 
     failing_volume = FakeVolume("cache")
     with pytest.raises(CompileFailed):
-        modal_app.compile_body(
+        bodies.compile_body(
             profile, sha, deepgemm_root=root, deepgemm_volume=failing_volume,
             timeout_seconds=COMPILE_TIMEOUT_S, endpoint=mirror.url,
             run=FakeCompileRun(fail=True), **options,
@@ -279,7 +281,7 @@ def test_compile_body_fetches_the_config_compiles_and_commits_only_on_success(
     run = FakeCompileRun()
     volume = FakeVolume("cache")
     result = CompileResult.model_validate(
-        modal_app.compile_body(
+        bodies.compile_body(
             profile,
             sha,
             deepgemm_root=root,
@@ -300,7 +302,7 @@ def test_compile_body_fetches_the_config_compiles_and_commits_only_on_success(
     assert volume.events == [("reload", "cache"), ("commit", "cache")]
 
     again = CompileResult.model_validate(
-        modal_app.compile_body(
+        bodies.compile_body(
             profile,
             sha,
             deepgemm_root=root,
@@ -320,13 +322,13 @@ def test_verify_body_checks_the_marker_of_the_current_cache_key(
     profile = gpu_profile(synthetic_repo.repo_id)
     sha = synthetic_repo.v2
     weights_root, cache_root = tmp_path / "weights", tmp_path / "deepgemm"
-    modal_app.download_body(
+    bodies.download_body(
         profile, sha, root=weights_root, volume=FakeVolume("w"), endpoint=mirror.url
     )
 
     def verify() -> VerifyResult:
         return VerifyResult.model_validate(
-            modal_app.verify_body(
+            bodies.verify_body(
                 profile,
                 sha,
                 weights_root=weights_root,
@@ -342,7 +344,7 @@ def test_verify_body_checks_the_marker_of_the_current_cache_key(
     assert before.compile_status == "missing" and not before.passed
     assert any(str(before.compile_key) in problem for problem in before.problems)
 
-    modal_app.compile_body(
+    bodies.compile_body(
         profile, sha, deepgemm_root=cache_root, deepgemm_volume=FakeVolume("cache"),
         timeout_seconds=COMPILE_TIMEOUT_S, endpoint=mirror.url, run=FakeCompileRun(),
         unavailable=no_gpu_check, log=lambda line: None,
@@ -355,11 +357,53 @@ def test_verify_body_checks_the_marker_of_the_current_cache_key(
     assert ("reload", "cache") in cache_volume.events
 
 
+class FakeRefusingVolume(FakeVolume):
+    """FAKE: a read-only mount whose reload() the server refuses, a fault a local directory
+    cannot produce (modal 1.6.4 does not check the flag client side)."""
+
+    def reload(self) -> None:
+        super().reload()
+        raise modal.exception.InvalidError("volume is mounted read-only")
+
+
+def test_verify_body_survives_a_refused_reload_of_the_read_only_cache(
+    mirror: Any, synthetic_repo: SyntheticRepo, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same guard as a release container's start: a fresh container already mounts the
+    latest commit, so verification goes on against the mounted cache, with a warning."""
+    profile = gpu_profile(synthetic_repo.repo_id)
+    sha = synthetic_repo.v2
+    weights_root, cache_root = tmp_path / "weights", tmp_path / "deepgemm"
+    bodies.download_body(
+        profile, sha, root=weights_root, volume=FakeVolume("w"), endpoint=mirror.url
+    )
+    bodies.compile_body(
+        profile, sha, deepgemm_root=cache_root, deepgemm_volume=FakeVolume("cache"),
+        timeout_seconds=COMPILE_TIMEOUT_S, endpoint=mirror.url, run=FakeCompileRun(),
+        unavailable=no_gpu_check, log=lambda line: None,
+    )  # fmt: skip
+    cache_volume = FakeRefusingVolume("cache")
+    result = VerifyResult.model_validate(
+        bodies.verify_body(
+            profile,
+            sha,
+            weights_root=weights_root,
+            weights_volume=FakeVolume("weights"),
+            deepgemm_root=cache_root,
+            deepgemm_volume=cache_volume,
+            endpoint=mirror.url,
+        )
+    )
+    assert result.passed and result.compile_status == "compiled"
+    assert cache_volume.events == [("reload", "cache")]
+    assert "volume reload failed (InvalidError)" in caplog.text
+
+
 def test_the_modal_closures_carry_only_strings_into_the_container() -> None:
     """Serialized functions are pickled with their closure: a captured Modal object (an
     unhydrated Volume) would fail the deploy. Reads modal's private `_raw_f` (modal 1.6.4)."""
-    weights = modal_app.build_weights_app(load_profile("glm-5.1"))
-    compile_app = modal_app.build_compile_app(load_profile("glm-5.1"))
+    weights = apps.build_weights_app(load_profile("glm-5.1"))
+    compile_app = apps.build_compile_app(load_profile("glm-5.1"))
     for function in (weights.download, weights.merge, weights.verify, compile_app.compile):
         raw = synchronizer._translate_in(function)._raw_f
         cells = [cell.cell_contents for cell in raw.__closure__ or ()]
@@ -370,8 +414,8 @@ def test_the_release_and_router_classes_carry_only_strings_into_the_container() 
     """The same for the Server classes: every lifecycle method closes over names only (the
     profile, the revision, volume and Dict names), never a Modal object or a profile."""
     profile = load_profile("glm-5.1")
-    release = modal_app.build_release_app(profile, "0123456789abcdef0123456789abcdef01234567")
-    router = modal_app.build_router_app(profile)
+    release = apps.build_release_app(profile, "0123456789abcdef0123456789abcdef01234567")
+    router = apps.build_router_app(profile)
     for server, methods in ((release.server, {"start", "serve", "stop"}),
                             (router.server, {"start", "stop"})):  # fmt: skip
         user_cls = synchronizer._translate_in(server)._user_cls
@@ -600,27 +644,27 @@ class FakeModalGateway:
         profile = self.profile
         weights = self.volume_root(profile.volumes.weights)
         volume = FakeVolume(profile.volumes.weights, self.volume_events)
-        if function == modal_app.DOWNLOAD_FUNCTION:
+        if function == resources.DOWNLOAD_FUNCTION:
             revision, *rest = args
             paths, files = [*rest, None, None][:2]
-            return modal_app.download_body(
+            return bodies.download_body(
                 profile, revision, root=weights, volume=volume, paths=paths, files=files,
                 endpoint=self.endpoint,
             )  # fmt: skip
-        if function == modal_app.MERGE_FUNCTION:
+        if function == resources.MERGE_FUNCTION:
             revision, shards, files = args
-            return modal_app.merge_body(
+            return bodies.merge_body(
                 profile, revision, shards, root=weights, volume=volume, files=files,
                 endpoint=self.endpoint,
             )  # fmt: skip
-        if function == modal_app.VERIFY_FUNCTION:
-            return modal_app.verify_body(
+        if function == resources.VERIFY_FUNCTION:
+            return bodies.verify_body(
                 profile, args[0], weights_root=weights, weights_volume=volume,
                 endpoint=self.endpoint,
             )  # fmt: skip
-        if function == modal_app.COMPILE_FUNCTION:
+        if function == resources.COMPILE_FUNCTION:
             assert profile.volumes.deepgemm is not None
-            return modal_app.compile_body(
+            return bodies.compile_body(
                 profile, args[0], deepgemm_root=self.volume_root(profile.volumes.deepgemm),
                 deepgemm_volume=FakeVolume(profile.volumes.deepgemm, self.volume_events),
                 timeout_seconds=COMPILE_TIMEOUT_S, endpoint=self.endpoint,
@@ -787,7 +831,7 @@ def test_a_failed_compile_is_spawned_anew_and_the_record_replaced(
     profile = gpu_profile(synthetic_repo.repo_id)
     home = tmp_path / "home"
     gateway = FakeModalGateway(tmp_path / "volumes", mirror.url, profile)
-    key = platform(home, gateway)._cache_key(profile, synthetic_repo.v1)
+    key = platform(home, gateway).prep._cache_key(profile, synthetic_repo.v1)
     store = CallStore(home / "state" / "modal-calls.json")
     old = CallRecord(
         key=CallKey(stage="compile", model=profile.name, revision=synthetic_repo.v1,
@@ -811,7 +855,7 @@ def test_an_expired_or_finished_compile_record(
     profile = gpu_profile(synthetic_repo.repo_id)
     home = tmp_path / "home"
     gateway = FakeModalGateway(tmp_path / "volumes", mirror.url, profile)
-    key = platform(home, gateway)._cache_key(profile, synthetic_repo.v1)
+    key = platform(home, gateway).prep._cache_key(profile, synthetic_repo.v1)
     call_key = CallKey(
         stage="compile", model=profile.name, revision=synthetic_repo.v1, detail=key,
         environment="test",
@@ -938,3 +982,34 @@ def test_the_default_platform_makes_no_modal_call_and_tests_cannot_leave_loopbac
     assert modal_platform.cache_scope.startswith("modal:")
     with pytest.raises(ConnectionRefusedError, match="may not leave loopback"):
         socket.create_connection(("192.0.2.1", 443), timeout=1)
+
+
+class FakeAppMeetingAnOldVolume:
+    """FAKE: an App whose deploy meets the profile's weights volume as v1 where v2 is asked
+    for. The error is the SDK's own (modal.volume._validate_volume_version, which a deploy
+    calls while hydrating the volume); only a Modal server holding such a volume produces it."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+
+    def deploy(self, environment_name: str | None = None) -> None:
+        if self.error is not None:
+            raise self.error
+        modal.volume._validate_volume_version(2, 1, "glm51-weights")
+
+
+def test_a_weights_volume_of_another_version_fails_the_deploy_with_what_to_do() -> None:
+    with pytest.raises(VolumeVersionMismatch) as failure:
+        ModalGateway().deploy(FakeAppMeetingAnOldVolume())  # type: ignore[arg-type]
+    message = str(failure.value)
+    assert "\n" not in message
+    assert "'glm51-weights' is v1, but rollout needs v2" in message
+    assert "volumes.weights" in message and "`modal volume delete glm51-weights`" in message
+    assert isinstance(failure.value.__cause__, modal.exception.InvalidError)
+
+
+def test_other_deploy_errors_pass_unchanged() -> None:
+    other = modal.exception.InvalidError("Deployment strategy must be 'rolling' or 'recreate'")
+    with pytest.raises(modal.exception.InvalidError) as failure:
+        ModalGateway().deploy(FakeAppMeetingAnOldVolume(other))  # type: ignore[arg-type]
+    assert failure.value is other

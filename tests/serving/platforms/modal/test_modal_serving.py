@@ -1,13 +1,13 @@
 """Serving on Modal, offline: the release and router container bodies, and ModalPlatform's
 deploy / set_traffic / retire / stats / running_releases against a FAKE gateway.
 
-- The release body (serving.platforms.modal.apps: start_release / resume_release / stop_release)
-  runs here
-  with the FAKE engine (tests/engines/fake_engine.py) instead of SGLang: the same lifecycle as
-  in a Modal container (enter with snap=True, snapshot, enter with snap=False, exit).
+- The release body (serving.platforms.modal.server_bodies: start_release / resume_release /
+  stop_release) runs here with the FAKE engine (tests/engines/fake_engine.py) instead of
+  SGLang: the same lifecycle as in a Modal container (enter with snap=True, snapshot, enter
+  with snap=False, exit).
 - FakeServingGateway stands in for Modal: deploying a release App runs the real release
   bodies on a loopback port; deploying the router App runs the real router (serving.router via
-  modal_app.start_router) on loopback, polling a dict-backed FakeDict through the same
+  server_bodies.start_router) on loopback, polling a dict-backed FakeDict through the same
   `routes_poll` function the router container uses.
 - Where timing must be exact (drain deadlines, health waits), the router and the releases are
   httpx.MockTransport handlers and the clock is fake.
@@ -40,8 +40,8 @@ from serving.core.procs import free_port, wait_for
 from serving.domain.records import ReleaseRecord
 from serving.domain.release import Release
 from serving.engines.sglang import Command
-from serving.platforms.modal import apps as modal_app
 from serving.platforms.modal import platform as modal_platform
+from serving.platforms.modal import resources, server_bodies
 from serving.platforms.modal.platform import ModalPlatform, RouterAdminError
 from serving.router.table import Backend, RoutingTable
 from serving.supervisor.supervisor import EngineFailed, Supervisor
@@ -123,13 +123,13 @@ def engine_requests(record: Path) -> list[str]:
 
 @pytest.fixture
 def admin_token(monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv(modal_app.ROUTER_ADMIN_TOKEN_ENV, ADMIN_TOKEN)
+    monkeypatch.setenv(resources.ROUTER_ADMIN_TOKEN_ENV, ADMIN_TOKEN)
     return ADMIN_TOKEN
 
 
 @pytest.fixture
 def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv(modal_app.API_KEY_ENV, API_KEY)
+    monkeypatch.setenv(resources.API_KEY_ENV, API_KEY)
     return API_KEY
 
 
@@ -148,7 +148,7 @@ def start_fake_release(
     builder = FakeEngineBuilder(tmp_path / f"engine-{revision[:8]}.jsonl")
     volume = FakeVolume()
     options.setdefault("on_crash", lambda failure: None)
-    supervisor = modal_app.start_release(
+    supervisor = server_bodies.start_release(
         profile,
         revision,
         weights_root=tmp_path / "weights",
@@ -199,7 +199,7 @@ def test_snapshot_release_warms_up_releases_memory_then_resumes_and_watches(
     # No crash monitor before the snapshot: the engine is paused, not dead.
     assert supervisor._monitor is None
     # @modal.enter(snap=False), after the restore: memory back, then the crash monitor.
-    modal_app.resume_release(supervisor)
+    server_bodies.resume_release(supervisor)
     assert engine_requests(record)[-1] == "/resume_memory_occupation"
     assert supervisor._monitor is not None
 
@@ -220,23 +220,23 @@ def test_release_without_snapshot_serves_after_enter_and_drains_on_exit(
     crashes: list[EngineFailed] = []
     supervisor, builder, _ = start_fake_release(profile, REV_A, tmp_path, on_crash=crashes.append)
     started.append(supervisor)
-    modal_app.resume_release(supervisor)  # the same second enter: only the crash monitor
+    server_bodies.resume_release(supervisor)  # the same second enter: only the crash monitor
     assert engine_requests(builder.record) == ["/v1/chat/completions"]
     assert builder.calls[0]["secrets_config"] is None  # no key, no file
 
-    modal_app.stop_release(supervisor, drain_seconds=5)  # @modal.exit
+    server_bodies.stop_release(supervisor, drain_seconds=5)  # @modal.exit
 
     assert not supervisor.running
     time.sleep(2 * 0.5)  # two crash-monitor polls: a requested stop is no crash
     assert crashes == []
-    modal_app.stop_release(None, drain_seconds=5)  # an enter that failed left no supervisor
+    server_bodies.stop_release(None, drain_seconds=5)  # an enter that failed left no supervisor
 
 
 def test_a_release_without_verified_weights_starts_no_engine(tmp_path: Path) -> None:
     profile = serving_profile(snapshot=False, api_key=False)
     builder = FakeEngineBuilder(tmp_path / "engine.jsonl")
-    with pytest.raises(modal_app.ReleaseStartFailed, match="no verified weights"):
-        modal_app.start_release(
+    with pytest.raises(server_bodies.ReleaseStartFailed, match="no verified weights"):
+        server_bodies.start_release(
             profile, REV_A, weights_root=tmp_path / "weights", deepgemm_root=None, volumes=[],
             private_dir=tmp_path / "private", api_key=None, build_command=builder,
         )  # fmt: skip
@@ -275,7 +275,7 @@ def test_a_release_that_fails_to_resume_is_stopped(
     assert supervisor.pid is not None
     os.killpg(supervisor.pid, signal.SIGKILL)  # died while the container was snapshotted
     with pytest.raises(EngineFailed):
-        modal_app.resume_release(supervisor)
+        server_bodies.resume_release(supervisor)
     assert not supervisor.running and supervisor._monitor is None
 
 
@@ -283,27 +283,27 @@ def test_the_container_api_key_comes_from_the_secret_and_is_required_where_named
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     with_key = serving_profile(snapshot=False, api_key=True)
-    monkeypatch.delenv(modal_app.API_KEY_ENV, raising=False)
-    assert modal_app.container_api_key(serving_profile(snapshot=False, api_key=False)) is None
-    with pytest.raises(modal_app.ReleaseStartFailed, match="gives no API_KEY"):
-        modal_app.container_api_key(with_key)
-    monkeypatch.setenv(modal_app.API_KEY_ENV, API_KEY)
-    assert modal_app.container_api_key(with_key) == API_KEY
+    monkeypatch.delenv(resources.API_KEY_ENV, raising=False)
+    assert server_bodies.container_api_key(serving_profile(snapshot=False, api_key=False)) is None
+    with pytest.raises(server_bodies.ReleaseStartFailed, match="gives no API_KEY"):
+        server_bodies.container_api_key(with_key)
+    monkeypatch.setenv(resources.API_KEY_ENV, API_KEY)
+    assert server_bodies.container_api_key(with_key) == API_KEY
 
 
 def test_the_engine_drains_within_the_exit_grace_period() -> None:
     for name in ("glm-5.1", "qwen3-8b"):
         profile = load_profile(name)
-        grace = modal_app.exit_grace_seconds(profile)
-        drain = modal_app.release_drain_seconds(profile)
-        assert drain == grace - modal_app.EXIT_STOP_MARGIN_SECONDS
+        grace = server_bodies.exit_grace_seconds(profile)
+        drain = server_bodies.release_drain_seconds(profile)
+        assert drain == grace - resources.EXIT_STOP_MARGIN_SECONDS
     short = load_profile("qwen3-8b")
     short = short.model_copy(
         update={"canary": short.canary.model_copy(update={"retire_grace_seconds": 5})}
     )
-    assert modal_app.release_drain_seconds(short) == 0
+    assert server_bodies.release_drain_seconds(short) == 0
     # The supervisor gives up before Modal's startup_timeout, so its error says why.
-    assert modal_app.readiness_budget(load_profile("qwen3-8b")) < 600
+    assert server_bodies.readiness_budget(load_profile("qwen3-8b")) < 600
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,13 +330,13 @@ class FakeDict:
 
 def test_the_router_polls_the_routing_table_from_the_dict() -> None:
     routes = FakeDict()
-    poll = modal_app.routes_poll(routes)
+    poll = server_bodies.routes_poll(routes)
     assert poll() is None  # nothing written yet: no change
     table = RoutingTable(
         models={"qwen3-8b": [Backend(name="qwen3-8b-aaaaaaaa", url="https://a.modal.run",
                                      weight=100, api_key_env="API_KEY")]}
     )  # fmt: skip
-    routes.put(modal_app.ROUTES_KEY, table.model_dump_json(exclude_none=True))
+    routes.put(resources.ROUTES_KEY, table.model_dump_json(exclude_none=True))
     assert poll() == table
 
 
@@ -344,29 +344,29 @@ def test_the_router_needs_its_admin_token_and_the_models_key(
     monkeypatch: pytest.MonkeyPatch, api_key: str
 ) -> None:
     profile = serving_profile(snapshot=False, api_key=True)
-    monkeypatch.delenv(modal_app.ROUTER_ADMIN_TOKEN_ENV, raising=False)
-    with pytest.raises(modal_app.ReleaseStartFailed, match="ROUTER_ADMIN_TOKEN"):
-        modal_app.router_config(profile, FakeDict())
-    monkeypatch.setenv(modal_app.ROUTER_ADMIN_TOKEN_ENV, ADMIN_TOKEN)
-    config = modal_app.router_config(profile, FakeDict())
+    monkeypatch.delenv(resources.ROUTER_ADMIN_TOKEN_ENV, raising=False)
+    with pytest.raises(server_bodies.ReleaseStartFailed, match="ROUTER_ADMIN_TOKEN"):
+        server_bodies.router_config(profile, FakeDict())
+    monkeypatch.setenv(resources.ROUTER_ADMIN_TOKEN_ENV, ADMIN_TOKEN)
+    config = server_bodies.router_config(profile, FakeDict())
     assert config.admin_token is not None and config.admin_token.get_secret_value() == ADMIN_TOKEN
     assert config.client_api_key is not None
     assert config.client_api_key.get_secret_value() == api_key
-    assert config.poll_interval_s == modal_app.ROUTER_POLL_SECONDS
+    assert config.poll_interval_s == resources.ROUTER_POLL_SECONDS
     assert ADMIN_TOKEN not in repr(config) and api_key not in repr(config)
 
 
 def test_the_router_serves_on_a_thread_and_stops(admin_token: str) -> None:
     routes = FakeDict()
     profile = serving_profile(snapshot=False, api_key=False)
-    router = modal_app.start_router(
-        modal_app.router_config(profile, routes), host="127.0.0.1", port=0
+    router = server_bodies.start_router(
+        server_bodies.router_config(profile, routes), host="127.0.0.1", port=0
     )
     try:
         url = f"http://127.0.0.1:{router.port}"
         assert httpx.get(f"{url}/health").status_code == 200
         table = RoutingTable(models={"qwen3-8b": [Backend(name="b", url="http://x", weight=1)]})
-        routes.put(modal_app.ROUTES_KEY, table.model_dump_json())
+        routes.put(resources.ROUTES_KEY, table.model_dump_json())
         headers = {"Authorization": f"Bearer {admin_token}"}
 
         def polled() -> bool:
@@ -377,7 +377,7 @@ def test_the_router_serves_on_a_thread_and_stops(admin_token: str) -> None:
             "the router did not pick up the Dict within a second"
         )
     finally:
-        modal_app.stop_router(router)
+        server_bodies.stop_router(router)
     assert not router.thread.is_alive()
 
 
@@ -410,24 +410,24 @@ class FakeServingGateway:
     def deploy(self, app: Any) -> None:
         name = str(app.name)
         self.deployed.append(name)
-        if name == modal_app.router_app_name(self.profile):
-            routes = self.dict(modal_app.routes_dict_name(self.profile))
-            config = modal_app.router_config(self.profile, routes)
-            router = modal_app.start_router(config, host="127.0.0.1", port=0)
+        if name == resources.router_app_name(self.profile):
+            routes = self.dict(resources.routes_dict_name(self.profile))
+            config = server_bodies.router_config(self.profile, routes)
+            router = server_bodies.start_router(config, host="127.0.0.1", port=0)
             url = f"http://127.0.0.1:{router.port}"
-            self.apps[name] = FakeApp(url, lambda: modal_app.stop_router(router))
+            self.apps[name] = FakeApp(url, lambda: server_bodies.stop_router(router))
             return
         revision = next(
             path.name
             for path in (self.root / "weights" / self.profile.hub.repo).iterdir()
-            if name == modal_app.release_app_name(self.profile, path.name)
+            if name == resources.release_app_name(self.profile, path.name)
         )
         supervisor, _, _ = start_fake_release(
-            self.profile, revision, self.root, api_key=modal_app.container_api_key(self.profile)
+            self.profile, revision, self.root, api_key=server_bodies.container_api_key(self.profile)
         )
-        modal_app.resume_release(supervisor)
+        server_bodies.resume_release(supervisor)
         self.apps[name] = FakeApp(
-            supervisor.base_url, lambda: modal_app.stop_release(supervisor, 5), supervisor
+            supervisor.base_url, lambda: server_bodies.stop_release(supervisor, 5), supervisor
         )
 
     def deployed_apps(self) -> list[str]:
@@ -481,7 +481,7 @@ def serving(
 
 def dict_table(gateway: FakeServingGateway, profile: Profile) -> RoutingTable | None:
     """What the router container reads: the real poll function over the model's Dict."""
-    return modal_app.routes_poll(gateway.dict(modal_app.routes_dict_name(profile)))()
+    return server_bodies.routes_poll(gateway.dict(resources.routes_dict_name(profile)))()
 
 
 def weights_of(table: RoutingTable | None, profile: Profile) -> dict[str, int]:
@@ -513,7 +513,7 @@ def test_deploy_starts_the_router_then_the_release_at_weight_zero_and_is_idempot
     assert table is not None
     [backend] = table.models["qwen3-8b"]
     # The router reads the engine's key from its own environment: only the variable's name.
-    assert backend.api_key_env == modal_app.API_KEY_ENV and backend.api_key is None
+    assert backend.api_key_env == resources.API_KEY_ENV and backend.api_key is None
     stored = gateway.dicts["qwen3-8b-routes"].data.values()
     assert all(API_KEY not in str(value) for value in stored)
     # Pushed to the router at once, too.
@@ -636,8 +636,8 @@ def test_the_release_store_is_one_dict_keyed_by_model(
     )  # fmt: skip
     store.write(ReleaseRecord(model="qwen3-8b", stable=release))
     assert platform.release_store().read("qwen3-8b").stable == release
-    assert list(gateway.dicts) == [modal_app.RELEASES_DICT_NAME]
-    assert list(gateway.dicts[modal_app.RELEASES_DICT_NAME].data) == ["qwen3-8b"]
+    assert list(gateway.dicts) == [resources.RELEASES_DICT_NAME]
+    assert list(gateway.dicts[resources.RELEASES_DICT_NAME].data) == ["qwen3-8b"]
     platform.shutdown()  # Modal Apps outlive the orchestrator: nothing to stop
     assert gateway.stopped == []
 
@@ -773,7 +773,7 @@ def test_retire_stops_at_the_deadline_when_requests_do_not_finish(
 def test_without_the_admin_token_routing_still_moves_and_retire_waits_out_the_deadline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.delenv(modal_app.ROUTER_ADMIN_TOKEN_ENV, raising=False)
+    monkeypatch.delenv(resources.ROUTER_ADMIN_TOKEN_ENV, raising=False)
     profile = serving_profile(snapshot=False, api_key=False)
     seen: list[httpx.Request] = []
     modal = MockModal(stats_handler([0], seen), apps=["qwen3-8b-router", "qwen3-8b-aaaaaaaa"])
@@ -781,7 +781,7 @@ def test_without_the_admin_token_routing_still_moves_and_retire_waits_out_the_de
     platform = modal.platform(tmp_path, clock)
 
     platform.set_traffic(profile, {"qwen3-8b-aaaaaaaa": 100})
-    assert weights_of(modal_app.routes_poll(modal.dict("qwen3-8b-routes"))(), profile) == {
+    assert weights_of(server_bodies.routes_poll(modal.dict("qwen3-8b-routes"))(), profile) == {
         "qwen3-8b-aaaaaaaa": 100
     }
     with pytest.raises(RouterAdminError, match="ROUTER_ADMIN_TOKEN is not set"):
@@ -816,7 +816,7 @@ def test_a_release_that_never_gets_healthy_is_stopped_and_fails_the_deploy(
     assert set(health) == {"qwen3-8b-aaaaaaaa.modal.test"} and len(health) > 1
     assert (
         weights_of(
-            modal_app.routes_poll(modal.dict("qwen3-8b-routes"))() or RoutingTable(), profile
+            server_bodies.routes_poll(modal.dict("qwen3-8b-routes"))() or RoutingTable(), profile
         )
         == {}
     )

@@ -1,0 +1,407 @@
+"""The preparation stages on Modal: resolve, download, compile, verify.
+
+Download and compile are calls SPAWNED on the deployed `<model>-weights` / `<model>-compile`
+Apps and recorded in the CallStore (serving.platforms.modal.calls), so a retried or restarted
+flow re-attaches to them instead of paying for a second 8-GPU job. Before any container starts,
+a finished stage is recognised from the volume itself (the weights sentinel, the compile
+marker): a rerun of a proven stage starts nothing.
+
+Big repos are downloaded in shards, each shard its own spawned call (a `.map` would die with
+the orchestrator and could not be re-attached), then merged into one sentinel.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from serving.config.layout import (
+    DEEPGEMM_MOUNT,
+    SENTINEL_NAME,
+    WEIGHTS_MOUNT,
+    deepgemm_dir,
+    weights_dir,
+)
+from serving.config.profile import Profile
+from serving.core.errors import one_line
+from serving.domain.release import VerifyResult
+from serving.engines.deepgemm import CompileResult, marker_path, parse_marker
+from serving.engines.sglang import deepgemm_cache_key
+
+# `modal_app`: the names and function names of the Apps, as the code moved here spells them.
+from serving.platforms.modal import resources as modal_app
+from serving.platforms.modal.apps import build_compile_app, build_weights_app
+from serving.platforms.modal.calls import (
+    CallKey,
+    CallRecord,
+    CallState,
+    CallStore,
+    ModalCallError,
+    Poll,
+    Stage,
+    attach_or_spawn,
+)
+from serving.platforms.modal.gateway import Gateway
+from serving.weights.download import (
+    DownloadResult,
+    FileEntry,
+    GiB,
+    Manifest,
+    Progress,
+    ProgressCallback,
+    WeightsError,
+    fetch_files,
+    fetch_model_config,
+    hf_token,
+    plan_shards,
+    require_commit,
+    resolve_revision,
+    select_files,
+)
+
+log = logging.getLogger(__name__)
+
+GB = 1000**3
+CALLS_FILE = "modal-calls.json"
+# Where the orchestrator keeps a revision's config.json to compute the DeepGEMM cache key.
+CONFIGS_DIR = "modal-configs"
+# Shard a download over several containers above either threshold: one container's network
+# and disk top out around a few hundred MB/s, and a 700 GB repo is hours in one container.
+SHARD_MIN_FILES = 16
+SHARD_MIN_BYTES = 200 * GB
+BYTES_PER_SHARD = 100 * GiB
+MAX_SHARDS = 16
+# A long-poll on one call: the server answers as soon as the call finishes, so this only
+# bounds how often a "still waiting" line is logged.
+WAIT_POLL_SECONDS = 60.0
+# Several calls (shards) are polled in turn, each without waiting, then the loop sleeps.
+SHARDS_POLL_INTERVAL = 10.0
+
+
+def shard_count(
+    files: Sequence[FileEntry],
+    *,
+    min_files: int = SHARD_MIN_FILES,
+    min_bytes: int = SHARD_MIN_BYTES,
+    bytes_per_shard: int = BYTES_PER_SHARD,
+    max_shards: int = MAX_SHARDS,
+) -> int:
+    """1 for one container; more above either threshold, about `bytes_per_shard` each."""
+    total = sum(entry.size for entry in files)
+    if len(files) <= min_files and total <= min_bytes:
+        return 1
+    return max(2, min(max_shards, len(files), math.ceil(total / bytes_per_shard)))
+
+
+@dataclass(frozen=True)
+class _Started:
+    key: CallKey
+    call_id: str | None
+    result: Any = None
+
+
+class Preparation:
+    """ModalPlatform's preparation stages: the spawned calls of one Modal environment."""
+
+    def __init__(
+        self,
+        home: Path,
+        gateway: Gateway,
+        *,
+        environment: str | None,
+        endpoint: str | None,
+        shard_min_files: int = SHARD_MIN_FILES,
+        shard_min_bytes: int = SHARD_MIN_BYTES,
+        bytes_per_shard: int = BYTES_PER_SHARD,
+        max_shards: int = MAX_SHARDS,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.home = home
+        self.gateway = gateway
+        self.environment = environment
+        # The Hub endpoint of the orchestrator's own cheap calls (resolve, file list, config).
+        self.endpoint = endpoint
+        self.calls = CallStore(self.home / "state" / CALLS_FILE)
+        self.shard_min_files = shard_min_files
+        self.shard_min_bytes = shard_min_bytes
+        self.bytes_per_shard = bytes_per_shard
+        self.max_shards = max_shards
+        self._sleep = sleep
+        self._deployed: set[str] = set()
+        self._deploy_lock = threading.Lock()
+
+    def resolve(self, profile: Profile, revision: str) -> str:
+        # One cheap HTTP call from the orchestrator; no container.
+        return resolve_revision(profile.hub.repo, revision, hf_token(), endpoint=self.endpoint)
+
+    def download(
+        self, profile: Profile, revision: str, progress: ProgressCallback | None = None
+    ) -> DownloadResult:
+        require_commit(revision)
+        cached = self._sentinel_on_volume(profile, revision)
+        if cached is not None:
+            log.info("%s@%s: weights already complete on the volume", profile.name, revision[:8])
+            return cached
+        hub = profile.hub
+        all_files = fetch_files(hub.repo, revision, hf_token(), endpoint=self.endpoint)
+        expected = select_files(all_files, hub.allow_patterns, hub.ignore_patterns)
+        if not expected:
+            raise WeightsError(
+                f"{hub.repo}@{revision[:8]}: no file matches the allow/ignore patterns"
+            )
+        total = sum(entry.size for entry in expected)
+        count = shard_count(
+            expected,
+            min_files=self.shard_min_files,
+            min_bytes=self.shard_min_bytes,
+            bytes_per_shard=self.bytes_per_shard,
+            max_shards=self.max_shards,
+        )
+        app_name = modal_app.weights_app_name(profile)
+        report = _DownloadProgress(progress, total)
+        report.update(0)
+        if count == 1:
+            key = self._key("download", profile, revision)
+            started = self._start(key, profile, "weights", modal_app.DOWNLOAD_FUNCTION, revision)
+            result = DownloadResult.model_validate(self._finish(started, "download"))
+            report.update(total)
+            return result
+
+        # Sorted by path first: the same revision gives the same plan on every run, so a
+        # restarted orchestrator finds its shards' calls under the same keys.
+        shards = plan_shards(sorted(expected, key=lambda e: e.path), count)
+        files = [entry.model_dump(mode="json") for entry in all_files]
+        sizes = {entry.path: entry.size for entry in expected}
+        log.info("%s@%s: %d files, %.1f GiB in %d shards", profile.name, revision[:8],
+                 len(expected), total / GiB, len(shards))  # fmt: skip
+        started_shards = []
+        for index, paths in enumerate(shards):
+            key = self._key("download-shard", profile, revision, f"{index + 1}-of-{len(shards)}")
+            started_shards.append(
+                (
+                    self._start(
+                        key, profile, "weights", modal_app.DOWNLOAD_FUNCTION, revision, paths, files
+                    ),
+                    sum(sizes[path] for path in paths),
+                )
+            )
+        results = self._finish_all(started_shards, report)
+        merged = self.gateway.call(app_name, modal_app.MERGE_FUNCTION, revision, results, files)
+        report.update(total)
+        return DownloadResult.model_validate(merged)
+
+    def compile(self, profile: Profile, revision: str) -> CompileResult:
+        require_commit(revision)
+        if not profile.deepgemm or profile.volumes.deepgemm is None:
+            return CompileResult.not_required()
+        key = self._cache_key(profile, revision)
+        marker = self._marker_on_volume(profile, key)
+        if marker is not None:
+            log.info("%s: DeepGEMM kernels for key %s are already compiled", profile.name, key)
+            return CompileResult(
+                status="cached", reason="marker found", key=key, marker=marker, seconds=0.0
+            )
+        call_key = self._key("compile", profile, revision, key)
+        started = self._start(call_key, profile, "compile", modal_app.COMPILE_FUNCTION, revision)
+        return CompileResult.model_validate(self._finish(started, "compile"))
+
+    def verify(self, profile: Profile, revision: str) -> VerifyResult:
+        # Not spawned: re-hashing the volume is minutes, and a fresh verification is the point
+        # of this stage, so a rerun verifies again rather than reusing an old call's result.
+        require_commit(revision)
+        self._ensure_deployed(profile, "weights")
+        result = self.gateway.call(
+            modal_app.weights_app_name(profile), modal_app.VERIFY_FUNCTION, revision
+        )
+        return VerifyResult.model_validate(result)
+
+
+
+    # -- calls --------------------------------------------------------------------------------
+
+    def _key(self, stage: Stage, profile: Profile, revision: str, detail: str = "") -> CallKey:
+        return CallKey(
+            stage=stage,
+            model=profile.name,
+            revision=revision,
+            detail=detail,
+            environment=self.environment or "",
+        )
+
+    def _start(
+        self,
+        key: CallKey,
+        profile: Profile,
+        app_kind: Literal["weights", "compile"],
+        function: str,
+        *args: Any,
+    ) -> _Started:
+        """Attach to the recorded call, take its result, or spawn one and record it."""
+        record = self.calls.get(key)
+        decision = attach_or_spawn(record, self.gateway.poll)
+        log.info("%s %s@%s: %s", key.stage, key.model, key.revision[:8], decision.reason)
+        if decision.action == "attach":
+            return _Started(key, decision.call_id)
+        if decision.action == "use-result":
+            return _Started(key, None, decision.result)
+        app_name = self._ensure_deployed(profile, app_kind)
+        call_id = self.gateway.spawn(app_name, function, *args)
+        # Recorded at once: from here a restarted orchestrator re-attaches. (A crash between
+        # the spawn and this write is the one window in which a retry starts a second call.)
+        self.calls.put(
+            CallRecord(
+                key=key,
+                call_id=call_id,
+                app=app_name,
+                function=function,
+                spawned_at=datetime.now(UTC),
+            )
+        )
+        log.info("%s %s@%s: spawned call %s", key.stage, key.model, key.revision[:8], call_id)
+        return _Started(key, call_id)
+
+    def _finish(self, started: _Started, what: str) -> Any:
+        """Wait for one call (long-polling) and return its result."""
+        if started.call_id is None:
+            return started.result
+        began = time.monotonic()
+        while True:
+            poll = self.gateway.poll(started.call_id, WAIT_POLL_SECONDS)
+            if poll.state is not CallState.RUNNING:
+                return self._outcome(started, poll, what)
+            log.info("%s: waiting for call %s (%.0f min)", what, started.call_id,
+                     (time.monotonic() - began) / 60)  # fmt: skip
+
+    def _finish_all(
+        self, started: Sequence[tuple[_Started, int]], report: _DownloadProgress
+    ) -> list[Any]:
+        """Wait for several calls (the shards), reporting bytes as each one finishes. The first
+        failure is raised at once; the other calls run on and are re-attached on retry."""
+        results: dict[int, Any] = {}
+        done_bytes = 0
+        for index, (item, size) in enumerate(started):
+            if item.call_id is None:
+                results[index] = item.result
+                done_bytes += size
+        report.update(done_bytes)
+        while len(results) < len(started):
+            progressed = False
+            for index, (item, size) in enumerate(started):
+                if index in results:
+                    continue
+                assert item.call_id is not None
+                poll = self.gateway.poll(item.call_id, 0)
+                if poll.state is CallState.RUNNING:
+                    continue
+                results[index] = self._outcome(item, poll, f"download shard {item.key.detail}")
+                done_bytes += size
+                progressed = True
+            if progressed:
+                report.update(done_bytes)
+            elif len(results) < len(started):
+                self._sleep(SHARDS_POLL_INTERVAL)
+        return [results[index] for index in range(len(started))]
+
+    def _outcome(self, started: _Started, poll: Poll, what: str) -> Any:
+        if poll.state is CallState.SUCCEEDED:
+            return poll.result
+        if poll.state is CallState.EXPIRED:
+            raise ModalCallError(f"{what}: the output of call {started.call_id} has expired")
+        # The record stays: the next attempt probes it, sees the failure and spawns anew.
+        raise ModalCallError(
+            f"{what}: call {started.call_id} failed: {one_line(poll.error)}"
+        ) from poll.error
+
+    def _ensure_deployed(self, profile: Profile, app_kind: Literal["weights", "compile"]) -> str:
+        """Deploy the App once per process: the first spawn deploys the code and profiles of
+        this checkout; later ones reuse it."""
+        if app_kind == "weights":
+            name, build = modal_app.weights_app_name(profile), build_weights_app
+        else:
+            name, build = modal_app.compile_app_name(profile), build_compile_app
+        with self._deploy_lock:
+            if name not in self._deployed:
+                log.info("deploying Modal app %s", name)
+                self.gateway.deploy(build(profile).app)
+                self._deployed.add(name)
+        return name
+
+    # -- what the volumes already hold ----------------------------------------------------------
+
+    def _sentinel_on_volume(self, profile: Profile, revision: str) -> DownloadResult | None:
+        """The weights sentinel read straight from the volume: a proven download starts no
+        container. The same acceptance rule as serving.weights.download_repo."""
+        relative = weights_dir(PurePosixPath("/"), profile, revision) / SENTINEL_NAME
+        raw = self.gateway.read_volume_file(profile.volumes.weights, str(relative))
+        if raw is None:
+            return None
+        try:
+            manifest = Manifest.model_validate_json(raw)
+        except ValidationError:
+            return None
+        hub = profile.hub
+        if (manifest.repo, manifest.revision) != (hub.repo, revision) or [
+            manifest.allow_patterns,
+            manifest.ignore_patterns,
+        ] != [hub.allow_patterns, hub.ignore_patterns]:
+            return None
+        return DownloadResult(
+            directory=Path(weights_dir(WEIGHTS_MOUNT, profile, revision)),
+            manifest=manifest,
+            cached=True,
+        )
+
+    def _marker_on_volume(self, profile: Profile, key: str) -> str | None:
+        assert profile.volumes.deepgemm is not None
+        relative = marker_path(Path(deepgemm_dir(PurePosixPath("/"), profile)), key)
+        raw = self.gateway.read_volume_file(profile.volumes.deepgemm, str(relative))
+        if raw is None or parse_marker(raw) is None:
+            return None
+        return str(marker_path(Path(deepgemm_dir(DEEPGEMM_MOUNT, profile)), key))
+
+    def _cache_key(self, profile: Profile, revision: str) -> str:
+        """The DeepGEMM cache key, from the revision's config.json fetched here (one small
+        download, kept): the compile call is keyed by it before it starts."""
+        directory = fetch_model_config(
+            profile.hub.repo,
+            revision,
+            self.home / "state" / CONFIGS_DIR / profile.hub.repo / revision,
+            token=hf_token(),
+            endpoint=self.endpoint,
+        )
+        return deepgemm_cache_key(profile, (directory / "config.json").read_bytes())
+
+
+class _DownloadProgress:
+    """Bytes of finished calls as Progress reports: the containers' own progress stays in
+    their logs."""
+
+    def __init__(self, callback: ProgressCallback | None, total: int) -> None:
+        self.callback = callback
+        self.total = total
+        self.began = time.monotonic()
+
+    def update(self, done: int) -> None:
+        if self.callback is None:
+            return
+        elapsed = time.monotonic() - self.began
+        rate = done / elapsed if elapsed > 0 and done else 0.0
+        eta = (self.total - done) / rate if rate > 0 else None
+        self.callback(
+            Progress(
+                phase="download",
+                bytes_done=done,
+                bytes_total=self.total,
+                rate_bytes_per_s=rate,
+                eta_s=eta,
+            )
+        )
