@@ -19,6 +19,7 @@ from modal._serialization import serialize
 from modal._utils.async_utils import synchronizer
 
 from serving.config.loader import load_profile
+from serving.core.home import REPO_ROOT
 from serving.platforms.modal import apps, resources, server_bodies
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -274,7 +275,7 @@ def test_containers_unpickle_every_app_from_the_serving_package_alone(tmp_path: 
     blobs = [serialize(synchronizer._translate_in(fn)._raw_f) for fn in functions]
     blobs += [serialize(synchronizer._translate_in(cls)._user_cls) for cls in classes]
     image_root = tmp_path / "root"
-    source = Path(__file__).resolve().parents[1] / "serving"
+    source = REPO_ROOT / "serving"
     shutil.copytree(source, image_root / "serving", ignore=shutil.ignore_patterns("__pycache__"))
     paths = []
     for index, blob in enumerate(blobs):
