@@ -27,6 +27,7 @@ import httpx
 from dev.demo_model import publish_demo_model
 from dev.mirror import MirrorStore
 from serving.core.home import rollout_home
+from serving.core.procs import stop_group
 from serving.platforms.local.platform import LocalPlatform
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +35,8 @@ HOME = rollout_home()
 PREFECT_PORT = 4200
 MIRROR_PORT = 4280
 STARTUP_SECONDS = 90
+# What the Prefect server, the worker and the mirror get to exit on SIGTERM.
+STOP_SECONDS = 20.0
 
 
 def main() -> None:
@@ -81,7 +84,7 @@ def main() -> None:
             pass
     finally:
         for process in reversed(processes):
-            _stop(process)
+            stop_group(process, STOP_SECONDS)
         # Releases were kept serving between flow runs; with the server gone, nothing stays.
         LocalPlatform(HOME).stop_all()
 
@@ -104,16 +107,6 @@ def _wait_healthy(url: str) -> None:
             pass
         time.sleep(0.5)
     raise SystemExit(f"serve: the Prefect server did not answer {url} in {STARTUP_SECONDS} s")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""Processes as containers, for the local platform: spawning, identity, stopping, inventory.
+"""Processes: identity from /proc, spawning, signalling and tearing down process groups.
 
-Every long-running process the local platform starts (a release's `python -m serving.supervisor`,
-the router) gets a record in `$ROLLOUT_HOME/state/processes/<name>.json`, written atomically.
-A record names its owner, the orchestrator process that started it, so a later orchestrator can
-tell a process still in use from one whose orchestrator was SIGKILLed (an orphan).
+The one place that reads /proc/<pid>/stat and tears a process group down (SIGTERM, deadline,
+SIGKILL, reap). The local platform spawns its containers here and stops them by their records
+(serving.platforms.local.inventory) with `stop_process`; the engine supervisor, the DeepGEMM
+compile runner and `make serve` stop their own children with `stop_group`.
 
 Identity is (pid, start time): a pid reused by an unrelated program after a reboot or a long
 pause is never signalled, because its start time differs from the recorded one.
@@ -18,36 +18,70 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, NamedTuple
 
 PROC = Path("/proc")
-# Between SIGKILL and the kernel removing a process: only uninterruptible sleep lasts longer.
+# Between SIGKILL and the kernel removing a process: only uninterruptible sleep (e.g. a stuck
+# GPU driver call) lasts longer.
 KILL_REAP_SECONDS = 10.0
 EXIT_POLL_SECONDS = 0.05
+ZOMBIE = "Z"
 
 
 # --------------------------------------------------------------------------------------------
-# Identity
+# /proc
 # --------------------------------------------------------------------------------------------
+
+
+class Stat(NamedTuple):
+    """The fields of /proc/<pid>/stat this project reads."""
+
+    pid: int
+    state: str
+    ppid: int
+    pgrp: int
+    start_ticks: int  # since boot
+
+    @property
+    def runs(self) -> bool:
+        # A zombie runs no code and holds no port: it only waits to be reaped.
+        return self.state != ZOMBIE
+
+
+def read_stat(pid: int) -> Stat:
+    """Raises OSError (FileNotFoundError: no such process) when it cannot be read."""
+    text = (PROC / str(pid) / "stat").read_text()
+    # The command name (field 2) may hold spaces and parentheses: split after the last ")".
+    fields = text.rsplit(")", 1)[1].split()
+    return Stat(pid, fields[0], int(fields[1]), int(fields[2]), int(fields[19]))
+
+
+def all_stats() -> Iterator[Stat]:
+    """Every process /proc shows (none without /proc); one that exits meanwhile is skipped."""
+    if not PROC.is_dir():
+        return
+    for entry in PROC.iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                yield read_stat(int(entry.name))
 
 
 def start_ticks(pid: int) -> int | None:
     """The process's start time in clock ticks since boot, or None when it does not run (a
-    zombie runs no code and holds no port: it counts as gone)."""
+    zombie counts as gone)."""
     reap_children()
+    if not PROC.is_dir():
+        return _start_ticks_without_proc(pid)
     try:
-        stat = (PROC / str(pid) / "stat").read_text()
+        stat = read_stat(pid)
     except (FileNotFoundError, ProcessLookupError):
         return None
     except OSError:
         return _start_ticks_without_proc(pid)
-    # The command name (field 2) may hold spaces and parentheses: split after the last ")".
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":
-        return None
-    return int(fields[19])
+    return stat.start_ticks if stat.runs else None
 
 
 def _start_ticks_without_proc(pid: int) -> int | None:
@@ -67,8 +101,19 @@ def is_running(pid: int, ticks: int | None) -> bool:
     return current is not None and (ticks is None or current == ticks or current == 0)
 
 
+def group_members(pgid: int) -> set[int]:
+    """The running pids of process group `pgid` (empty without /proc)."""
+    return {stat.pid for stat in all_stats() if stat.pgrp == pgid and stat.runs}
+
+
+def child_groups(pid: int) -> set[int]:
+    """Process groups of `pid`'s direct children. Collected before the parent is signalled:
+    once it is gone, its children belong to init and can no longer be found this way."""
+    return {stat.pgrp for stat in all_stats() if stat.ppid == pid}
+
+
 # --------------------------------------------------------------------------------------------
-# Spawning and stopping
+# Spawning
 # --------------------------------------------------------------------------------------------
 
 # Children of this interpreter, whatever LocalPlatform instance started them (the Prefect tasks
@@ -103,22 +148,15 @@ def reap_children() -> None:
                 del _children[pid]
 
 
-def child_groups(pid: int) -> set[int]:
-    """Process groups of `pid`'s direct children. Collected before the parent is signalled:
-    once it is gone, its children belong to init and can no longer be found this way."""
-    groups: set[int] = set()
-    if not PROC.is_dir():
-        return groups
-    for entry in PROC.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            groups.add(int(fields[2]))
-    return groups
+# --------------------------------------------------------------------------------------------
+# Stopping
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Teardown:
+    drained: bool  # it exited within its deadline, on SIGTERM or on its own
+    gone: bool  # False: it survived SIGKILL for KILL_REAP_SECONDS
 
 
 def signal_group(pgid: int, signum: signal.Signals) -> None:
@@ -127,29 +165,42 @@ def signal_group(pgid: int, signum: signal.Signals) -> None:
         os.killpg(pgid, signum)
 
 
-def wait_gone(pid: int, ticks: int | None, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while is_running(pid, ticks):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(EXIT_POLL_SECONDS)
-    return True
+def stop_group(process: subprocess.Popen[Any], term_seconds: float) -> Teardown:
+    """Tear down the process group `process` leads (started with start_new_session, so its pid
+    is the group id): SIGTERM while any of it runs, up to `term_seconds` for the leader to exit
+    and the group to empty, then SIGKILL the group whatever happened — no worker outlives its
+    leader — and reap the leader. Programs that drain with no deadline of their own (SGLang)
+    get this one."""
+    pgid = process.pid
+
+    def gone() -> bool:
+        return process.poll() is not None and not group_members(pgid)
+
+    return _tear_down(pgid, gone, term_seconds, kill={pgid})
 
 
 def stop_process(pid: int, ticks: int | None, *, groups: set[int], term_seconds: float) -> bool:
-    """SIGTERM `pid`'s group, give it `term_seconds` to exit on its own, then SIGKILL its group
-    and every extra group (an engine runs in a session of its own). True when it is gone."""
-    if not is_running(pid, ticks):
-        # Gone already; its extra groups may not be: an engine whose supervisor was SIGKILLed.
-        for group in groups:
-            signal_group(group, signal.SIGKILL)
-        return True
-    groups = groups | child_groups(pid)
-    signal_group(pid, signal.SIGTERM)
-    wait_gone(pid, ticks, term_seconds)
-    for group in {pid, *groups}:
+    """Like stop_group for a process this interpreter may not have started (a record's), known
+    by (pid, start ticks): its group gets SIGTERM and `term_seconds`, then SIGKILL along with
+    every extra group (an engine runs in a session of its own) and its children's. True when
+    it is gone."""
+    if is_running(pid, ticks):
+        groups = groups | child_groups(pid) | {pid}
+    # else its pid may be another program's by now; its extra groups are still ours to kill:
+    # an engine whose supervisor was SIGKILLed.
+    return _tear_down(pid, lambda: not is_running(pid, ticks), term_seconds, kill=groups).gone
+
+
+def _tear_down(
+    pgid: int, gone: Callable[[], bool], term_seconds: float, *, kill: set[int]
+) -> Teardown:
+    drained = gone()
+    if not drained:
+        signal_group(pgid, signal.SIGTERM)
+        drained = wait_for(gone, term_seconds, EXIT_POLL_SECONDS)
+    for group in kill:
         signal_group(group, signal.SIGKILL)
-    return wait_gone(pid, ticks, KILL_REAP_SECONDS)
+    return Teardown(drained, wait_for(gone, KILL_REAP_SECONDS, EXIT_POLL_SECONDS))
 
 
 def processes_in(directory: Path) -> list[int]:
@@ -179,8 +230,13 @@ def sweep(directory: Path) -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             signal_group(os.getpgid(pid), signal.SIGKILL)
     for pid in pids:
-        wait_gone(pid, None, KILL_REAP_SECONDS)
+        wait_for(lambda pid=pid: not is_running(pid, None), KILL_REAP_SECONDS, EXIT_POLL_SECONDS)
     return pids
+
+
+# --------------------------------------------------------------------------------------------
+# Ports and waiting
+# --------------------------------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -209,10 +265,3 @@ def wait_for(condition: Callable[[], bool], timeout: float, interval: float) -> 
             return False
         time.sleep(interval)
     return True
-
-
-# --------------------------------------------------------------------------------------------
-# Inventory
-# --------------------------------------------------------------------------------------------
-
-

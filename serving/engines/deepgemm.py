@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -28,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from serving.config.profile import Profile
 from serving.core.files import write_atomically
+from serving.core.procs import group_members, stop_group
 from serving.core.redaction import SECRET_ENV_VARS, Redactor, secrets_in_env
 from serving.engines.sglang import (
     COMPILE_SUCCESS_LINE,
@@ -41,8 +41,8 @@ from serving.engines.sglang import (
 COMPILE_TIMEOUT_SECONDS = 170 * 60
 # How often the group is checked for a dead server child.
 WATCH_INTERVAL = 0.5
-# The server child takes a moment to appear; before that, "no child" means "not yet".
-KILL_GRACE = 10.0
+# After SIGTERM, the compile server gets this long to exit before its group is SIGKILLed.
+TERM_GRACE_SECONDS = 10.0
 LOG_TAIL_LINES = 40
 
 Log = Callable[[str], None]
@@ -186,7 +186,7 @@ def run_compile(command: Command, timeout_seconds: float, log: Log) -> None:
     try:
         failure = _watch(process, timeout_seconds)
     finally:
-        _kill_group(process)
+        stop_group(process, TERM_GRACE_SECONDS)
         reader.join(timeout=5)
     if failure is None and not succeeded.is_set():
         failure = f"exit {process.returncode} without {COMPILE_SUCCESS_LINE!r}"
@@ -216,7 +216,7 @@ def _watch(process: subprocess.Popen[str], timeout_seconds: float) -> str | None
             code = None
         if code is not None:
             return None if code == 0 else f"exit {code}"
-        children = _group_members(process.pid) - {process.pid}
+        children = group_members(process.pid) - {process.pid}
         if children:
             saw_child = True
         elif saw_child:
@@ -224,36 +224,6 @@ def _watch(process: subprocess.Popen[str], timeout_seconds: float) -> str | None
             return "the compile server process died"
         if time.monotonic() > deadline:
             return f"timed out after {timeout_seconds:.0f} s"
-
-
-def _group_members(pgid: int) -> set[int]:
-    """PIDs in a process group, from /proc (Linux: containers and the local target)."""
-    members = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # exited while we looked
-        # Fields after the parenthesised command: state ppid pgrp ...
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.add(int(entry.name))
-    return members
-
-
-def _kill_group(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None or _group_members(process.pid):
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            deadline = time.monotonic() + KILL_GRACE
-            while _group_members(process.pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait()
 
 
 def _write_marker(path: Path, marker: Marker) -> None:

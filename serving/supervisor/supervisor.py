@@ -20,10 +20,8 @@ No prefect or modal import here: this module is also the container's entry point
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -36,6 +34,7 @@ import httpx
 from pydantic import ValidationError
 
 from serving.config.profile import Probe, Profile
+from serving.core.procs import KILL_REAP_SECONDS, stop_group
 from serving.core.redaction import Redactor, secrets_in_env
 from serving.engines.sglang import Command
 from serving.supervisor.probes import (
@@ -65,8 +64,6 @@ PROBE_REQUEST_TIMEOUT_SECONDS = 300.0
 SNAPSHOT_REQUEST_TIMEOUT_SECONDS = 300.0
 CRASH_POLL_SECONDS = 0.5
 DEFAULT_DRAIN_SECONDS = 30.0
-# After SIGKILL a process only lingers in uninterruptible sleep (e.g. a stuck GPU driver call).
-KILL_REAP_SECONDS = 10.0
 # Output still in the pipe when the engine exits belongs in the error message.
 LOG_DRAIN_SECONDS = 2.0
 
@@ -386,25 +383,12 @@ class Supervisor:
     def _terminate(self, process: subprocess.Popen[str], drain_seconds: float) -> None:
         if process.poll() is None:
             logger.info("[%s] SIGTERM; draining up to %g s", self.label, drain_seconds)
-            self._signal_group(process, signal.SIGTERM)
-            try:
-                process.wait(timeout=drain_seconds)
-            except subprocess.TimeoutExpired:
-                logger.warning("[%s] still running after %g s: SIGKILL", self.label, drain_seconds)
-        # Whatever the leader did, no worker of this release may outlive it.
-        self._signal_group(process, signal.SIGKILL)
-        try:
-            process.wait(timeout=KILL_REAP_SECONDS)
-        except subprocess.TimeoutExpired:
+        teardown = stop_group(process, drain_seconds)
+        if not teardown.drained:
+            logger.warning("[%s] still running after %g s: SIGKILL", self.label, drain_seconds)
+        if not teardown.gone:
             logger.error(
                 "[%s] pid %d survived SIGKILL for %g s", self.label, process.pid, KILL_REAP_SECONDS
             )
         self._drain_logs()
         logger.info("[%s] stopped (exit code %s)", self.label, process.poll())
-
-    @staticmethod
-    def _signal_group(process: subprocess.Popen[str], signum: signal.Signals) -> None:
-        # start_new_session made the engine a group leader: its pid is the group id.
-        # ProcessLookupError: the whole group is already gone.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signum)

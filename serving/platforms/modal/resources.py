@@ -70,8 +70,8 @@ MERGE_TIMEOUT = 15 * MINUTES
 COMPILE_TIMEOUT = COMPILE_TIMEOUT_SECONDS + 10 * MINUTES
 # Modal caps a server's exit grace period at one hour.
 MAX_EXIT_GRACE = 1 * HOURS
-# Of a release's exit grace, what the supervisor keeps for SIGKILL, reaping (its own
-# KILL_REAP_SECONDS) and the last log lines after the engine's drain deadline.
+# Of a release's exit grace, what the supervisor keeps for SIGKILL, reaping (KILL_REAP_SECONDS
+# of serving.core.procs) and the last log lines after the engine's drain deadline.
 EXIT_STOP_MARGIN_SECONDS = 15
 # The engine must be healthy this long before Modal's startup_timeout, leaving time for the
 # probes and for the supervisor's own error (with the engine's last output) to be raised.
