@@ -22,7 +22,7 @@ from serving.domain.release import VerifyResult
 from serving.engines.deepgemm import CompileResult, unavailable_reason
 from serving.platform import Target
 from serving.platforms import get_platform
-from serving.weights.download import DownloadResult, Progress, WeightsError
+from serving.weights.models import DownloadResult, Progress, WeightsError
 from tasks.cache import stage_key
 
 # A proven stage stays proven for a day; after that a rerun re-checks (one stat for weights).

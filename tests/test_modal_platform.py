@@ -44,17 +44,9 @@ from serving.platforms.modal.platform import (
     probe_call,
     shard_count,
 )
-from serving.weights.download import (
-    HIGH_PERFORMANCE_ENV,
-    DownloadResult,
-    FileEntry,
-    Progress,
-    ShardResult,
-    WeightsError,
-    fetch_files,
-    plan_shards,
-    read_sentinel,
-)
+from serving.weights.download import plan_shards, read_sentinel
+from serving.weights.hub import HIGH_PERFORMANCE_ENV, fetch_files
+from serving.weights.models import DownloadResult, FileEntry, Progress, ShardResult, WeightsError
 from tests.mirror_fixtures import SyntheticRepo
 
 pytest_plugins = ("tests.mirror_fixtures",)

@@ -45,19 +45,10 @@ from serving.engines.engine import engine_command, request_model, write_secrets_
 from serving.engines.sglang import Command
 from serving.supervisor.supervisor import CrashCallback, Supervisor, exit_process_on_crash
 from serving.verification import verify_revision
-from serving.weights.download import (
-    DownloadResult,
-    FileEntry,
-    ShardResult,
-    download_files,
-    fetch_files,
-    fetch_model_config,
-    hf_token,
-    merge,
-    read_sentinel,
-    select_files,
-)
 from serving.weights.download import download as download_revision
+from serving.weights.download import download_files, merge, read_sentinel
+from serving.weights.hub import fetch_model_config, hf_token, revision_files
+from serving.weights.models import DownloadResult, FileEntry, ShardResult
 
 if TYPE_CHECKING:
     # The router's modules are imported where they run: an engine container never needs them.
@@ -313,13 +304,12 @@ def merge_body(
     the profile's selection of files (serving.weights.merge). Returns a DownloadResult."""
     volume.reload()  # the shards committed their files from other containers
     results = [ShardResult.model_validate(shard) for shard in shards]
-    all_files = (
-        [FileEntry.model_validate(f) for f in files]
-        if files is not None
-        else fetch_files(profile.hub.repo, revision, token, endpoint=endpoint)
-    )
     hub = profile.hub
-    expected = select_files(all_files, hub.allow_patterns, hub.ignore_patterns)
+    all_files, expected = revision_files(
+        hub.repo, revision, hub.allow_patterns, hub.ignore_patterns, token=token,
+        endpoint=endpoint,
+        known=[FileEntry.model_validate(f) for f in files] if files is not None else None,
+    )  # fmt: skip
     directory = weights_dir(root, profile, revision)
     manifest = merge(
         directory,
@@ -337,6 +327,7 @@ def merge_body(
         refetched=sorted({path for shard in results for path in shard.refetched}),
         attempts=len(results),
         seconds=(manifest.finished_at - manifest.started_at).total_seconds(),
+        bytes_downloaded=sum(shard.bytes_downloaded for shard in results),
     ).model_dump(mode="json")
 
 
