@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from dev.demo_model import make_synthetic_repo, shard_name
-from dev.mirror import CutFault, ErrorFault, KiB, MiB, MirrorServer, MirrorStore
+from dev.mirror import CutFault, ErrorFault, KiB, MiB, MirrorServer, MirrorStore, parse_range
 from serving.config.layout import SENTINEL_NAME, weights_dir
 from serving.config.loader import load_profile
 from serving.config.profile import HubSource, Secrets
@@ -55,6 +55,19 @@ def resolve_gets(mirror: MirrorServer) -> list[str]:
         for r in mirror.requests
         if r.method == "GET" and "/resolve/" in r.path
     )
+
+
+def bytes_served(mirror: MirrorServer, repo_id: str, sha: str) -> int:
+    """Body bytes of the file GETs the mirror answered, from its request log (whole files or
+    the asked ranges)."""
+    sizes = {f.path: f.size for f in mirror.store.revision(repo_id, sha).files}
+    served = 0
+    for r in mirror.requests:
+        if r.method == "GET" and "/resolve/" in r.path and r.status in (200, 206):
+            size = sizes[r.path.split("/resolve/", 1)[1].split("/", 1)[1]]
+            start, end = parse_range(r.range, size) or (0, size - 1)
+            served += end - start + 1
+    return served
 
 
 def incomplete_files(directory: Path) -> list[Path]:
@@ -105,6 +118,8 @@ def test_fresh_download_verifies_then_writes_the_sentinel(
     assert reports[-1].bytes_done == reports[-1].bytes_total == result.manifest.bytes_total
     assert incomplete_files(tmp_path) == []
     assert resolve_gets(mirror) == sorted(f.path for f in meta.files)  # each file fetched once
+    served = bytes_served(mirror, synthetic_repo.repo_id, synthetic_repo.v1)
+    assert result.bytes_downloaded == result.manifest.bytes_total == served
 
 
 def test_rerun_with_a_sentinel_makes_zero_requests(
@@ -119,6 +134,7 @@ def test_rerun_with_a_sentinel_makes_zero_requests(
 
     assert again.cached and again.manifest == first.manifest
     assert mirror.requests == []
+    assert first.bytes_downloaded > 0 and again.bytes_downloaded == 0
     assert elapsed < 0.5
 
 
@@ -189,8 +205,13 @@ def test_sigkill_mid_download_then_the_rerun_completes_without_orphans(
     assert not (target / SENTINEL_NAME).exists()
 
     mirror.clear_faults()
+    mirror.clear_requests()
     result = download_repo(synthetic_repo.repo_id, synthetic_repo.v2, target, endpoint=mirror.url)
 
+    # What this run fetched, not the whole revision: the files the killed run finished stay.
+    served = bytes_served(mirror, synthetic_repo.repo_id, synthetic_repo.v2)
+    assert result.bytes_downloaded == served
+    assert 0 < served < result.manifest.bytes_total
     assert incomplete_files(target) == []
     assert verify(target, result.manifest.files).passed
     assert read_sentinel(target, synthetic_repo.repo_id, synthetic_repo.v2) == result.manifest
@@ -239,6 +260,7 @@ def test_a_missing_file_is_reported_and_refetched(
 
     assert resolve_gets(mirror) == [BIG_SHARD]
     assert not again.cached and verify(tmp_path, again.manifest.files).passed
+    assert again.bytes_downloaded == SYNTHETIC_SHARDS[0]
 
 
 def test_a_cut_connection_is_resumed(
