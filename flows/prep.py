@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from serving.config.loader import load_profile
 from serving.platform import Target
 from tasks.stopwatch import Stopwatch
-from tasks.weights import compile_kernels, download, resolve, verify
+from tasks.weights import bytes_transferred, compile_kernels, download, resolve, verify
 
 
 class PrepReport(BaseModel):
@@ -50,7 +50,7 @@ def prep(model: str, revision: str | None = None, target: Target = "local") -> P
         weights_path=str(weights.directory),
         files=len(weights.manifest.files),
         bytes_total=weights.manifest.bytes_total,
-        bytes_downloaded=0 if weights.cached else weights.manifest.bytes_total,
+        bytes_downloaded=bytes_transferred(downloaded),
         verified=proof.passed,
         repaired=proof.repaired,
         compile_status=kernels.status,

@@ -14,7 +14,7 @@ from serving.config.profile import Profile
 from serving.domain.records import ReleaseStore
 from serving.domain.release import Release, VerifyResult
 from serving.engines.deepgemm import CompileResult
-from serving.weights.download import DownloadResult, ProgressCallback
+from serving.weights.models import DownloadResult, ProgressCallback
 
 Target = Literal["local", "modal"]
 

@@ -1,7 +1,7 @@
 """Stage 4, verify: prove the weights, the kernels and the serve command before any deploy.
 
-- every file of the revision hashed again against the manifest (the Hub's metadata), only bad
-  files re-fetched, then hashed again;
+- every file of the revision hashed once against the manifest (the Hub's metadata); only bad
+  or missing files re-fetched, then those hashed again, then a fresh sentinel;
 - the DeepGEMM marker present for the CURRENT cache key (a changed flag or image means the
   compiled kernels are for something else);
 - the serve command accepted by SGLang's own parser where SGLang is installed (the engine
@@ -18,7 +18,9 @@ from serving.config.profile import Profile
 from serving.domain.release import VerifyResult
 from serving.engines.deepgemm import read_marker
 from serving.engines.sglang import deepgemm_cache_key, parse_serve_argv, serve_command
-from serving.weights.download import VerifyReport, download, read_sentinel, verify
+from serving.weights.download import read_sentinel, repair_download
+from serving.weights.models import VerifyReport
+from serving.weights.verify import verify
 
 
 def verify_revision(
@@ -43,12 +45,12 @@ def verify_revision(
             compile_key=None,
             problems=[f"no verified download of {profile.hub.repo}@{revision[:8]} in {directory}"],
         )
+    # One full pass: a repair starts from this report and hashes only what it fetches again.
     report = verify(directory, manifest.files)
     repaired: list[str] = []
     if not report.passed:
-        repaired = report.bad + report.missing
-        download(profile, revision, weights_root, token=token, endpoint=endpoint, reverify=True)
-        report = verify(directory, manifest.files)
+        repaired = report.broken
+        report, _ = repair_download(directory, manifest, report, token=token, endpoint=endpoint)
 
     problems = [] if report.passed else [f"weights: {report.summary()}"]
     compile_status, compile_key = _check_kernels(

@@ -14,6 +14,7 @@ from huggingface_hub.utils import disable_progress_bars
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.concurrency.sync import concurrency
+from prefect.futures import PrefectFuture
 from prefect.states import State
 from prefect.tasks import exponential_backoff
 
@@ -22,11 +23,13 @@ from serving.domain.release import VerifyResult
 from serving.engines.deepgemm import CompileResult, unavailable_reason
 from serving.platform import Target
 from serving.platforms import get_platform
-from serving.weights.download import DownloadResult, Progress, WeightsError
+from serving.weights.models import DownloadResult, Progress, WeightsError
 from tasks.cache import stage_key
 
 # A proven stage stays proven for a day; after that a rerun re-checks (one stat for weights).
 PROVEN_FOR = timedelta(days=1)
+# The name Prefect gives a task run that handed back an earlier run's persisted result.
+CACHED_STATE_NAME = "Cached"
 
 
 class VerifyFailed(RuntimeError):
@@ -68,9 +71,18 @@ def download(model: str, revision: str, target: Target) -> DownloadResult:
         model,
         len(result.manifest.files),
         result.manifest.bytes_total / 2**30,
-        "already complete (sentinel)" if result.cached else f"downloaded in {result.seconds:.1f}s",
+        "already complete (sentinel)"
+        if result.cached
+        else f"{result.bytes_downloaded / 2**30:.2f} GiB downloaded in {result.seconds:.1f}s",
     )
     return result
+
+
+def bytes_transferred(run: PrefectFuture[DownloadResult]) -> int:
+    """What the download moved in THIS flow run. A Cached task run hands back an earlier run's
+    result, whose bytes that run moved: here it moved none."""
+    result = run.result()
+    return 0 if run.state.name == CACHED_STATE_NAME else result.bytes_downloaded
 
 
 @task(

@@ -11,7 +11,7 @@ from serving.config.profile import Profile
 
 if TYPE_CHECKING:
     pass
-from serving.weights.download import VerifyReport
+from serving.weights.models import VerifyReport
 
 
 class Release(BaseModel):

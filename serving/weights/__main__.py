@@ -9,15 +9,10 @@ import sys
 from pathlib import Path
 
 from serving.config.layout import SENTINEL_NAME
-from serving.weights.download import (
-    BACKOFF_FIRST_S,
-    DOWNLOAD_ATTEMPTS,
-    Manifest,
-    WeightsError,
-    download_repo,
-    resolve_revision,
-    verify,
-)
+from serving.weights.download import download_repo
+from serving.weights.hub import BACKOFF_FIRST_S, DOWNLOAD_ATTEMPTS, resolve_revision
+from serving.weights.models import Manifest, WeightsError
+from serving.weights.verify import verify
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType
 
+import flows.prep as prep_flow
 from dev.mirror import MirrorServer
 from flows.prep import prep
 from serving.config.loader import DEFAULT_MODELS_DIR
@@ -81,12 +82,37 @@ def test_fresh_prep_downloads_compiles_and_verifies(
 def test_rerun_of_a_commit_makes_no_hub_request(
     workspace: Path, mirror: MirrorServer, synthetic_repo: SyntheticRepo
 ) -> None:
-    prep(MODEL, synthetic_repo.v1)
+    first = prep(MODEL, synthetic_repo.v1)
+    assert first.bytes_downloaded == first.bytes_total
     mirror.clear_requests()
-    again = prep(MODEL, synthetic_repo.v1)
+    state = prep(MODEL, synthetic_repo.v1, return_state=True)
+    again = state.result()
     assert again.verified and again.compile_status in {"compiled", "cached"}
     assert mirror.requests == []
     assert attempts(workspace) == 1  # the compile marker held
+    # Prefect handed back the first run's DownloadResult; this run transferred nothing.
+    assert "Cached" in _task_states(state.state_details.flow_run_id)["download"]
+    assert again.bytes_downloaded == 0
+
+
+def test_a_sentinel_hit_reports_no_bytes_downloaded(
+    workspace: Path,
+    mirror: MirrorServer,
+    synthetic_repo: SyntheticRepo,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    prep(MODEL, synthetic_repo.v1)
+    # The task runs again (no Prefect cache) and finds the sentinel on disk.
+    monkeypatch.setattr(
+        prep_flow, "download", weight_tasks.download.with_options(refresh_cache=True)
+    )
+    mirror.clear_requests()
+    state = prep(MODEL, synthetic_repo.v1, return_state=True)
+    again = state.result()
+    states = _task_states(state.state_details.flow_run_id)["download"]
+    assert StateType.COMPLETED in states and "Cached" not in states
+    assert again.bytes_downloaded == 0 < again.bytes_total
+    assert not [r for r in mirror.requests if "/resolve/" in r.path]
 
 
 def test_compile_failing_twice_is_retried(

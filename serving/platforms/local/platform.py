@@ -62,15 +62,10 @@ from serving.platforms.local.stores import FileReleaseStore
 from serving.router.table import Backend
 from serving.supervisor.events import ServerEvent
 from serving.verification import verify_revision
-from serving.weights.download import (
-    DownloadResult,
-    ProgressCallback,
-    download,
-    fetch_model_config,
-    hf_token,
-    log_progress,
-    resolve_revision,
-)
+from serving.weights.download import download
+from serving.weights.hub import fetch_model_config, hf_token, resolve_revision
+from serving.weights.models import DownloadResult, ProgressCallback
+from serving.weights.progress import log_progress
 
 # Replaces `python3 -m sglang.compile_deep_gemm` by another program. Exists for fault injection
 # in tests (a compile that fails N times), because no real compile runs without a GPU.

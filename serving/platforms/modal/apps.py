@@ -78,7 +78,7 @@ from serving.platforms.modal.server_bodies import (
     stop_release,
     stop_router,
 )
-from serving.weights.download import hf_token
+from serving.weights.hub import hf_token
 
 
 @dataclass(frozen=True)

@@ -18,17 +18,10 @@ from serving.config.profile import Profile
 from serving.engines.deepgemm import CompileFailed, compile_kernels
 from serving.platforms.modal.resources import Syncable, reload_read_only
 from serving.verification import verify_revision
-from serving.weights.download import (
-    DownloadResult,
-    FileEntry,
-    ShardResult,
-    download_files,
-    fetch_files,
-    fetch_model_config,
-    merge,
-    select_files,
-)
 from serving.weights.download import download as download_revision
+from serving.weights.download import download_files, merge
+from serving.weights.hub import fetch_model_config, revision_files
+from serving.weights.models import DownloadResult, FileEntry, ShardResult
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +101,12 @@ def merge_body(
     the profile's selection of files (serving.weights.merge). Returns a DownloadResult."""
     volume.reload()  # the shards committed their files from other containers
     results = [ShardResult.model_validate(shard) for shard in shards]
-    all_files = (
-        [FileEntry.model_validate(f) for f in files]
-        if files is not None
-        else fetch_files(profile.hub.repo, revision, token, endpoint=endpoint)
-    )
     hub = profile.hub
-    expected = select_files(all_files, hub.allow_patterns, hub.ignore_patterns)
+    all_files, expected = revision_files(
+        hub.repo, revision, hub.allow_patterns, hub.ignore_patterns, token=token,
+        endpoint=endpoint,
+        known=[FileEntry.model_validate(f) for f in files] if files is not None else None,
+    )  # fmt: skip
     directory = weights_dir(root, profile, revision)
     manifest = merge(
         directory,
@@ -132,6 +124,7 @@ def merge_body(
         refetched=sorted({path for shard in results for path in shard.refetched}),
         attempts=len(results),
         seconds=(manifest.finished_at - manifest.started_at).total_seconds(),
+        bytes_downloaded=sum(shard.bytes_downloaded for shard in results),
     ).model_dump(mode="json")
 
 

@@ -52,7 +52,8 @@ from serving.platforms.modal.prep import (
 )
 from serving.platforms.modal.stores import DictReleaseStore
 from serving.router.table import Backend, RoutingTable
-from serving.weights.download import DownloadResult, ProgressCallback, require_commit
+from serving.weights.hub import require_commit
+from serving.weights.models import DownloadResult, ProgressCallback
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,6 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import ValidationError
-
 from serving.config.layout import (
     DEEPGEMM_MOUNT,
     SENTINEL_NAME,
@@ -51,22 +49,15 @@ from serving.platforms.modal.calls import (
     attach_or_spawn,
 )
 from serving.platforms.modal.gateway import Gateway
-from serving.weights.download import (
-    DownloadResult,
-    FileEntry,
-    GiB,
-    Manifest,
-    Progress,
-    ProgressCallback,
-    WeightsError,
-    fetch_files,
+from serving.weights.download import accept_sentinel, plan_shards
+from serving.weights.hub import (
     fetch_model_config,
     hf_token,
-    plan_shards,
     require_commit,
     resolve_revision,
-    select_files,
+    revision_files,
 )
+from serving.weights.models import DownloadResult, FileEntry, GiB, Progress, ProgressCallback
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +143,10 @@ class Preparation:
             log.info("%s@%s: weights already complete on the volume", profile.name, revision[:8])
             return cached
         hub = profile.hub
-        all_files = fetch_files(hub.repo, revision, hf_token(), endpoint=self.endpoint)
-        expected = select_files(all_files, hub.allow_patterns, hub.ignore_patterns)
-        if not expected:
-            raise WeightsError(
-                f"{hub.repo}@{revision[:8]}: no file matches the allow/ignore patterns"
-            )
+        all_files, expected = revision_files(
+            hub.repo, revision, hub.allow_patterns, hub.ignore_patterns,
+            token=hf_token(), endpoint=self.endpoint,
+        )  # fmt: skip
         total = sum(entry.size for entry in expected)
         count = shard_count(
             expected,
@@ -342,17 +331,9 @@ class Preparation:
         container. The same acceptance rule as serving.weights.download_repo."""
         relative = weights_dir(PurePosixPath("/"), profile, revision) / SENTINEL_NAME
         raw = self.gateway.read_volume_file(profile.volumes.weights, str(relative))
-        if raw is None:
-            return None
-        try:
-            manifest = Manifest.model_validate_json(raw)
-        except ValidationError:
-            return None
         hub = profile.hub
-        if (manifest.repo, manifest.revision) != (hub.repo, revision) or [
-            manifest.allow_patterns,
-            manifest.ignore_patterns,
-        ] != [hub.allow_patterns, hub.ignore_patterns]:
+        manifest = accept_sentinel(raw, hub.repo, revision, hub.allow_patterns, hub.ignore_patterns)
+        if manifest is None:
             return None
         return DownloadResult(
             directory=Path(weights_dir(WEIGHTS_MOUNT, profile, revision)),

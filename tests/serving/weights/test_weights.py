@@ -18,30 +18,25 @@ from pathlib import Path
 import pytest
 
 from dev.demo_model import make_synthetic_repo, shard_name
-from dev.mirror import CutFault, KiB, MiB, MirrorServer, MirrorStore
+from dev.mirror import CutFault, ErrorFault, KiB, MiB, MirrorServer, MirrorStore, parse_range
 from serving.config.layout import SENTINEL_NAME, weights_dir
 from serving.config.loader import load_profile
 from serving.config.profile import HubSource, Secrets
 from serving.core.home import REPO_ROOT
 from serving.weights.download import (
-    HF_DOWNLOAD_DIR,
-    FileEntry,
-    Progress,
-    WeightsError,
     download,
     download_files,
     download_repo,
-    fetch_files,
-    fetch_model_config,
-    list_present,
     merge,
     plan_shards,
     read_sentinel,
-    resolve_revision,
-    verify,
+    repair_download,
 )
+from serving.weights.hub import fetch_files, fetch_model_config, resolve_revision
+from serving.weights.models import HF_DOWNLOAD_DIR, FileEntry, Progress, WeightsError
+from serving.weights.verify import list_present, verify
 from tests.mirror_fixtures import SYNTHETIC_SHARDS, SyntheticRepo, hf_env
-from tests.weights_fixtures import FaultProxy, can_mount_private_tmpfs, in_tiny_tmpfs
+from tests.weights_fixtures import can_mount_private_tmpfs, in_tiny_tmpfs
 
 SHARD_COUNT = len(SYNTHETIC_SHARDS)
 BIG_SHARD = shard_name(0, SHARD_COUNT)  # 3 MiB
@@ -58,6 +53,19 @@ def resolve_gets(mirror: MirrorServer) -> list[str]:
         for r in mirror.requests
         if r.method == "GET" and "/resolve/" in r.path
     )
+
+
+def bytes_served(mirror: MirrorServer, repo_id: str, sha: str) -> int:
+    """Body bytes of the file GETs the mirror answered, from its request log (whole files or
+    the asked ranges)."""
+    sizes = {f.path: f.size for f in mirror.store.revision(repo_id, sha).files}
+    served = 0
+    for r in mirror.requests:
+        if r.method == "GET" and "/resolve/" in r.path and r.status in (200, 206):
+            size = sizes[r.path.split("/resolve/", 1)[1].split("/", 1)[1]]
+            start, end = parse_range(r.range, size) or (0, size - 1)
+            served += end - start + 1
+    return served
 
 
 def incomplete_files(directory: Path) -> list[Path]:
@@ -108,6 +116,8 @@ def test_fresh_download_verifies_then_writes_the_sentinel(
     assert reports[-1].bytes_done == reports[-1].bytes_total == result.manifest.bytes_total
     assert incomplete_files(tmp_path) == []
     assert resolve_gets(mirror) == sorted(f.path for f in meta.files)  # each file fetched once
+    served = bytes_served(mirror, synthetic_repo.repo_id, synthetic_repo.v1)
+    assert result.bytes_downloaded == result.manifest.bytes_total == served
 
 
 def test_rerun_with_a_sentinel_makes_zero_requests(
@@ -122,6 +132,7 @@ def test_rerun_with_a_sentinel_makes_zero_requests(
 
     assert again.cached and again.manifest == first.manifest
     assert mirror.requests == []
+    assert first.bytes_downloaded > 0 and again.bytes_downloaded == 0
     assert elapsed < 0.5
 
 
@@ -192,8 +203,13 @@ def test_sigkill_mid_download_then_the_rerun_completes_without_orphans(
     assert not (target / SENTINEL_NAME).exists()
 
     mirror.clear_faults()
+    mirror.clear_requests()
     result = download_repo(synthetic_repo.repo_id, synthetic_repo.v2, target, endpoint=mirror.url)
 
+    # What this run fetched, not the whole revision: the files the killed run finished stay.
+    served = bytes_served(mirror, synthetic_repo.repo_id, synthetic_repo.v2)
+    assert result.bytes_downloaded == served
+    assert 0 < served < result.manifest.bytes_total
     assert incomplete_files(target) == []
     assert verify(target, result.manifest.files).passed
     assert read_sentinel(target, synthetic_repo.repo_id, synthetic_repo.v2) == result.manifest
@@ -217,15 +233,16 @@ def test_a_corrupted_file_is_named_and_only_it_is_refetched(
     assert not report.passed
     mirror.clear_requests()
 
-    # The verify stage: hash against the sentinel, repair only what is bad.
-    repaired = download_repo(
-        synthetic_repo.repo_id, synthetic_repo.v1, tmp_path, endpoint=mirror.url, reverify=True
-    )
+    # The verify stage: repair from that report, only what is bad.
+    final, refetched = repair_download(tmp_path, first.manifest, report, endpoint=mirror.url)
 
-    assert sorted(repaired.refetched) == sorted(["config.json", MID_SHARD])
+    assert sorted(refetched) == sorted(["config.json", MID_SHARD])
     assert resolve_gets(mirror) == sorted(["config.json", MID_SHARD])
-    assert verify(tmp_path, repaired.manifest.files).passed
-    assert repaired.manifest.extra == ["stray.bin"]
+    assert final.passed and final.ok == sorted(f.path for f in first.manifest.files)
+    assert verify(tmp_path, first.manifest.files).passed
+    repaired = read_sentinel(tmp_path, synthetic_repo.repo_id, synthetic_repo.v1)
+    assert repaired is not None and repaired.files == first.manifest.files
+    assert repaired.extra == ["stray.bin"]
 
 
 def test_a_missing_file_is_reported_and_refetched(
@@ -241,6 +258,7 @@ def test_a_missing_file_is_reported_and_refetched(
 
     assert resolve_gets(mirror) == [BIG_SHARD]
     assert not again.cached and verify(tmp_path, again.manifest.files).passed
+    assert again.bytes_downloaded == SYNTHETIC_SHARDS[0]
 
 
 def test_a_cut_connection_is_resumed(
@@ -258,36 +276,45 @@ def test_a_cut_connection_is_resumed(
     assert result.attempts == 2  # metadata + one download
 
 
+def failed_gets(mirror: MirrorServer, status: int) -> int:
+    return sum(1 for r in mirror.requests if r.method == "GET" and r.status == status)
+
+
 def test_a_file_get_5xx_is_retried_by_us(
-    fault_proxy: FaultProxy, mirror: MirrorServer, synthetic_repo: SyntheticRepo, tmp_path: Path
+    mirror: MirrorServer, synthetic_repo: SyntheticRepo, tmp_path: Path
 ) -> None:
-    fault_proxy.fail_gets(f"*/resolve/*/{MID_SHARD}", times=2)
+    # GETs only: huggingface_hub retries a failed HEAD itself for ~23 s before any GET.
+    mirror.set_faults(
+        error=ErrorFault(paths=f"*/resolve/*/{MID_SHARD}", methods=["GET"], times=2, status=503)
+    )
 
     result = download_repo(
-        synthetic_repo.repo_id, synthetic_repo.v2, tmp_path, endpoint=fault_proxy.url,
+        synthetic_repo.repo_id, synthetic_repo.v2, tmp_path, endpoint=mirror.url,
         attempts=4, backoff_s=FAST_BACKOFF_S,
     )  # fmt: skip
 
-    assert fault_proxy.failed == 2
+    assert failed_gets(mirror, 503) == 2
     assert result.attempts >= 3  # metadata + two failed downloads + the good one
     assert verify(tmp_path, result.manifest.files).passed
 
 
 def test_a_persistent_5xx_fails_with_one_line_and_no_sentinel(
-    fault_proxy: FaultProxy, synthetic_repo: SyntheticRepo, tmp_path: Path
+    mirror: MirrorServer, synthetic_repo: SyntheticRepo, tmp_path: Path
 ) -> None:
-    fault_proxy.fail_gets(f"*/resolve/*/{MID_SHARD}", status=502)
+    mirror.set_faults(
+        error=ErrorFault(paths=f"*/resolve/*/{MID_SHARD}", methods=["GET"], status=502)
+    )
 
     with pytest.raises(WeightsError) as caught:
         download_repo(
-            synthetic_repo.repo_id, synthetic_repo.v2, tmp_path, endpoint=fault_proxy.url,
+            synthetic_repo.repo_id, synthetic_repo.v2, tmp_path, endpoint=mirror.url,
             attempts=3, backoff_s=FAST_BACKOFF_S, token=TOKEN,
         )  # fmt: skip
 
     message = str(caught.value)
     assert "\n" not in message and TOKEN not in message
     assert "after 3 attempt" in message and "502" in message
-    assert fault_proxy.failed == 3
+    assert failed_gets(mirror, 502) == 3
     assert not (tmp_path / SENTINEL_NAME).exists()
 
 

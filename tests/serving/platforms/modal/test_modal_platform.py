@@ -46,17 +46,9 @@ from serving.platforms.modal.gateway import ModalGateway
 from serving.platforms.modal.platform import ModalPlatform
 from serving.platforms.modal.prep import shard_count
 from serving.platforms.modal.resources import VolumeVersionMismatch
-from serving.weights.download import (
-    HIGH_PERFORMANCE_ENV,
-    DownloadResult,
-    FileEntry,
-    Progress,
-    ShardResult,
-    WeightsError,
-    fetch_files,
-    plan_shards,
-    read_sentinel,
-)
+from serving.weights.download import plan_shards, read_sentinel
+from serving.weights.hub import HIGH_PERFORMANCE_ENV, fetch_files
+from serving.weights.models import DownloadResult, FileEntry, Progress, ShardResult, WeightsError
 from tests.mirror_fixtures import SyntheticRepo
 
 TOKEN = "hf_test_SECRET_token_value_0987654321"

@@ -45,7 +45,8 @@ from serving.platforms.modal import resources, server_bodies
 from serving.platforms.modal.platform import ModalPlatform, RouterAdminError
 from serving.router.table import Backend, RoutingTable
 from serving.supervisor.supervisor import EngineFailed, Supervisor
-from serving.weights.download import Manifest, write_sentinel
+from serving.weights.download import write_sentinel
+from serving.weights.models import Manifest
 from tests.server_fixtures import POLL_SECONDS, fake_command, probe
 
 REV_A = "aaaaaaaa" + "0" * 32
