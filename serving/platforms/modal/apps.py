@@ -20,6 +20,7 @@ and import what it calls by name, from the `serving` package baked into the imag
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,43 +158,30 @@ def build_weights_app(profile: Profile) -> WeightsApp:
             token=hf_token(),
         )
 
-    download_fn = app.function(
-        image=weights_image(),
-        volumes=volumes,
-        secrets=hf_secrets(profile),
-        cpu=DOWNLOAD_CPU,
-        memory=DOWNLOAD_MEMORY_MIB,
-        timeout=DOWNLOAD_TIMEOUT,
-        retries=retries,
-        serialized=True,
-        name=DOWNLOAD_FUNCTION,
-    )(download)
-    merge_fn = app.function(
-        image=weights_image(),
-        volumes=volumes,
-        secrets=hf_secrets(profile),  # fetches the file list itself when not given one
-        cpu=MERGE_CPU,
-        memory=MERGE_MEMORY_MIB,
-        timeout=MERGE_TIMEOUT,
-        retries=retries,
-        serialized=True,
-        name=MERGE_FUNCTION,
-    )(merge_shards)
+    def cpu_function(
+        fn: Callable[..., dict], *, name: str, cpu: float, memory: int, timeout: int,
+        mounts: dict[str, modal.Volume],
+    ) -> modal.Function:
+        # Every weights function reads the Hub (the HF secret) and is retried by Modal: a CPU
+        # container is cheap to run twice, unlike the compile's GPUs.
+        return app.function(
+            image=weights_image(), volumes=mounts, secrets=hf_secrets(profile), cpu=cpu,
+            memory=memory, timeout=timeout, retries=retries, serialized=True, name=name,
+        )(fn)  # fmt: skip
+
     verify_volumes = dict(volumes)
     if profile.deepgemm:
         # Verify checks the compile marker; it never writes kernels.
         verify_volumes[DEEPGEMM_MOUNT] = deepgemm_volume(profile).with_mount_options(read_only=True)
-    verify_fn = app.function(
-        image=weights_image(),
-        volumes=verify_volumes,
-        secrets=hf_secrets(profile),
-        cpu=DOWNLOAD_CPU,
-        memory=VERIFY_MEMORY_MIB,
-        timeout=VERIFY_TIMEOUT,
-        retries=retries,
-        serialized=True,
-        name=VERIFY_FUNCTION,
-    )(verify)
+    download_fn = cpu_function(download, name=DOWNLOAD_FUNCTION, cpu=DOWNLOAD_CPU,
+                               memory=DOWNLOAD_MEMORY_MIB, timeout=DOWNLOAD_TIMEOUT,
+                               mounts=volumes)  # fmt: skip
+    # The merge fetches the file list itself when not given one: it needs the secret too.
+    merge_fn = cpu_function(merge_shards, name=MERGE_FUNCTION, cpu=MERGE_CPU,
+                            memory=MERGE_MEMORY_MIB, timeout=MERGE_TIMEOUT, mounts=volumes)
+    verify_fn = cpu_function(verify, name=VERIFY_FUNCTION, cpu=DOWNLOAD_CPU,
+                             memory=VERIFY_MEMORY_MIB, timeout=VERIFY_TIMEOUT,
+                             mounts=verify_volumes)  # fmt: skip
     return WeightsApp(app=app, download=download_fn, merge=merge_fn, verify=verify_fn)
 
 
