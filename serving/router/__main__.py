@@ -1,5 +1,5 @@
 """python -m serving.router --port N --state-file PATH: the router as a process."""
 
-from serving.router.app import main
+from serving.router.serve import main
 
 main()

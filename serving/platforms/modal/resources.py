@@ -48,7 +48,7 @@ ROUTER_PACKAGES = [
     "uvicorn==0.54.0",
     "prometheus-client==0.26.0",
     "certifi==2026.10.19.post1",
-    # serving.router_upstream parses backend responses with httptools; uvloop is the router's
+    # serving.router.upstream parses backend responses with httptools; uvloop is the router's
     # measured-faster event loop (serving.router picks it when installed).
     "httptools==0.9.0",
     "uvloop==0.23.0",

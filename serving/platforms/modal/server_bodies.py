@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     # The router's modules are imported where they run: an engine container never needs them.
     import uvicorn
 
-    from serving.router.app import RouterConfig
+    from serving.router.config import RouterConfig
     from serving.router.table import RoutingTable
 
 
@@ -193,7 +193,7 @@ def routes_poll(routes: KeyValue) -> Callable[[], RoutingTable | None]:
 
 def router_config(profile: Profile, routes: KeyValue) -> RouterConfig:
     """The router's config from the container's environment (the Modal Secrets)."""
-    from serving.router.app import RouterConfig
+    from serving.router.config import RouterConfig
 
     admin_token = os.environ.get(ROUTER_ADMIN_TOKEN_ENV)
     if not admin_token:
@@ -231,9 +231,10 @@ def start_router(
     router must run beside it (port 0: any free port, for tests)."""
     import uvicorn
 
-    from serving.router.app import RouterApp, _fastest_uvicorn_impls
+    from serving.router.app import RouterApp
+    from serving.router.serve import fastest_uvicorn_impls
 
-    loop, http = _fastest_uvicorn_impls()
+    loop, http = fastest_uvicorn_impls()
     server = uvicorn.Server(
         uvicorn.Config(
             RouterApp(config), host=host, port=port, loop=loop, http=http,

@@ -205,7 +205,7 @@ def test_cpu_profile_has_no_modal_engine() -> None:
 
 
 def test_the_router_image_holds_what_the_router_imports() -> None:
-    """The router container imports serving.router (and serving.router_upstream): their
+    """The router container imports serving.router (and serving.router.upstream): their
     third-party modules must be in its image, pinned like the orchestrator's constraints."""
     pinned = {spec.split("==")[0].lower().replace("_", "-") for spec in resources.ROUTER_PACKAGES}
     needed = {"uvicorn", "prometheus-client", "certifi", "httptools", "httpx", "pydantic"}

@@ -1,0 +1,59 @@
+"""Small raw-ASGI helpers shared by the router's data path and its admin API."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+JSON_CT = (b"content-type", b"application/json")
+
+
+class ClientGone(Exception):
+    """The client disconnected before the request body was complete."""
+
+
+async def read_body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def send_json(send: Send, status: int, payload: Any) -> None:
+    body = json.dumps(payload).encode()
+    headers = [JSON_CT, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Send, status: int, message: str, code: str) -> None:
+    await send_json(send, status, {"error": {"message": message, "type": code, "code": status}})
+
+
+def bearer(key: str | None) -> bytes | None:
+    """The Authorization header value for a key, or None without one."""
+    return f"Bearer {key}".encode() if key else None
+
+
+def bearer_matches(scope: Scope, expected: bytes) -> bool:
+    supplied = _header(scope, b"authorization") or b""
+    # constant-time compare: the token must not leak through timing
+    return hmac.compare_digest(supplied, expected)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None

@@ -1,0 +1,111 @@
+"""The router as a process under uvicorn (``python -m serving.router``), polling a state file."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from serving.router.app import RouterApp
+from serving.router.config import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_FIRST_BYTE_TIMEOUT_S,
+    DEFAULT_POLL_INTERVAL_S,
+    DEFAULT_TOTAL_TIMEOUT_S,
+    RouterConfig,
+)
+from serving.router.table import RoutingTable
+
+logger = logging.getLogger("rollout.router")
+
+
+def state_file_poll(path: Path) -> Callable[[], RoutingTable | None]:
+    """A routing_poll reading a JSON RoutingTable that writers replace atomically.
+
+    Parses only when the file's (inode, mtime, size) changed; a missing file means no change.
+    """
+    last_seen: list[tuple[int, int, int] | None] = [None]
+
+    def poll() -> RoutingTable | None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if key == last_seen[0]:
+            return None
+        table = RoutingTable.model_validate_json(path.read_bytes())
+        last_seen[0] = key
+        return table
+
+    return poll
+
+
+def fastest_uvicorn_impls() -> tuple[str, str]:
+    """uvloop + httptools when installed: measured ~2x the throughput of asyncio + h11."""
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    try:
+        import httptools  # noqa: F401
+
+        http = "httptools"
+    except ImportError:
+        http = "h11"
+    return loop, http
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    args = _parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = RouterConfig(
+        admin_token=_secret_from_env(args.admin_token_env),
+        client_api_key=_secret_from_env(args.client_api_key_env),
+        connect_timeout_s=args.connect_timeout,
+        first_byte_timeout_s=args.first_byte_timeout,
+        total_timeout_s=args.total_timeout,
+        routing_poll=state_file_poll(args.state_file) if args.state_file else None,
+        poll_interval_s=args.poll_interval,
+    )
+    loop, http = fastest_uvicorn_impls()
+    logger.info("router on %s:%d (loop=%s, http=%s, admin api %s)", args.host, args.port,
+                loop, http, "enabled" if config.admin_token else "disabled")
+    uvicorn.run(
+        RouterApp(config), host=args.host, port=args.port, loop=loop, http=http,
+        lifespan="on", access_log=False, log_level=args.log_level, timeout_keep_alive=75,
+        # the router never reads the client address: skip the X-Forwarded-* middleware
+        proxy_headers=False,
+    )
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m serving.router",
+                                     description="Weighted canary router in front of releases.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--state-file", type=Path, help="JSON RoutingTable, polled every second")
+    parser.add_argument("--admin-token-env", help="env var holding the admin Bearer token")
+    parser.add_argument("--client-api-key-env", help="env var holding the client API key")
+    parser.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT_S)
+    parser.add_argument("--first-byte-timeout", type=float, default=DEFAULT_FIRST_BYTE_TIMEOUT_S)
+    parser.add_argument("--total-timeout", type=float, default=DEFAULT_TOTAL_TIMEOUT_S)
+    parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL_S)
+    parser.add_argument("--log-level", default="info")
+    return parser.parse_args(argv)
+
+
+def _secret_from_env(var: str | None) -> str | None:
+    if not var:
+        return None
+    value = os.environ.get(var)
+    if not value:
+        raise SystemExit(f"environment variable {var} is empty or unset")
+    return value
