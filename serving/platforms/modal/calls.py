@@ -135,6 +135,9 @@ class CallState(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     EXPIRED = "expired"
+    # Modal's API did not answer this time (UNAVAILABLE, INTERNAL, RESOURCE_EXHAUSTED...): the
+    # call may be running, finished or failed. Poll again later; never spawn on it.
+    UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,9 @@ def attach_or_spawn(record: CallRecord | None, probe: Probe) -> Decision:
         )
     if poll.state is CallState.EXPIRED:
         return Decision("spawn", f"the output of call {record.call_id} has expired")
+    if poll.state is CallState.UNKNOWN:
+        return Decision("attach", f"call {record.call_id} could not be read "
+                        f"({one_line(poll.error)}): waiting on it", record.call_id)  # fmt: skip
     return Decision("spawn", f"call {record.call_id} failed: {one_line(poll.error)}")
 
 
@@ -187,6 +193,17 @@ LOCAL_MODAL_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# Modal's API failing to answer, as the SDK raises it after its own retries: says nothing
+# about the call.
+TRANSIENT_MODAL_ERRORS: tuple[type[BaseException], ...] = (
+    modal.exception.ServiceError,
+    modal.exception.InternalError,
+    modal.exception.ResourceExhaustedError,
+)
+# Where modal 1.6.4 raises its bare TimeoutError for "no output yet" (_Invocation.poll_function).
+STILL_RUNNING_RAISED_IN = ("modal/_functions.py", "poll_function")
+
+
 def probe_call(call: _Gettable, timeout: float = 0) -> Poll:
     """One look at a modal.FunctionCall: `get(timeout)` raises the built-in TimeoutError while
     the call runs, OutputExpiredError once its output is gone (7 days), and the remote
@@ -198,14 +215,35 @@ def probe_call(call: _Gettable, timeout: float = 0) -> Poll:
     except modal.exception.NotFoundError:
         return Poll(CallState.EXPIRED)  # an unknown call id: nothing to wait for
     except TimeoutError as exc:
-        # Modal raises a bare TimeoutError(); a remote function that itself timed out on a
-        # socket raises one with a message, and that call has finished, failed.
-        if type(exc) is TimeoutError and not exc.args:
+        # The same type means two things: Modal's "still running", and a remote function that
+        # raised TimeoutError itself (asyncio.wait_for does, bare), which has finished, failed.
+        if _raised_by_modal_poll(exc):
             return Poll(CallState.RUNNING)
         return Poll(CallState.FAILED, error=exc)
     except LOCAL_MODAL_ERRORS:
         raise
+    except TRANSIENT_MODAL_ERRORS as exc:
+        if _is_remote(exc):
+            return Poll(CallState.FAILED, error=exc)  # the function itself raised it
+        return Poll(CallState.UNKNOWN, error=exc)
     except (Exception, modal.exception.InputCancellation) as exc:
         return Poll(CallState.FAILED, error=exc)
     return Poll(CallState.SUCCEEDED, result=result)
 
+
+def _is_remote(exc: BaseException) -> bool:
+    # modal attaches the remote traceback's source lines to an exception the function raised.
+    return hasattr(exc, "__line_cache__")
+
+
+def _raised_by_modal_poll(exc: TimeoutError) -> bool:
+    if type(exc) is not TimeoutError or exc.args or _is_remote(exc):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    path, function = STILL_RUNNING_RAISED_IN
+    code = tb.tb_frame.f_code
+    return code.co_filename.replace("\\", "/").endswith(path) and code.co_name == function

@@ -74,6 +74,9 @@ MAX_SHARDS = 16
 # A long-poll on one call: the server answers as soon as the call finishes, so this only
 # bounds how often a "still waiting" line is logged.
 WAIT_POLL_SECONDS = 60.0
+# Modal's API unreachable while waiting on a call: ask again after 5 s, 10 s, ... up to 2 min.
+UNKNOWN_BACKOFF_FIRST_SECONDS = 5.0
+UNKNOWN_BACKOFF_MAX_SECONDS = 120.0
 # Several calls (shards) are polled in turn, each without waiting, then the loop sleeps.
 SHARDS_POLL_INTERVAL = 10.0
 
@@ -263,8 +266,19 @@ class Preparation:
         if started.call_id is None:
             return started.result
         began = time.monotonic()
+        unanswered = 0
         while True:
             poll = self.gateway.poll(started.call_id, WAIT_POLL_SECONDS)
+            if poll.state is CallState.UNKNOWN:
+                # Modal's API did not answer: the call goes on regardless. Back off, ask again.
+                unanswered += 1
+                delay = min(UNKNOWN_BACKOFF_FIRST_SECONDS * 2 ** (unanswered - 1),
+                            UNKNOWN_BACKOFF_MAX_SECONDS)  # fmt: skip
+                log.warning("%s: call %s could not be read (%s); asking again in %.0f s", what,
+                            started.call_id, one_line(poll.error), delay)  # fmt: skip
+                self._sleep(delay)
+                continue
+            unanswered = 0
             if poll.state is not CallState.RUNNING:
                 return self._outcome(started, poll, what)
             log.info("%s: waiting for call %s (%.0f min)", what, started.call_id,
@@ -289,8 +303,8 @@ class Preparation:
                     continue
                 assert item.call_id is not None
                 poll = self.gateway.poll(item.call_id, 0)
-                if poll.state is CallState.RUNNING:
-                    continue
+                if poll.state in (CallState.RUNNING, CallState.UNKNOWN):
+                    continue  # unknown: the next round asks again, after the interval
                 results[index] = self._outcome(item, poll, f"download shard {item.key.detail}")
                 done_bytes += size
                 progressed = True

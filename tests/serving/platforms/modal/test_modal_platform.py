@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import threading
@@ -22,7 +23,9 @@ from typing import Any
 import modal.exception
 import modal.volume
 import pytest
+from modal._functions import _Invocation
 from modal._utils.async_utils import synchronizer
+from modal_proto import api_pb2
 
 from serving.config.layout import SENTINEL_NAME, compile_model_dir, deepgemm_dir, weights_dir
 from serving.config.loader import load_profile
@@ -566,7 +569,8 @@ class FakeFunctionCall:
 @pytest.mark.parametrize(
     ("outcome", "state"),
     [
-        (TimeoutError(), CallState.RUNNING),  # what Modal raises while the call runs
+        # Modal's own bare TimeoutError (running) is told apart by where it was raised: see
+        # test_modal_s_still_running_is_read_from_where_modal_raises_it.
         (modal.exception.OutputExpiredError(), CallState.EXPIRED),
         (modal.exception.FunctionTimeoutError("ran past its timeout"), CallState.FAILED),
         (TimeoutError("timed out"), CallState.FAILED),  # raised BY the remote function
@@ -584,6 +588,65 @@ def test_probe_call_reads_modal_outcomes(outcome: object, state: CallState) -> N
         assert poll.result == outcome
     if state is CallState.FAILED:
         assert poll.error is outcome
+
+
+class ModalStillRunning:
+    """get() runs modal's own poll_function on an empty answer with one input unfinished:
+    the TimeoutError modal 1.6.4 raises while a call runs, from where it raises it."""
+
+    def get(self, timeout: float | None = None) -> object:
+        invocation = _Invocation.__new__(_Invocation)
+
+        async def no_output_yet(**_: object) -> api_pb2.FunctionGetOutputsResponse:
+            return api_pb2.FunctionGetOutputsResponse(num_unfinished_inputs=1)
+
+        invocation.pop_function_call_outputs = no_output_yet  # type: ignore[method-assign]
+        return asyncio.run(invocation.poll_function(timeout=timeout))
+
+
+def remote_wait_for_timeout() -> TimeoutError:
+    """What a remote body's `asyncio.wait_for` raises: a bare TimeoutError, like Modal's own."""
+
+    async def too_slow() -> None:
+        await asyncio.wait_for(asyncio.sleep(1), timeout=0)
+
+    try:
+        asyncio.run(too_slow())
+    except TimeoutError as exc:
+        return exc
+    raise AssertionError("wait_for did not time out")
+
+
+def test_modal_s_still_running_is_read_from_where_modal_raises_it() -> None:
+    assert probe_call(ModalStillRunning()).state is CallState.RUNNING
+
+
+def test_a_remote_bare_timeout_error_is_a_failed_call_not_a_running_one() -> None:
+    exc = remote_wait_for_timeout()
+    assert type(exc) is TimeoutError and not exc.args  # indistinguishable by type and message
+    poll = probe_call(FakeFunctionCall(exc))
+    assert poll.state is CallState.FAILED and poll.error is exc
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        modal.exception.ServiceError("UNAVAILABLE"),
+        modal.exception.InternalError("INTERNAL"),
+        modal.exception.ResourceExhaustedError("RESOURCE_EXHAUSTED"),
+    ],
+)
+def test_a_transient_api_error_is_unknown_and_never_spawns_again(error: Exception) -> None:
+    poll = probe_call(FakeFunctionCall(error))
+    assert poll.state is CallState.UNKNOWN and poll.error is error
+    decision = attach_or_spawn(record("fc-7"), FakeCallProbe(poll))
+    assert (decision.action, decision.call_id) == ("attach", "fc-7")
+
+
+def test_the_same_error_raised_by_the_remote_function_is_a_failure() -> None:
+    error = modal.exception.InternalError("raised by the body")
+    error.__line_cache__ = {}  # type: ignore[attr-defined]  # as modal marks a remote exception
+    assert probe_call(FakeFunctionCall(error)).state is CallState.FAILED
 
 
 def test_probe_call_reraises_local_modal_trouble() -> None:
@@ -815,6 +878,36 @@ def test_a_restarted_orchestrator_reattaches_to_the_running_compile(
 
     assert result.status == "compiled" and result.key == stored.key.detail
     assert second.spawned == [] and second.deployed == []  # no second 8-GPU job
+
+
+def test_an_unanswered_poll_backs_off_and_waits_on_the_same_compile(
+    mirror: Any, synthetic_repo: SyntheticRepo, tmp_path: Path
+) -> None:
+    profile = gpu_profile(synthetic_repo.repo_id)
+    home = tmp_path / "home"
+    first = FakeModalGateway(tmp_path / "volumes", mirror.url, profile)
+    first.crash_on_wait = True
+    with pytest.raises(SimulatedCrash):
+        platform(home, first).compile(profile, synthetic_repo.v1)
+    marker_dir = deepgemm_dir(first.volume_root(str(profile.volumes.deepgemm)), profile)
+    for marker in (marker_dir / "markers").glob("*.json"):
+        marker.unlink()
+
+    second = FakeModalGateway(tmp_path / "volumes", mirror.url, profile)
+    unavailable = Poll(CallState.UNKNOWN, error=modal.exception.ServiceError("UNAVAILABLE"))
+    second.script = {"fc-fake-1": [
+        unavailable,  # the probe after the restart
+        unavailable, unavailable,  # two waits Modal's API does not answer
+        Poll(CallState.SUCCEEDED, result=first.results["fc-fake-1"]),
+    ]}  # fmt: skip
+    slept: list[float] = []
+    restarted = ModalPlatform(home, environment="test", endpoint=second.endpoint,
+                              gateway=second, sleep=slept.append)  # fmt: skip
+    result = restarted.compile(profile, synthetic_repo.v1)
+
+    assert result.status == "compiled"
+    assert second.spawned == [] and second.deployed == []  # no second 8-GPU job
+    assert slept == [5.0, 10.0]  # backed off, did not spin
 
 
 def test_a_failed_compile_is_spawned_anew_and_the_record_replaced(
