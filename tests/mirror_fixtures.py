@@ -13,12 +13,16 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from dev.demo_model import make_synthetic_repo
+from dev.demo_model import make_synthetic_repo, shard_name
 from dev.mirror import KiB, MiB, MirrorServer, MirrorStore, run_mirror
 
 SYNTHETIC_REPO_ID = "test-org/tiny-model"
 # Two LFS shards by size, one LFS by suffix only (< 1 MiB): all three LFS paths of the mirror.
 SYNTHETIC_SHARDS = [3 * MiB, 1 * MiB + 512 * KiB, 200 * KiB]
+SHARD_COUNT = len(SYNTHETIC_SHARDS)
+BIG_SHARD = shard_name(0, SHARD_COUNT)  # 3 MiB
+MID_SHARD = shard_name(1, SHARD_COUNT)  # 1.5 MiB
+SMALL_SHARD = shard_name(2, SHARD_COUNT)  # 200 KiB, LFS by suffix
 SYNTHETIC_EXTRA = {
     "tokenizer_config.json": b'{"model_max_length": 2048}',
     "nested/notes.txt": b"a file in a sub-directory, so trees have a folder\n",

@@ -34,13 +34,15 @@ from dev.mirror import (
     lfs_pointer,
 )
 from serving.core.home import REPO_ROOT
-from tests.mirror_fixtures import SYNTHETIC_SHARDS, SyntheticRepo, hf_env
+from tests.mirror_fixtures import (
+    BIG_SHARD,
+    SHARD_COUNT,
+    SMALL_SHARD,
+    SYNTHETIC_SHARDS,
+    SyntheticRepo,
+    hf_env,
+)
 
-# Fixtures are found by module attribute; the shared conftest.py stays untouched.
-
-SHARD_COUNT = len(SYNTHETIC_SHARDS)
-BIG_SHARD = shard_name(0, SHARD_COUNT)  # 3 MiB
-SMALL_SHARD = shard_name(2, SHARD_COUNT)  # 200 KiB, LFS by suffix
 SUBPROCESS_TIMEOUT_S = 60
 HF_CLIENT_CHUNK = 10 * MiB  # huggingface_hub.constants.DOWNLOAD_CHUNK_SIZE
 

@@ -13,10 +13,8 @@ from serving.engines.sglang import (
     deepgemm_cache_key,
     serve_command,
 )
+from tests.command_fixtures import DEEPGEMM, SGLANG_MODELS, WEIGHTS
 
-WEIGHTS = PurePosixPath("/weights/org/model/" + "a" * 40)
-DEEPGEMM = PurePosixPath("/deepgemm/sm_100")
-SGLANG_MODELS = ["glm-5.1", "glm-4.7", "deepseek-v4-pro", "qwen3-8b"]
 CONFIG = b'{"hidden_size": 6144, "num_hidden_layers": 78}'
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from dev.sglang_flags import compile_parser, option_table
 from serving.config.flags import FLAG_TABLES
-from serving.config.loader import available_models, load_profile
+from serving.config.loader import load_profile
 from serving.engines.sglang import (
     COMPILE_ENTRYPOINT,
     SERVE_ENTRYPOINT,
@@ -23,10 +23,7 @@ from serving.engines.sglang import (
     serve_command,
     sglang_parser,
 )
-
-WEIGHTS = PurePosixPath("/weights/org/model/" + "a" * 40)
-DEEPGEMM = PurePosixPath("/deepgemm/sm_100")
-SGLANG_MODELS = [name for name in available_models() if load_profile(name).engine.kind == "sglang"]
+from tests.command_fixtures import DEEPGEMM, SGLANG_MODELS, WEIGHTS
 
 
 @pytest.fixture(scope="module")

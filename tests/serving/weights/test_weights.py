@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dev.demo_model import make_synthetic_repo, shard_name
+from dev.demo_model import make_synthetic_repo
 from dev.mirror import CutFault, ErrorFault, KiB, MiB, MirrorServer, MirrorStore, parse_range
 from serving.config.layout import SENTINEL_NAME, weights_dir
 from serving.config.loader import load_profile
@@ -35,12 +35,16 @@ from serving.weights.download import (
 from serving.weights.hub import fetch_files, fetch_model_config, resolve_revision
 from serving.weights.models import HF_DOWNLOAD_DIR, FileEntry, Progress, WeightsError
 from serving.weights.verify import list_present, verify
-from tests.mirror_fixtures import SYNTHETIC_SHARDS, SyntheticRepo, hf_env
+from tests.mirror_fixtures import (
+    BIG_SHARD,
+    MID_SHARD,
+    SHARD_COUNT,
+    SYNTHETIC_SHARDS,
+    SyntheticRepo,
+    hf_env,
+)
 from tests.weights_fixtures import can_mount_private_tmpfs, in_tiny_tmpfs
 
-SHARD_COUNT = len(SYNTHETIC_SHARDS)
-BIG_SHARD = shard_name(0, SHARD_COUNT)  # 3 MiB
-MID_SHARD = shard_name(1, SHARD_COUNT)  # 1.5 MiB
 SUBPROCESS_TIMEOUT_S = 60
 FAST_BACKOFF_S = 0.05
 TOKEN = "hf_test_SECRET_token_value_1234567890"
