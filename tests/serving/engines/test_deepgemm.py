@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from serving.config.loader import load_profile
+from serving.config.profile import Profile
 from serving.core.home import REPO_ROOT
 from serving.engines.deepgemm import (
     CompileFailed,
+    CompileResult,
+    Log,
     compile_kernels,
     marker_path,
     read_marker,
@@ -102,6 +106,15 @@ def weights(tmp_path: Path) -> Path:
     return directory
 
 
+Runner = Callable[[Command, float, Log], None]
+
+
+def compile_on(profile: Profile, weights: Path, cache: Path, run: Runner) -> CompileResult:
+    """A compile with a GPU taken as present, run by `run` instead of a process."""
+    return compile_kernels(profile, revision=REVISION, weights_path=weights, cache_dir=cache,
+                           timeout_seconds=600, run=run, unavailable=lambda: None)  # fmt: skip
+
+
 def test_marker_makes_the_second_run_free(weights: Path, tmp_path: Path) -> None:
     profile = load_profile("glm-5.1")
     calls: list[Command] = []
@@ -109,31 +122,23 @@ def test_marker_makes_the_second_run_free(weights: Path, tmp_path: Path) -> None
     def run(command: Command, timeout: float, log: object) -> None:
         calls.append(command)
 
-    kwargs = dict(
-        revision=REVISION,
-        weights_path=weights,
-        cache_dir=tmp_path / "sm_100",
-        timeout_seconds=600,
-        run=run,
-        unavailable=lambda: None,
-    )
-    first = compile_kernels(profile, **kwargs)  # type: ignore[arg-type]
+    first = compile_on(profile, weights, tmp_path / "sm_100", run)
     assert first.status == "compiled"
     assert calls[0].env["SGLANG_DG_CACHE_DIR"] == str(tmp_path / "sm_100")
     key = deepgemm_cache_key(profile, (weights / "config.json").read_bytes())
     marker = read_marker(tmp_path / "sm_100", key)
     assert marker is not None and marker.revision == REVISION
-    second = compile_kernels(profile, **kwargs)  # type: ignore[arg-type]
+    second = compile_on(profile, weights, tmp_path / "sm_100", run)
     assert second.status == "cached" and len(calls) == 1
     # A different model config is a different key: compile again.
     (weights / "config.json").write_text('{"hidden_size": 128}')
-    assert compile_kernels(profile, **kwargs).status == "compiled"  # type: ignore[arg-type]
+    assert compile_on(profile, weights, tmp_path / "sm_100", run).status == "compiled"
     assert len(calls) == 2
     # A torn marker (a write cut short on the volume) is no marker: compile again.
     key = deepgemm_cache_key(profile, (weights / "config.json").read_bytes())
     marker_path(tmp_path / "sm_100", key).write_text('{"key": ')
     assert read_marker(tmp_path / "sm_100", key) is None
-    assert compile_kernels(profile, **kwargs).status == "compiled"  # type: ignore[arg-type]
+    assert compile_on(profile, weights, tmp_path / "sm_100", run).status == "compiled"
     assert len(calls) == 3
 
 
@@ -142,15 +147,7 @@ def test_failed_compile_writes_no_marker(weights: Path, tmp_path: Path) -> None:
         raise CompileFailed("boom")
 
     with pytest.raises(CompileFailed):
-        compile_kernels(
-            load_profile("glm-5.1"),
-            revision=REVISION,
-            weights_path=weights,
-            cache_dir=tmp_path / "sm_100",
-            timeout_seconds=600,
-            run=run,
-            unavailable=lambda: None,
-        )
+        compile_on(load_profile("glm-5.1"), weights, tmp_path / "sm_100", run)
     assert not (tmp_path / "sm_100" / "markers").exists()
 
 
