@@ -280,13 +280,18 @@ def test_engine_exiting_during_startup_fails_at_once_with_its_output(
     assert message.startswith(f"{demo_profile.name}-{supervisor.release_id}:")
 
 
+def never_healthy(profile: Profile, supervisors: SupervisorFactory) -> Supervisor:
+    """A supervisor of a FAKE engine that listens but answers /health 503 for ten minutes."""
+    port = free_port()
+    return supervisors(
+        profile, fake_command("--port", str(port), "--health-delay", "600"), port=port
+    )
+
+
 def test_engine_never_healthy_fails_at_the_budget(
     demo_profile: Profile, supervisors: SupervisorFactory
 ) -> None:
-    port = free_port()
-    supervisor = supervisors(
-        demo_profile, fake_command("--port", str(port), "--health-delay", "600"), port=port
-    )
+    supervisor = never_healthy(demo_profile, supervisors)
     supervisor.start()
     started = time.monotonic()
     with pytest.raises(EngineFailed, match=r"not healthy within 1.5 s") as failure:
@@ -299,10 +304,7 @@ def test_engine_never_healthy_fails_at_the_budget(
 def test_startup_stops_the_engine_when_it_fails(
     demo_profile: Profile, supervisors: SupervisorFactory
 ) -> None:
-    port = free_port()
-    supervisor = supervisors(
-        demo_profile, fake_command("--port", str(port), "--health-delay", "600"), port=port
-    )
+    supervisor = never_healthy(demo_profile, supervisors)
     with pytest.raises(EngineFailed):
         supervisor.startup(budget_seconds=1)
     assert not supervisor.running
