@@ -35,6 +35,7 @@ import pytest
 from serving.config.layout import deepgemm_dir, weights_dir
 from serving.config.loader import load_profile
 from serving.config.profile import Profile, Secrets
+from serving.control.router_client import RouterAdminError
 from serving.core.errors import DeployFailed
 from serving.core.procs import free_port, wait_for
 from serving.domain.records import ReleaseRecord
@@ -42,7 +43,7 @@ from serving.domain.release import Release
 from serving.engines.sglang import Command
 from serving.platforms.modal import apps as modal_app
 from serving.platforms.modal import platform as modal_platform
-from serving.platforms.modal.platform import ModalPlatform, RouterAdminError
+from serving.platforms.modal.platform import ModalPlatform
 from serving.router.table import Backend, RoutingTable
 from serving.supervisor.supervisor import EngineFailed, Supervisor
 from serving.weights.download import Manifest, write_sentinel
@@ -695,6 +696,15 @@ class MockModal:
         )  # fmt: skip
 
 
+def router_answer(request: httpx.Request) -> httpx.Response:
+    """The router's answer to the admin calls a test does not look at: a pushed table is
+    taken (PUT /admin/routes answers with the table it now serves), anything else is a 200."""
+    if (request.method, request.url.path) == ("PUT", "/admin/routes"):
+        table = RoutingTable.model_validate_json(request.content)
+        return httpx.Response(200, json=table.public())
+    return httpx.Response(200, json={})
+
+
 def stats_handler(in_flight: list[int], seen: list[httpx.Request]) -> Callable[..., Any]:
     """The router: in-flight counts of release A, one per stats read (the last repeats)."""
 
@@ -704,7 +714,7 @@ def stats_handler(in_flight: list[int], seen: list[httpx.Request]) -> Callable[.
             count = in_flight.pop(0) if len(in_flight) > 1 else in_flight[0]
             backends = {"qwen3-8b-aaaaaaaa": {"in_flight": count}}
             return httpx.Response(200, json={"model": "qwen3-8b", "backends": backends})
-        return httpx.Response(200, json={})
+        return router_answer(request)
 
     return handle
 
@@ -722,6 +732,9 @@ def test_retire_stops_the_app_once_the_router_counts_nothing_in_flight(
     profile = serving_profile(snapshot=False, api_key=False)
     seen: list[httpx.Request] = []
     modal = MockModal(stats_handler([2, 1, 0], seen), apps=["qwen3-8b-router", "qwen3-8b-aaaaaaaa"])
+    routed = RoutingTable(models={"qwen3-8b": [Backend(name="qwen3-8b-aaaaaaaa", weight=100,
+                                                       url=release_a().url)]})  # fmt: skip
+    modal.dict("qwen3-8b-routes").put(modal_app.ROUTES_KEY, routed.model_dump_json())
     clock = FakeClock()
 
     modal.platform(tmp_path, clock).retire(profile, release_a(), drain_seconds=60)
@@ -729,7 +742,9 @@ def test_retire_stops_the_app_once_the_router_counts_nothing_in_flight(
     stats_reads = [r for r in seen if r.url.path == "/admin/stats"]
     assert len(stats_reads) == 3
     assert all(r.headers["authorization"] == f"Bearer {admin_token}" for r in seen)
-    assert seen[0].method == "DELETE"  # out of routing before anything else
+    # Out of routing before anything else: the whole table pushed, without the release.
+    assert (seen[0].method, seen[0].url.path) == ("PUT", "/admin/routes")
+    assert "qwen3-8b-aaaaaaaa" not in seen[0].content.decode()
     assert modal.stopped == ["qwen3-8b-aaaaaaaa"]
     assert sum(clock.sleeps) < 60
 
@@ -805,7 +820,7 @@ def test_a_release_that_never_gets_healthy_is_stopped_and_fails_the_deploy(
         if request.url.path == "/health":
             health.append(request.url.host)
             return httpx.Response(503)  # Modal's answer while no container is up
-        return httpx.Response(200, json={})
+        return router_answer(request)
 
     modal = MockModal(handle, apps=["qwen3-8b-router"])
     clock = FakeClock()
@@ -832,7 +847,7 @@ def test_deploy_waits_through_cold_start_answers(tmp_path: Path, admin_token: st
             if isinstance(answer, Exception):
                 raise answer
             return answer
-        return httpx.Response(200, json={})
+        return router_answer(request)
 
     modal = MockModal(handle)
     release = modal.platform(tmp_path, FakeClock()).deploy(profile, REV_A)
