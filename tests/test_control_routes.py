@@ -222,3 +222,14 @@ def test_a_router_out_of_reach_gets_the_change_from_its_store_and_a_refusal_rais
     with pytest.raises(RouterAdminError, match="HTTP 401"):
         stand.routes(token="not-the-admin-token").set([backend("a", 50)])
     assert stand.router_weights() == {"a": 100}
+
+
+def test_a_push_older_than_the_routers_table_yields_to_it(stand: Stand) -> None:
+    # Someone newer wrote and pushed first: the router holds a later generation.
+    newer = RoutingTable(models={MODEL: [backend("b", 100)]}, generation=50)
+    assert stand.routes().router.push(newer).generation == 50
+
+    assert stand.routes().set([backend("a", 100)]) is Outcome.SUPERSEDED  # a 409: no error
+
+    assert stand.router_view()["generation"] == 50
+    assert stand.router_weights() == {"b": 100}

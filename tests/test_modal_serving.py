@@ -549,6 +549,9 @@ def test_set_traffic_writes_the_table_the_router_reads_and_requests_follow_it(
     assert {x.name: x.url for x in table.models["qwen3-8b"]} == {a.id: a.url, b.id: b.url}
     served = {chat(router).headers["x-rollout-backend"] for _ in range(5)}
     assert served == {a.id}
+    # A re-run of the deploy registers the release at 0 again: it keeps its traffic.
+    assert platform.deploy(profile, REV_A) == a
+    assert weights_of(dict_table(gateway, profile), profile) == {a.id: 100, b.id: 0}
 
     platform.set_traffic(profile, {b.id: 100, "qwen3-8b-deadbeef": 0})  # not running: left out
     assert weights_of(dict_table(gateway, profile), profile) == {a.id: 0, b.id: 100}

@@ -84,13 +84,7 @@ class RouterClient:
             headers={"Content-Type": "application/json"},
         )  # fmt: skip
         if response.status_code == httpx.codes.CONFLICT:
-            try:
-                generation = response.json().get("generation")
-            except ValueError:
-                generation = None
-            if not isinstance(generation, int):
-                raise RouterAdminError(f"router at {self.url}: a 409 without its generation")
-            return PushAnswer(generation=generation, routes=None)
+            return PushAnswer(generation=self._stale_generation(response), routes=None)
         view = self._view(_ok(response, "PUT /admin/routes"))
         return PushAnswer(generation=view.generation, routes=view)
 
@@ -115,7 +109,7 @@ class RouterClient:
         return int(stats.get("backends", {}).get(backend, {}).get("in_flight", 0))
 
     def _checked(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return _ok(self._request(method, path, **kwargs), f"{method} {path.split('?')[0]}")
+        return _ok(self._request(method, path, **kwargs), f"{method} {path}")
 
     def _request(
         self,
@@ -137,6 +131,16 @@ class RouterClient:
             raise RouterUnreachable(
                 f"router at {self.url} does not answer: {type(exc).__name__}"
             ) from exc
+
+    def _stale_generation(self, response: httpx.Response) -> int:
+        """The generation a 409 names: the router's, newer than the pushed table's."""
+        try:
+            generation = response.json().get("generation")
+        except (ValueError, AttributeError):
+            generation = None
+        if not isinstance(generation, int):
+            raise RouterAdminError(f"router at {self.url}: a 409 without its generation")
+        return generation
 
     def _view(self, response: httpx.Response) -> RoutesView:
         try:

@@ -231,7 +231,8 @@ class LocalPlatform:
     def set_traffic(self, profile: Profile, weights: dict[str, int]) -> None:
         """Route `weights` (release id → percent) for the model, to the running releases; a
         running release not named gets 0. Written to the state file and pushed to the router,
-        which reports it before this returns. In-flight requests keep their backend."""
+        whose answer is checked (serving.control.routes). In-flight requests keep their
+        backend."""
         backends = traffic_backends(
             profile, weights, self.running_releases(profile), profile.secrets.api_key
         )
