@@ -28,18 +28,19 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import httpx
 from pydantic import ValidationError
 
 from serving.config.layout import compile_model_dir, deepgemm_dir, weights_dir
 from serving.config.loader import models_dir
 from serving.config.profile import Profile
+from serving.control.drain import drain
+from serving.control.router_client import RouterAdminError
+from serving.control.routes import release_backend, traffic_backends
 from serving.core.errors import DeployFailed
 from serving.core.home import repo_pythonpath, rollout_home
-from serving.core.procs import free_port, spawn, start_ticks, stop_process, sweep, wait_for
+from serving.core.procs import free_port, spawn, start_ticks, stop_process, sweep
 from serving.domain.records import ReleaseStore
 from serving.domain.release import Release, VerifyResult, release_id
-from serving.domain.traffic import traffic_plan
 from serving.engines.deepgemm import (
     COMPILE_TIMEOUT_SECONDS,
     CompileResult,
@@ -59,7 +60,6 @@ from serving.platforms.local.router_process import (
     RouterUnavailable,
 )
 from serving.platforms.local.stores import FileReleaseStore
-from serving.router.table import Backend
 from serving.supervisor.events import ServerEvent
 from serving.verification import verify_revision
 from serving.weights.download import download
@@ -213,11 +213,11 @@ class LocalPlatform:
                 }
             )
             self.inventory.write(record)
-            backend = self._backend(profile, release, weight=0)
-            router.update(profile.served_model_name, lambda current: _with(current, backend))
+            backend = release_backend(release, 0, profile.secrets.api_key)
+            router.routes(profile.served_model_name).add(backend)
         except BaseException as exc:
             self._stop(record, drain_seconds=0)
-            if isinstance(exc, RouterUnavailable):
+            if isinstance(exc, RouterUnavailable | RouterAdminError):
                 raise DeployFailed(f"{rid}: {exc}") from None
             raise
         logger.info("%s: ready at %s (0%% traffic)", rid, release.url)
@@ -226,22 +226,22 @@ class LocalPlatform:
     def set_traffic(self, profile: Profile, weights: dict[str, int]) -> None:
         """Route `weights` (release id → percent) for the model, to the running releases; a
         running release not named gets 0. Written to the state file and pushed to the router,
-        which reports it before this returns. In-flight requests keep their backend."""
-        backends = [
-            self._backend(profile, release, weight=weight)
-            for release, weight in traffic_plan(profile, weights, self.running_releases(profile))
-        ]
+        whose answer is checked (serving.control.routes). In-flight requests keep their
+        backend."""
+        backends = traffic_backends(
+            profile, weights, self.running_releases(profile), profile.secrets.api_key
+        )
         router = self._router()
         router.ensure_running()
-        router.update(profile.served_model_name, lambda _current: backends)
+        router.routes(profile.served_model_name).set(backends)
 
     def retire(self, profile: Profile, release: Release, drain_seconds: float) -> None:
-        """Out of routing (weight 0, then removed), wait for the router's in-flight requests
+        """Out of routing (removed in one update), wait for the router's in-flight requests
         up to the deadline, SIGTERM the supervisor (which drains the engine), SIGKILL both
         process groups at the deadline. Idempotent."""
         record = self.inventory.get(release.id)
         if record is None:
-            self._unroute(profile.served_model_name, release.id)
+            self._router().routes(profile.served_model_name).take_out(release.id)
             return
         self._stop(record, drain_seconds)
         logger.info("%s: retired", release.id)
@@ -253,10 +253,10 @@ class LocalPlatform:
         """GET /admin/stats of the model since `since` (unix time): per-backend requests,
         errors, TTFT and latency percentiles, in-flight counts and weights."""
         # An unanswered query is an error, never an empty window: empty reads as "no traffic".
-        return self._router().stats(profile.served_model_name, since)
+        return self._router().client().stats(profile.served_model_name, since)
 
     def ask(self, profile: Profile, release_id: str, chat: dict[str, Any]) -> dict[str, Any]:
-        return self._router().ask(release_id, chat)
+        return self._router().client().ask(release_id, chat)
 
     def running_releases(self, profile: Profile) -> list[Release]:
         return [
@@ -317,12 +317,6 @@ class LocalPlatform:
         record = self.inventory.get(ROUTER_RECORD)
         port = record.port if record is not None and record.running() else self.router_port
         return LocalRouter(self.home, port, self.inventory, self.owner, keep=self.keep_serving)
-
-    def _backend(self, profile: Profile, release: Release, *, weight: int) -> Backend:
-        # The router reads the engine's key from its own environment: only the name is stored.
-        return Backend(
-            name=release.id, url=release.url, weight=weight, api_key_env=profile.secrets.api_key
-        )
 
     def _release_workdir(self, profile: Profile, rid: str, weights: Path) -> Path:
         """The release's working directory, where the served model name is a symlink to the
@@ -405,9 +399,13 @@ class LocalPlatform:
         deadline (never sooner than a short grace for a clean stop), record removed."""
         deadline = time.monotonic() + drain_seconds
         if record.kind == "release" and record.route is not None:
-            router = self._unroute(record.route, record.name)
-            if router is not None and record.running():
-                _drain(router, record.route, record.name, deadline)
+            router = self._router()
+            unrouted = router.routes(record.route).take_out(record.name)
+            # Unlike a Modal router, a local one that does not answer carries no requests:
+            # there is nothing to drain through it.
+            if record.running() and router.answers():
+                drain(router.client(), record.route, record.name, deadline,
+                      unrouted=unrouted, poll_seconds=DRAIN_POLL_SECONDS)  # fmt: skip
         grace = max(deadline - time.monotonic(), STOP_GRACE_SECONDS)
         gone = stop_process(record.pid, record.ticks, groups=record.extra_groups(),
                             term_seconds=grace)  # fmt: skip
@@ -420,20 +418,6 @@ class LocalPlatform:
                 logger.warning("%s: killed stray processes %s", record.name, stray)
             shutil.rmtree(workdir, ignore_errors=True)
         self.inventory.remove(record.name)
-
-    def _unroute(self, route: str, rid: str) -> LocalRouter | None:
-        """Weight 0 (no new requests), then out of the table. Returns the router when it runs,
-        for the drain; without one only the state file changes."""
-        router = self._router()
-        if not any(backend.name == rid for backend in router.backends(route)):
-            return router if router.answers() else None
-        try:
-            router.update(route, lambda current: [_weight(b, rid, 0) for b in current])
-            router.update(route, lambda current: [b for b in current if b.name != rid])
-        except (RouterUnavailable, httpx.HTTPError) as exc:
-            # Stopping must go on: a release that cannot be unrouted still costs money.
-            logger.warning("%s: routing not updated: %s", rid, exc)
-        return router if router.answers() else None
 
     def _release_router(self) -> None:
         """Stop the router unless running releases still need it; then hand it to them."""
@@ -451,7 +435,6 @@ class LocalPlatform:
         self._stop(record, drain_seconds=0)
 
 
-# Release id → percent of the model's traffic.
 # Beyond the profile's startup budget: interpreter start, and the probes after /health.
 DEPLOY_MARGIN_SECONDS = 60.0
 EVENT_POLL_SECONDS = 0.1
@@ -461,26 +444,6 @@ STOP_GRACE_SECONDS = 5.0
 # Requests in flight when the orchestrator finishes get this long to complete.
 SHUTDOWN_DRAIN_SECONDS = 5.0
 ONE_LINE_CHARS = 500
-
-
-def _with(backends: list[Backend], new: Backend) -> list[Backend]:
-    return [*(backend for backend in backends if backend.name != new.name), new]
-
-
-def _weight(backend: Backend, name: str, weight: int) -> Backend:
-    return backend.model_copy(update={"weight": weight}) if backend.name == name else backend
-
-
-def _drain(router: LocalRouter, route: str, rid: str, deadline: float) -> None:
-    def drained() -> bool:
-        try:
-            return router.in_flight(route, rid) == 0
-        except httpx.HTTPError:
-            return True  # no router, nothing in flight through it
-
-    remaining = deadline - time.monotonic()
-    if not wait_for(drained, max(0.0, remaining), DRAIN_POLL_SECONDS):
-        logger.warning("%s: requests still in flight at the drain deadline", rid)
 
 
 def _served_path(profile: Profile) -> PurePosixPath:

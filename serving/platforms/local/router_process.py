@@ -1,9 +1,8 @@
 """The local platform's router: one `python -m serving.router` per ROLLOUT_HOME.
 
-Routing state lives in `$ROLLOUT_HOME/state/routes.json` (a RoutingTable, replaced atomically
-under a lock): the router polls it every second, so a restarted router comes back with the
-right weights. Every change is also pushed through the admin API, so it applies at once, and
-read back until the router reports it.
+Routing state lives in `$ROLLOUT_HOME/state/routes.json` (routes.FileRouteStore): the router
+polls it every second, so a restarted router comes back with the right weights. Changes are
+made through serving.control.routes, which also pushes them to the admin API.
 
 The admin token is generated once per home, stored 0600 in `state/router-admin-token`, and
 reaches the router through an environment variable: never on an argv, never in a log line.
@@ -16,18 +15,15 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import httpx
-
-from serving.core.constants import ASK_TIMEOUT_SECONDS
-from serving.core.files import locked, write_atomically
+from serving.control.router_client import RouterAdminError, RouterClient
+from serving.control.routes import ModelRoutes
+from serving.core.files import locked
 from serving.core.home import REPO_ROOT, repo_pythonpath
 from serving.core.procs import port_is_free, spawn, start_ticks, stop_process, wait_for
 from serving.platforms.local.inventory import Inventory, Owner, ProcessRecord
-from serving.router.table import Backend, RoutingTable
+from serving.platforms.local.routes import FileRouteStore
 
 logger = logging.getLogger(__name__)
 
@@ -42,21 +38,12 @@ PRIVATE_FILE_MODE = 0o600
 ADMIN_TOKEN_BYTES = 32
 
 ROUTER_STARTUP_SECONDS = 20.0
-# Two CPU engines under load can starve the router for seconds; an admin call waits it out.
-ADMIN_TIMEOUT_SECONDS = 20.0
 STARTUP_POLL_SECONDS = 0.1
-# A pushed table is read back until the router reports it; a concurrent state-file poll can
-# briefly install an older table, so a mismatch is pushed again a few times.
-VERIFY_ATTEMPTS = 5
-VERIFY_RETRY_SECONDS = 0.1
 LOG_TAIL_CHARS = 1500
 
 
-Mutation = Callable[[list[Backend]], list[Backend]]
-
-
 class RouterUnavailable(RuntimeError):
-    """The home's router cannot be started, reached, or does not apply a routing change."""
+    """The home's router cannot be started."""
 
 
 class LocalRouter:
@@ -99,9 +86,10 @@ class LocalRouter:
     def answers(self) -> bool:
         """True when a router holding this home's admin token listens on the port."""
         try:
-            return self._admin("GET", "/admin/routes").status_code == 200
-        except httpx.HTTPError:
+            self.client().routes()
+        except RouterAdminError:
             return False
+        return True
 
     def _start(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -159,83 +147,10 @@ class LocalRouter:
 
     # -- routing -------------------------------------------------------------------------------
 
-    def table(self) -> RoutingTable:
-        try:
-            return RoutingTable.model_validate_json(self.routes_file.read_bytes())
-        except FileNotFoundError:
-            return RoutingTable()
+    def client(self) -> RouterClient:
+        return RouterClient(self.url, self.admin_token)
 
-    def backends(self, model: str) -> list[Backend]:
-        return list(self.table().models.get(model, []))
-
-    def update(self, model: str, mutate: Mutation, *, push: bool = True) -> list[Backend]:
-        """Apply `mutate` to the model's backends: state file first (the router's source of
-        truth across restarts), then the admin API (so it applies now), then read back.
-        With push=False, or no router running, only the state file changes."""
-        with locked(self.state / ".routes.lock"):
-            table = self.table()
-            backends = mutate(list(table.models.get(model, [])))
-            self._write_table(table.with_backends(model, backends))
-            if push and self.answers():
-                self._push(model, backends)
-        return backends
-
-    def _write_table(self, table: RoutingTable) -> None:
-        # Backends carry api_key_env names only, never keys: the file holds no secret.
-        write_atomically(self.routes_file, table.model_dump_json(exclude_none=True))
-
-    def _push(self, model: str, backends: list[Backend]) -> None:
-        expected = {backend.name: backend.weight for backend in backends}
-        for _ in range(VERIFY_ATTEMPTS):
-            if backends:
-                payload = [backend.model_dump(exclude_none=True) for backend in backends]
-                response = self._admin("PUT", f"/admin/routes/{model}", json=payload)
-            else:
-                response = self._admin("DELETE", f"/admin/routes/{model}")
-            if response.status_code not in (200, 404):
-                raise RouterUnavailable(
-                    f"router refused the routes of {model}: HTTP {response.status_code}: "
-                    f"{response.text[:200]}"
-                )
-            if self.reported_weights(model) == expected:
-                return
-            time.sleep(VERIFY_RETRY_SECONDS)
-        raise RouterUnavailable(
-            f"router does not report the routes of {model}: expected {expected}, "
-            f"got {self.reported_weights(model)}"
-        )
-
-    def reported_weights(self, model: str) -> dict[str, int]:
-        response = self._admin("GET", "/admin/routes")
-        response.raise_for_status()
-        entries = response.json()["models"].get(model, [])
-        return {entry["name"]: entry["weight"] for entry in entries}
-
-    # -- measurements --------------------------------------------------------------------------
-
-    def stats(self, model: str, since: float) -> dict[str, Any]:
-        response = self._admin("GET", "/admin/stats", params={"model": model, "since": since})
-        response.raise_for_status()
-        return dict(response.json())
-
-    def ask(self, backend: str, chat: dict[str, Any]) -> dict[str, Any]:
-        response = self._admin("POST", f"/admin/ask/{backend}", json=chat,
-                               timeout=ASK_TIMEOUT_SECONDS)  # fmt: skip
-        response.raise_for_status()
-        return dict(response.json())
-
-    def in_flight(self, model: str, backend: str) -> int:
-        # since=now: an empty window; in_flight is counted outside the window.
-        stats = self.stats(model, time.time())
-        return int(stats.get("backends", {}).get(backend, {}).get("in_flight", 0))
-
-    # -- internals -----------------------------------------------------------------------------
-
-    def _admin(self, method: str, path: str, timeout: float = ADMIN_TIMEOUT_SECONDS,
-               **kwargs: Any) -> httpx.Response:  # fmt: skip
-        headers = {"Authorization": f"Bearer {self.admin_token()}"}
-        # trust_env=False: a proxy from the environment must never see the admin token.
-        with httpx.Client(timeout=timeout, trust_env=False) as client:
-            return client.request(method, self.url + path, headers=headers, **kwargs)
-
-
+    def routes(self, model: str) -> ModelRoutes:
+        """The model's routes: the state file (the router's source of truth across restarts)
+        and this router's admin API."""
+        return ModelRoutes(FileRouteStore(self.routes_file), self.client(), model)

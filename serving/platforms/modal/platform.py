@@ -30,12 +30,13 @@ import httpx
 from pydantic import ValidationError
 
 from serving.config.profile import Profile
-from serving.core.constants import ASK_TIMEOUT_SECONDS
-from serving.core.errors import DeployFailed, one_line
+from serving.control.drain import drain
+from serving.control.router_client import RouterClient, RouterUnreachable
+from serving.control.routes import ModelRoutes, release_backend, traffic_backends
+from serving.core.errors import DeployFailed
 from serving.core.home import rollout_home
 from serving.domain.records import ReleaseStore
 from serving.domain.release import RELEASE_ID_HEX, Release, VerifyResult, release_id
-from serving.domain.traffic import traffic_plan
 from serving.engines.deepgemm import CompileResult
 from serving.platform import Target
 
@@ -50,8 +51,8 @@ from serving.platforms.modal.prep import (
     SHARD_MIN_FILES,
     Preparation,
 )
+from serving.platforms.modal.routes import DictRouteStore
 from serving.platforms.modal.stores import DictReleaseStore
-from serving.router.table import Backend, RoutingTable
 from serving.weights.hub import require_commit
 from serving.weights.models import DownloadResult, ProgressCallback
 
@@ -63,14 +64,8 @@ DEPLOY_SCHEDULING_SECONDS = 10 * 60.0
 HEALTH_PATH = "/health"
 HEALTH_POLL_SECONDS = 5.0
 HEALTH_TIMEOUT_SECONDS = 10.0
-ADMIN_TIMEOUT_SECONDS = 10.0
-# When the router could not be told directly, it reads the Dict within a poll interval.
-ROUTES_PROPAGATION_SECONDS = 2 * modal_app.ROUTER_POLL_SECONDS
+# Each in-flight read during a drain is an HTTPS round trip to the router's Modal URL.
 RETIRE_POLL_SECONDS = 2.0
-
-
-class RouterAdminError(RuntimeError):
-    """The router's admin API cannot be used (no token here, or it refused)."""
 
 
 class ModalPlatform:
@@ -112,7 +107,6 @@ class ModalPlatform:
         # until a serving call needs one.
         self._http = http or httpx.Client(follow_redirects=False)
         self._deploy_lock = threading.Lock()
-        self._routes_lock = threading.Lock()
         self._router_urls: dict[str, str] = {}
 
     @classmethod
@@ -161,8 +155,7 @@ class ModalPlatform:
                     deployed_at=datetime.now(UTC),
                 )  # fmt: skip
                 self._routes(profile).put(_release_key(rid), release.model_dump_json())
-            backend = self._backend(profile, release, weight=0)
-            self._update_routes(profile, lambda current: _with_backend(current, backend))
+            self._model_routes(profile).add(release_backend(release, 0, _key_env(profile)))
         except BaseException:
             if deployed_now:
                 # Nothing that never took traffic may keep costing GPU time.
@@ -176,24 +169,20 @@ class ModalPlatform:
         release not named gets 0, one not running is left out (a rollback must still zero a
         dead canary). Written to the model's Dict (the router's source, read every second)
         and pushed to the router's admin API so it applies at once."""
-        backends = [
-            self._backend(profile, release, weight=weight)
-            for release, weight in traffic_plan(profile, weights, self.running_releases(profile))
-        ]
-        self._update_routes(profile, lambda _current: backends)
+        backends = traffic_backends(
+            profile, weights, self.running_releases(profile), _key_env(profile)
+        )
+        self._model_routes(profile).set(backends)
 
     def retire(self, profile: Profile, release: Release, drain_seconds: float) -> None:
         """Out of routing, then wait until the router counts no request in flight to it (or
         the deadline), then stop its App; the container's exit handler drains the engine
         within the exit grace period. Idempotent."""
         deadline = self._clock() + drain_seconds
-        applied = self._update_routes(
-            profile, lambda backends: [b for b in backends if b.name != release.id]
-        )
-        if not applied:
-            # The router reads the Dict every second: give it that before trusting a zero.
-            self._sleep(ROUTES_PROPAGATION_SECONDS)
-        self._wait_drained(profile, release, deadline)
+        routes = self._model_routes(profile)
+        unrouted = routes.take_out(release.id)
+        drain(routes.router, routes.model, release.id, deadline, unrouted=unrouted,
+              poll_seconds=RETIRE_POLL_SECONDS, clock=self._clock, sleep=self._sleep)  # fmt: skip
         self.gateway.stop_app(modal_app.release_app_name(profile, release.revision))
         log.info("%s: retired", release.id)
 
@@ -215,13 +204,7 @@ class ModalPlatform:
     def stats(self, profile: Profile, since: float) -> dict[str, Any]:
         """GET /admin/stats of the model since `since` (unix time): per-backend requests,
         errors, TTFT and latency percentiles, in-flight counts and weights."""
-        response = self._admin(
-            profile, "GET", "/admin/stats",
-            params={"model": profile.served_model_name, "since": since},
-        )  # fmt: skip
-        if response.status_code != 200:
-            raise RouterAdminError(f"{profile.name}: router stats: HTTP {response.status_code}")
-        return dict(response.json())
+        return self._router_client(profile).stats(profile.served_model_name, since)
 
     def running_releases(self, profile: Profile) -> list[Release]:
         """The model's deployed release Apps (`<model>-<rev8>`), whoever deployed them. A
@@ -246,10 +229,7 @@ class ModalPlatform:
         return releases
 
     def ask(self, profile: Profile, release_id: str, chat: dict[str, Any]) -> dict[str, Any]:
-        response = self._admin(profile, "POST", f"/admin/ask/{release_id}", json=chat,
-                               timeout=ASK_TIMEOUT_SECONDS)  # fmt: skip
-        response.raise_for_status()
-        return dict(response.json())
+        return self._router_client(profile).ask(release_id, chat)
 
     def release_store(self) -> ReleaseStore:
         return DictReleaseStore(self.gateway.dict(modal_app.RELEASES_DICT_NAME))
@@ -278,93 +258,17 @@ class ModalPlatform:
         except ValidationError:
             return None
 
-    def _table(self, profile: Profile) -> RoutingTable:
-        raw = self._routes(profile).get(modal_app.ROUTES_KEY)
-        return RoutingTable() if raw is None else RoutingTable.model_validate_json(raw)
-
-    def _backend(self, profile: Profile, release: Release, *, weight: int) -> Backend:
-        # The router reads the engine's key from its own environment (the same Modal Secret):
-        # the Dict holds the variable's name, never the key.
-        return Backend(
-            name=release.id,
-            url=release.url,
-            weight=weight,
-            api_key_env=modal_app.API_KEY_ENV if profile.secrets.api_key else None,
+    def _model_routes(self, profile: Profile) -> ModelRoutes:
+        """The model's routes: its Dict (the router's source of truth across restarts) and
+        the router's admin API."""
+        return ModelRoutes(
+            DictRouteStore(self._routes(profile)),
+            self._router_client(profile),
+            profile.served_model_name,
         )
 
-    def _update_routes(
-        self, profile: Profile, mutate: Callable[[list[Backend]], list[Backend]]
-    ) -> bool:
-        """The model's backends through `mutate`: the Dict first (the router's source of truth
-        across restarts), then the admin API. True when the router confirmed the change."""
-        model = profile.served_model_name
-        with self._routes_lock:
-            table = self._table(profile)
-            backends = mutate(list(table.models.get(model, [])))
-            updated = table.with_backends(model, backends)
-            self._routes(profile).put(
-                modal_app.ROUTES_KEY, updated.model_dump_json(exclude_none=True)
-            )
-        return self._push_routes(profile, backends)
-
-    def _push_routes(self, profile: Profile, backends: list[Backend]) -> bool:
-        model = profile.served_model_name
-        try:
-            if backends:
-                payload = [backend.model_dump(exclude_none=True) for backend in backends]
-                response = self._admin(profile, "PUT", f"/admin/routes/{model}", json=payload)
-            else:
-                response = self._admin(profile, "DELETE", f"/admin/routes/{model}")
-        except (RouterAdminError, httpx.HTTPError) as exc:
-            log.warning("%s: routes not pushed to the router (%s); it reads them within %gs",
-                        profile.name, one_line(exc), modal_app.ROUTER_POLL_SECONDS)  # fmt: skip
-            return False
-        if response.status_code not in (200, 404):  # 404: DELETE of a model it never had
-            log.warning(
-                "%s: the router refused the routes: HTTP %d; it reads them within %gs",
-                profile.name, response.status_code, modal_app.ROUTER_POLL_SECONDS,
-            )  # fmt: skip
-            return False
-        return True
-
-    def _admin(self, profile: Profile, method: str, path: str,
-               timeout: float = ADMIN_TIMEOUT_SECONDS, **kwargs: Any) -> httpx.Response:
-        token = os.environ.get(modal_app.ROUTER_ADMIN_TOKEN_ENV)
-        if not token:
-            raise RouterAdminError(
-                f"{modal_app.ROUTER_ADMIN_TOKEN_ENV} is not set: the router's admin API is "
-                f"out of reach (the same value as in the Modal Secret "
-                f"{modal_app.ROUTER_ADMIN_SECRET!r})"
-            )
-        url = self.router_url(profile) + path
-        headers = {"Authorization": f"Bearer {token}"}
-        return self._http.request(
-            method, url, headers=headers, timeout=timeout, **kwargs
-        )
-
-    def _in_flight(self, profile: Profile, rid: str) -> int | None:
-        """Requests the router has in flight to a release; None when it cannot be asked."""
-        try:
-            # since=now: an empty window; in-flight counts are kept outside the window.
-            stats = self.stats(profile, since=time.time())
-        except (RouterAdminError, httpx.HTTPError, ValueError) as exc:
-            log.warning("%s: in-flight requests unknown: %s", rid, one_line(exc))
-            return None
-        return int(stats.get("backends", {}).get(rid, {}).get("in_flight", 0))
-
-    def _wait_drained(self, profile: Profile, release: Release, deadline: float) -> None:
-        while True:
-            in_flight = self._in_flight(profile, release.id)
-            if in_flight == 0:
-                return
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                if in_flight:
-                    log.warning("%s: %d requests still in flight at the drain deadline",
-                                release.id, in_flight)  # fmt: skip
-                return
-            # Unknown counts: wait out the whole deadline rather than cut requests off.
-            self._sleep(min(RETIRE_POLL_SECONDS, remaining))
+    def _router_client(self, profile: Profile) -> RouterClient:
+        return RouterClient(self.router_url(profile), _admin_token, self._http)
 
     def _server_url(self, app_name: str, server_name: str) -> str:
         url = self.gateway.server_url(app_name, server_name)
@@ -400,11 +304,17 @@ def _release_key(rid: str) -> str:
     return f"{modal_app.RELEASE_KEY_PREFIX}{rid}"
 
 
-def _with_backend(backends: list[Backend], backend: Backend) -> list[Backend]:
-    """`backend` added, or its URL refreshed where it is already routed: a re-run of a deploy
-    never takes traffic away from a release that has some."""
-    for index, current in enumerate(backends):
-        if current.name == backend.name:
-            updated = backend.model_copy(update={"weight": current.weight})
-            return [*backends[:index], updated, *backends[index + 1 :]]
-    return [*backends, backend]
+def _key_env(profile: Profile) -> str | None:
+    """Where the router finds a release's key: its container's environment, from the same
+    Modal Secret. The Dict holds the variable's name, never the key."""
+    return modal_app.API_KEY_ENV if profile.secrets.api_key else None
+
+
+def _admin_token() -> str:
+    token = os.environ.get(modal_app.ROUTER_ADMIN_TOKEN_ENV)
+    if not token:
+        raise RouterUnreachable(
+            f"{modal_app.ROUTER_ADMIN_TOKEN_ENV} is not set: the router's admin API is out of "
+            f"reach (the same value as in the Modal Secret {modal_app.ROUTER_ADMIN_SECRET!r})"
+        )
+    return token

@@ -82,7 +82,7 @@ class Deployed:
         return record.engine_pid
 
     def reported_weights(self) -> dict[str, int]:
-        return self.platform._router().reported_weights(self.model)
+        return self.platform._router().client().routes().weights(self.model)
 
 
 def requests_for(weight: int) -> int:

@@ -34,7 +34,8 @@ import pytest
 
 from serving.config.layout import deepgemm_dir, weights_dir
 from serving.config.loader import load_profile
-from serving.config.profile import Profile, Secrets
+from serving.config.profile import Profile
+from serving.control.router_client import RouterAdminError
 from serving.core.errors import DeployFailed
 from serving.core.procs import free_port, wait_for
 from serving.domain.records import ReleaseRecord
@@ -42,11 +43,12 @@ from serving.domain.release import Release
 from serving.engines.sglang import Command
 from serving.platforms.modal import platform as modal_platform
 from serving.platforms.modal import resources, server_bodies
-from serving.platforms.modal.platform import ModalPlatform, RouterAdminError
+from serving.platforms.modal.platform import ModalPlatform
 from serving.router.table import Backend, RoutingTable
 from serving.supervisor.supervisor import EngineFailed, Supervisor
 from serving.weights.download import write_sentinel
 from serving.weights.models import Manifest
+from tests.modal_fixtures import FakeDict, serving_profile
 from tests.server_fixtures import POLL_SECONDS, fake_command, probe
 
 REV_A = "aaaaaaaa" + "0" * 32
@@ -62,19 +64,6 @@ STREAM_INTERVAL_S = 0.25
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
-
-
-def serving_profile(*, snapshot: bool, api_key: bool) -> Profile:
-    """qwen3-8b (SGLang, memory snapshots) with a probe the FAKE engine passes."""
-    base = load_profile("qwen3-8b")
-    return base.model_copy(
-        update={
-            "engine": base.engine.model_copy(update={"memory_snapshot": snapshot}),
-            "probes": [probe("chat", "Say hello.", expect="content")],
-            "secrets": Secrets(api_key="test-api-key" if api_key else None),
-            "startup_budget_seconds": 30.0,
-        }
-    )
 
 
 def write_verified_weights(root: Path, profile: Profile, revision: str) -> Path:
@@ -312,23 +301,6 @@ def test_the_engine_drains_within_the_exit_grace_period() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class FakeDict:
-    """Stands in for a modal.Dict: get/put of JSON strings, thread-safe like the real one."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, Any] = {}
-        self.lock = threading.Lock()
-
-    def get(self, key: str, default: Any = None) -> Any:
-        with self.lock:
-            return self.data.get(key, default)
-
-    def put(self, key: str, value: Any) -> bool:
-        with self.lock:
-            self.data[key] = value
-        return True
-
-
 def test_the_router_polls_the_routing_table_from_the_dict() -> None:
     routes = FakeDict()
     poll = server_bodies.routes_poll(routes)
@@ -549,6 +521,9 @@ def test_set_traffic_writes_the_table_the_router_reads_and_requests_follow_it(
     assert {x.name: x.url for x in table.models["qwen3-8b"]} == {a.id: a.url, b.id: b.url}
     served = {chat(router).headers["x-rollout-backend"] for _ in range(5)}
     assert served == {a.id}
+    # A re-run of the deploy registers the release at 0 again: it keeps its traffic.
+    assert platform.deploy(profile, REV_A) == a
+    assert weights_of(dict_table(gateway, profile), profile) == {a.id: 100, b.id: 0}
 
     platform.set_traffic(profile, {b.id: 100, "qwen3-8b-deadbeef": 0})  # not running: left out
     assert weights_of(dict_table(gateway, profile), profile) == {a.id: 0, b.id: 100}
@@ -696,6 +671,15 @@ class MockModal:
         )  # fmt: skip
 
 
+def router_answer(request: httpx.Request) -> httpx.Response:
+    """The router's answer to the admin calls a test does not look at: a pushed table is
+    taken (PUT /admin/routes answers with the table it now serves), anything else is a 200."""
+    if (request.method, request.url.path) == ("PUT", "/admin/routes"):
+        table = RoutingTable.model_validate_json(request.content)
+        return httpx.Response(200, json=table.public())
+    return httpx.Response(200, json={})
+
+
 def stats_handler(in_flight: list[int], seen: list[httpx.Request]) -> Callable[..., Any]:
     """The router: in-flight counts of release A, one per stats read (the last repeats)."""
 
@@ -705,7 +689,7 @@ def stats_handler(in_flight: list[int], seen: list[httpx.Request]) -> Callable[.
             count = in_flight.pop(0) if len(in_flight) > 1 else in_flight[0]
             backends = {"qwen3-8b-aaaaaaaa": {"in_flight": count}}
             return httpx.Response(200, json={"model": "qwen3-8b", "backends": backends})
-        return httpx.Response(200, json={})
+        return router_answer(request)
 
     return handle
 
@@ -723,6 +707,9 @@ def test_retire_stops_the_app_once_the_router_counts_nothing_in_flight(
     profile = serving_profile(snapshot=False, api_key=False)
     seen: list[httpx.Request] = []
     modal = MockModal(stats_handler([2, 1, 0], seen), apps=["qwen3-8b-router", "qwen3-8b-aaaaaaaa"])
+    routed = RoutingTable(models={"qwen3-8b": [Backend(name="qwen3-8b-aaaaaaaa", weight=100,
+                                                       url=release_a().url)]})  # fmt: skip
+    modal.dict("qwen3-8b-routes").put(resources.ROUTES_KEY, routed.model_dump_json())
     clock = FakeClock()
 
     modal.platform(tmp_path, clock).retire(profile, release_a(), drain_seconds=60)
@@ -730,7 +717,9 @@ def test_retire_stops_the_app_once_the_router_counts_nothing_in_flight(
     stats_reads = [r for r in seen if r.url.path == "/admin/stats"]
     assert len(stats_reads) == 3
     assert all(r.headers["authorization"] == f"Bearer {admin_token}" for r in seen)
-    assert seen[0].method == "DELETE"  # out of routing before anything else
+    # Out of routing before anything else: the whole table pushed, without the release.
+    assert (seen[0].method, seen[0].url.path) == ("PUT", "/admin/routes")
+    assert "qwen3-8b-aaaaaaaa" not in seen[0].content.decode()
     assert modal.stopped == ["qwen3-8b-aaaaaaaa"]
     assert sum(clock.sleeps) < 60
 
@@ -806,7 +795,7 @@ def test_a_release_that_never_gets_healthy_is_stopped_and_fails_the_deploy(
         if request.url.path == "/health":
             health.append(request.url.host)
             return httpx.Response(503)  # Modal's answer while no container is up
-        return httpx.Response(200, json={})
+        return router_answer(request)
 
     modal = MockModal(handle, apps=["qwen3-8b-router"])
     clock = FakeClock()
@@ -833,7 +822,7 @@ def test_deploy_waits_through_cold_start_answers(tmp_path: Path, admin_token: st
             if isinstance(answer, Exception):
                 raise answer
             return answer
-        return httpx.Response(200, json={})
+        return router_answer(request)
 
     modal = MockModal(handle)
     release = modal.platform(tmp_path, FakeClock()).deploy(profile, REV_A)

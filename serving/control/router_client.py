@@ -1,0 +1,160 @@
+"""The router's admin API as the control plane uses it, one client for both platforms.
+
+Every call carries the admin token as Bearer: GET/PUT /admin/routes (the whole table, refused
+with 409 when older than the router's), GET /admin/stats, POST /admin/ask/<backend>. Where the
+router runs (a local process, a Modal App) and where the token comes from (a file of the home,
+the orchestrator's environment) is the platform's business: it hands over a URL and a token
+source.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from serving.core.constants import ASK_TIMEOUT_SECONDS
+from serving.router.table import RoutingTable
+
+# Two CPU engines under load can starve a local router for seconds; an admin call waits it out.
+ADMIN_TIMEOUT_SECONDS = 20.0
+# Enough of a refusal's body to say why, not enough to flood a log line.
+REFUSAL_CHARS = 200
+
+# The admin token, read when a call is made; raises RouterUnreachable when there is none.
+TokenSource = Callable[[], str]
+
+
+class RouterAdminError(RuntimeError):
+    """The router's admin API cannot be used: no token here, no answer, or a refusal."""
+
+
+class RouterUnreachable(RouterAdminError):
+    """No admin token here, or no answer at all: the router may still run and read its store."""
+
+
+class RouteEntry(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    weight: int
+
+
+class RoutesView(BaseModel):
+    """GET /admin/routes (and a successful PUT's answer): the table the router serves now."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    generation: int
+    models: dict[str, list[RouteEntry]]
+
+    def weights(self, model: str) -> dict[str, int]:
+        return {entry.name: entry.weight for entry in self.models.get(model, [])}
+
+
+@dataclass(frozen=True)
+class PushAnswer:
+    """The router's generation after a push, and its weights when it took the table (None
+    when it refused it as stale: it holds a newer one)."""
+
+    generation: int
+    routes: RoutesView | None
+
+
+class RouterClient:
+    def __init__(self, url: str, token: TokenSource, http: httpx.Client | None = None) -> None:
+        self.url = url.rstrip("/")
+        self._token = token
+        # None: a client of its own per call, which never reads proxies from the environment
+        # (a proxy must never see the admin token).
+        self._http = http
+
+    def routes(self) -> RoutesView:
+        return self._view(self._checked("GET", "/admin/routes"))
+
+    def push(self, table: RoutingTable) -> PushAnswer:
+        """PUT /admin/routes with the whole table. The table is serialised as the stores hold
+        it: backends name the environment variable of their key, never a key."""
+        response = self._request(
+            "PUT", "/admin/routes", content=table.model_dump_json(exclude_none=True),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        if response.status_code == httpx.codes.CONFLICT:
+            return PushAnswer(generation=self._stale_generation(response), routes=None)
+        view = self._view(_ok(response, "PUT /admin/routes"))
+        return PushAnswer(generation=view.generation, routes=view)
+
+    def stats(self, model: str, since: float, until: float | None = None) -> dict[str, Any]:
+        """Per-backend measurements of the model over [since, until] (until: now), with the
+        in-flight counts and weights of this moment."""
+        params: dict[str, Any] = {"model": model, "since": since}
+        if until is not None:
+            params["until"] = until
+        return dict(self._checked("GET", "/admin/stats", params=params).json())
+
+    def ask(self, backend: str, chat: dict[str, Any]) -> dict[str, Any]:
+        """One chat completion from one named backend, sent by the router with that backend's
+        key: not measured, not retried elsewhere."""
+        response = self._checked("POST", f"/admin/ask/{backend}", json=chat,
+                                 timeout=ASK_TIMEOUT_SECONDS)  # fmt: skip
+        return dict(response.json())
+
+    def in_flight(self, model: str, backend: str) -> int:
+        # since=now: an empty window; in-flight counts are kept outside any window.
+        stats = self.stats(model, time.time())
+        return int(stats.get("backends", {}).get(backend, {}).get("in_flight", 0))
+
+    def _checked(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return _ok(self._request(method, path, **kwargs), f"{method} {path}")
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        timeout: float = ADMIN_TIMEOUT_SECONDS,
+        headers: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        headers = {**(headers or {}), "Authorization": f"Bearer {self._token()}"}
+        try:
+            if self._http is not None:
+                return self._http.request(method, self.url + path, headers=headers,
+                                          timeout=timeout, **kwargs)  # fmt: skip
+            with httpx.Client(timeout=timeout, trust_env=False) as client:
+                return client.request(method, self.url + path, headers=headers, **kwargs)
+        except httpx.TransportError as exc:
+            raise RouterUnreachable(
+                f"router at {self.url} does not answer: {type(exc).__name__}"
+            ) from exc
+
+    def _stale_generation(self, response: httpx.Response) -> int:
+        """The generation a 409 names: the router's, newer than the pushed table's."""
+        try:
+            generation = response.json().get("generation")
+        except (ValueError, AttributeError):
+            generation = None
+        if not isinstance(generation, int):
+            raise RouterAdminError(f"router at {self.url}: a 409 without its generation")
+        return generation
+
+    def _view(self, response: httpx.Response) -> RoutesView:
+        try:
+            return RoutesView.model_validate_json(response.content)
+        except ValidationError:
+            raise RouterAdminError(
+                f"router at {self.url}: not a routing table: {response.text[:REFUSAL_CHARS]}"
+            ) from None
+
+
+def _ok(response: httpx.Response, what: str) -> httpx.Response:
+    if response.status_code != httpx.codes.OK:
+        raise RouterAdminError(
+            f"router refused {what}: HTTP {response.status_code}: "
+            f"{response.text[:REFUSAL_CHARS]}"
+        )
+    return response
