@@ -322,10 +322,16 @@ class FakeDict:
         with self.lock:
             return self.data.get(key, default)
 
-    def put(self, key: str, value: Any) -> bool:
+    def put(self, key: str, value: Any, *, skip_if_exists: bool = False) -> bool:
         with self.lock:
+            if skip_if_exists and key in self.data:
+                return False
             self.data[key] = value
         return True
+
+    def pop(self, key: str, default: Any = None) -> Any:
+        with self.lock:
+            return self.data.pop(key, default)
 
 
 def test_the_router_polls_the_routing_table_from_the_dict() -> None:
@@ -634,7 +640,7 @@ def test_the_release_store_is_one_dict_keyed_by_model(
         model="qwen3-8b", revision=REV_A, id="qwen3-8b-aaaaaaaa", url="https://a.modal.run",
         deployed_at=datetime(2026, 11, 1, tzinfo=UTC),
     )  # fmt: skip
-    store.write(ReleaseRecord(model="qwen3-8b", stable=release))
+    store.update("qwen3-8b", lambda record: record.model_copy(update={"stable": release}))
     assert platform.release_store().read("qwen3-8b").stable == release
     assert list(gateway.dicts) == [modal_app.RELEASES_DICT_NAME]
     assert list(gateway.dicts[modal_app.RELEASES_DICT_NAME].data) == ["qwen3-8b"]
