@@ -15,7 +15,6 @@ import json
 import shutil
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,8 +42,6 @@ SPLIT_EVERY = 5
 ABORT_REASON = "aborted (rollout abort)"
 PROMOTE_REASON = "every gate passed"
 RUN_ID = "0f9d6a0e-0000-4000-8000-000000000001"
-# Both races and the single retirement on a shared two-core machine, with room to spare.
-BUDGET_SECONDS = 45.0
 
 
 @pytest.fixture
@@ -106,7 +103,6 @@ def test_abort_against_promotion_exactly_one_wins_every_time(
     profile = load_profile(MODEL)
     store = platform.release_store()
     a, b = deploy_fake(platform, profile, ["a" * 40, "b" * 40], monkeypatch)
-    started = time.monotonic()
     stable, canary = a, b
     expected: list[tuple[str, str, str | None]] = []
     for number in range(RACES):
@@ -136,7 +132,6 @@ def test_abort_against_promotion_exactly_one_wins_every_time(
         running = {release.id for release in platform.running_releases(profile)}
         assert running == {a.id, b.id}
         stable, canary = winner, loser  # the loser, still running, is the next canary
-    elapsed = time.monotonic() - started
 
     outcomes = {outcome for outcome, _, _ in expected}
     assert outcomes == {"promoted", "rolled-back"}, "one side won every race: no race was run"
@@ -146,4 +141,3 @@ def test_abort_against_promotion_exactly_one_wins_every_time(
     )
     assert [release.id for release in platform.running_releases(profile)] == [stable.id]
     assert platform._router().reported_weights(MODEL) == {stable.id: 100}
-    assert elapsed < BUDGET_SECONDS, f"{RACES} races took {elapsed:.1f} s"
