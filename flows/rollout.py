@@ -21,14 +21,13 @@ from prefect.transactions import transaction
 from flows.prep import prep
 from serving.config.loader import load_profile
 from serving.platform import Target
-from serving.platforms import get_platform
 from tasks.canary import CanaryRun
 from tasks.release import (
     deploy_canary,
     promote,
     reconcile,
     record_outcome,
-    revert,
+    revert_and_retire,
     rollback,
 )
 from tasks.report import RolloutReport, publish
@@ -39,13 +38,10 @@ from tasks.weights import resolve
 def _settle(flow: object, run: FlowRun, state: State) -> None:
     """Cancelled, crashed or failed: weights back to stable, canary retired, reason recorded."""
     model, target = run.parameters["model"], run.parameters.get("target", "local")
-    profile, platform = load_profile(model), get_platform(target)
-    record = platform.release_store().read(model)
     # The state message may hold a whole traceback: the history keeps its first line.
     first_line = next(iter((state.message or "").strip().splitlines()), "")
     reason = f"flow run {state.name.lower()}: {first_line}".strip()
-    if record.canary is not None and record.canary_owner == str(run.id):
-        revert(profile, platform, record, reason)
+    revert_and_retire(model, target, reason, str(run.id), owner=str(run.id))
 
 
 @flow(
@@ -81,13 +77,15 @@ def rollout(
         decision = run.drive()
         report.steps = run.steps
         report.stage("canary steps", watch.lap())
+        outcome, reason = "rolled-back", decision.reason
         if decision.kind == "promote":
-            promote(model, target, canary, decision.reason)
+            # An abort may win the race for the record: then its entry is the outcome.
+            decided = promote(model, target, canary, decision.reason)
+            outcome, reason = decided.outcome, decided.reason
         else:
             rollback(model, target, decision.reason)
         report.stage(decision.kind, watch.lap())
-    outcome = "promoted" if decision.kind == "promote" else "rolled-back"
-    return _finish(report, outcome, decision.reason)
+    return _finish(report, outcome, reason)
 
 
 def _finish(report: RolloutReport, decision: str, reason: str) -> RolloutReport:

@@ -20,12 +20,14 @@ import sys
 from rollout.plan import build_plan, render_text
 from serving.config.loader import load_profile
 from serving.config.profile import Profile, ProfileError, check_revision
+from serving.control import lifecycle
 from serving.core.errors import one_line
 from serving.domain.release import Release
 from serving.platforms import get_platform
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+ABORT_REASON = "aborted (rollout abort)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -159,15 +161,15 @@ def _id(release: Release | None) -> str:
 
 def abort_command(args: argparse.Namespace) -> None:
     profile = _checked(args)
-    from tasks.release import revert
-
     platform = get_platform(args.target)
-    record = platform.release_store().read(profile.name)
-    if record.canary is None:
+    # Decided on the record under the store's lock: if the canary is promoted first, it stays.
+    entry = lifecycle.revert(profile, platform, ABORT_REASON, flow_run_id=None)
+    if entry is None:
         print(f"{profile.name}: no canary to abort")
         return
-    revert(profile, platform, record, "aborted (rollout abort)")
-    print(f"{profile.name}: canary {record.canary.id} rolled back; stable {_id(record.stable)}")
+    lifecycle.retire_released(profile, platform)
+    stable = platform.release_store().read(profile.name).stable
+    print(f"{profile.name}: canary {entry.revision[:8]} rolled back; stable {_id(stable)}")
 
 
 def main(argv: list[str] | None = None) -> None:

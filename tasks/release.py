@@ -1,5 +1,7 @@
 """Prefect tasks of a release: reconcile, deploy the canary, move traffic, bake, analyse, promote,
-roll back. Each calls the target's Platform and keeps the release record true.
+roll back. Each calls the target's Platform; the release record changes only through the
+lifecycle (serving.control.lifecycle), to which these tasks add the flow run's id, the run's
+log and the events (`rollout.promoted`, `rollout.rolled-back`).
 
 Action tasks use NO_CACHE: baking twice with the same arguments (an extended bake) must bake
 twice, and setting the same weights again must set them again.
@@ -16,14 +18,16 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.exceptions import MissingContextError
+from prefect.runtime import flow_run
 from prefect.transactions import Transaction, get_transaction
 from pydantic import BaseModel
 
 from serving.config.loader import load_profile
 from serving.config.profile import Profile
+from serving.control import lifecycle
 from serving.core.errors import one_line
 from serving.domain.analysis import Analysis, GateResult, Window, analyse, golden_agreement
-from serving.domain.records import HistoryEntry, Outcome, ReleaseRecord, now
+from serving.domain.records import HistoryEntry, Outcome, ReleaseRecord
 from serving.domain.release import Release
 from serving.platform import Platform, Target
 from serving.platforms import get_platform
@@ -40,7 +44,8 @@ class Bake(BaseModel):
 
 
 def _log() -> logging.Logger | logging.LoggerAdapter:
-    """The run's logger inside Prefect; a plain one for `rollout abort` on the command line."""
+    """The run's logger inside Prefect; a plain one where a hook runs without the run's
+    context."""
     try:
         return get_run_logger()
     except MissingContextError:
@@ -51,60 +56,49 @@ def _context(model: str, target: Target) -> tuple[Profile, Platform]:
     return load_profile(model), get_platform(target)
 
 
-def _record_outcome(
-    platform: Platform,
-    record: ReleaseRecord,
-    revision: str,
-    outcome: Outcome,
-    reason: str,
-    **changes: object,
-) -> ReleaseRecord:
-    entry = HistoryEntry(revision=revision, at=now(), outcome=outcome, reason=reason)
-    updated = record.model_copy(update=changes).with_history(entry)
-    platform.release_store().write(updated)
-    if outcome in ("promoted", "rolled-back"):
-        emit_event(
-            event=f"rollout.{outcome}",
-            resource={"prefect.resource.id": f"rollout.model.{record.model}"},
-            payload={"revision": revision, "reason": reason},
-        )
-    return updated
+def _run_id() -> str | None:
+    """The flow run this task or hook belongs to: the history names the run that decided."""
+    return flow_run.id
 
 
-def revert(profile: Profile, platform: Platform, record: ReleaseRecord, reason: str) -> None:
-    """Weights back to stable, canary retired, the reason in the history. Safe to repeat."""
-    canary = record.canary
-    platform.set_traffic(profile, {record.stable.id: 100} if record.stable else {})
-    if canary is not None:
-        if canary.id in {release.id for release in platform.running_releases(profile)}:
-            platform.retire(profile, canary, drain_seconds=profile.canary.retire_grace_seconds)
-        _record_outcome(
-            platform, record, canary.revision, "rolled-back", reason,
-            canary=None, canary_owner=None,
-        )  # fmt: skip
-    _log().warning("%s: rolled back: %s", profile.name, reason)
+def _announce(model: str, entry: HistoryEntry) -> None:
+    emit_event(
+        event=f"rollout.{entry.outcome}",
+        resource={"prefect.resource.id": f"rollout.model.{model}"},
+        payload={"revision": entry.revision, "reason": entry.reason},
+    )
+
+
+def revert_and_retire(
+    model: str, target: Target, reason: str, flow_run_id: str | None, owner: str | None = None
+) -> None:
+    """Weights back to stable, the canary recorded as rolled back and retired; nothing when
+    there is no canary (or none `owner` owns) any more."""
+    profile, platform = _context(model, target)
+    entry = lifecycle.revert(profile, platform, reason, flow_run_id, owner=owner)
+    if entry is None:
+        return
+    _log().warning("%s: rolled back: %s", model, reason)
+    _announce(model, entry)
+    lifecycle.retire_released(profile, platform)
 
 
 @task(name="reconcile", cache_policy=NO_CACHE)
 def reconcile(model: str, target: Target) -> ReleaseRecord:
-    """Finish what a killed orchestrator left: an orphaned canary is reverted, a stable release
-    that is no longer running is forgotten (nothing can be compared against it)."""
+    """Finish what a killed orchestrator left (serving.control.lifecycle.reconcile)."""
     profile, platform = _context(model, target)
-    # A SIGKILLed orchestrator cannot stop what it started: the next run does.
-    for name in platform.reconcile_orphans():
-        get_run_logger().warning("%s: stopped %s, left by a dead orchestrator", model, name)
-    store = platform.release_store()
-    record = store.read(model)
-    if record.canary is not None:
-        revert(profile, platform, record,
-               f"reconciled: canary left behind by flow run {record.canary_owner}")  # fmt: skip
-        record = store.read(model)
-    running = {release.id for release in platform.running_releases(profile)}
-    if record.stable is not None and record.stable.id not in running:
-        get_run_logger().warning("%s: stable %s is not running", model, record.stable.id)
-        record = record.model_copy(update={"stable": None})
-        store.write(record)
-    return record
+    done = lifecycle.reconcile(profile, platform, _run_id())
+    log = get_run_logger()
+    for name in done.orphans_stopped:
+        log.warning("%s: stopped %s, left by a dead orchestrator", model, name)
+    if done.reverted is not None:
+        log.warning("%s: rolled back: %s", model, done.reverted.reason)
+        _announce(model, done.reverted)
+    for release in done.retired:
+        log.warning("%s: retired %s, left retiring by an earlier run", model, release.id)
+    if done.forgotten is not None:
+        log.warning("%s: stable %s is not running", model, done.forgotten.id)
+    return done.record
 
 
 @task(name="deploy-canary", cache_policy=NO_CACHE)
@@ -112,8 +106,7 @@ def deploy_canary(model: str, revision: str, target: Target, owner: str) -> Rele
     """Start the new release at 0% (readiness and warmup probes inside deploy)."""
     profile, platform = _context(model, target)
     release = platform.deploy(profile, revision)
-    store = platform.release_store()
-    store.write(store.read(model).model_copy(update={"canary": release, "canary_owner": owner}))
+    lifecycle.start_canary(platform, release, owner)
     get_transaction().set("model", model)  # type: ignore[union-attr]
     get_transaction().set("target", target)  # type: ignore[union-attr]
     return release
@@ -123,14 +116,11 @@ def deploy_canary(model: str, revision: str, target: Target, owner: str) -> Rele
 def _revert_on_failure(transaction: Transaction) -> None:
     """Something raised after the canary was deployed: a failed task, SIGTERM (Prefect raises
     TerminationSignal), Ctrl-C. Not a gate: those roll back by decision."""
-    model, target = transaction.get("model"), transaction.get("target")
-    profile, platform = _context(model, target)
-    record = platform.release_store().read(model)
-    if record.canary is not None:
-        # Rollback hooks run while the exception propagates out of the transaction block.
-        cause = one_line(sys.exc_info()[1])
-        revert(profile, platform, record, f"the rollout stopped after its canary was deployed:"
-               f" {cause}")  # fmt: skip
+    # Rollback hooks run while the exception propagates out of the transaction block.
+    cause = one_line(sys.exc_info()[1])
+    revert_and_retire(transaction.get("model"), transaction.get("target"),
+                      f"the rollout stopped after its canary was deployed: {cause}",
+                      _run_id())  # fmt: skip
 
 
 @task(name="set-weight", cache_policy=NO_CACHE)
@@ -187,24 +177,26 @@ def analyse_canary(model: str, target: Target, canary: Release, stable: Release 
 
 
 @task(name="promote", cache_policy=NO_CACHE)
-def promote(model: str, target: Target, canary: Release, reason: str) -> None:
-    """The canary becomes stable; the old stable drains within its grace and is retired."""
+def promote(model: str, target: Target, canary: Release, reason: str) -> HistoryEntry:
+    """The canary becomes stable; the old stable drains within its grace and is retired.
+    If an abort won the race for the record, nothing changes: the abort's entry is returned."""
     profile, platform = _context(model, target)
-    store = platform.release_store()
-    record = store.read(model)
-    old = record.stable
-    platform.set_traffic(profile, {canary.id: 100})
-    _record_outcome(platform, record, canary.revision, "promoted", reason,
-                    stable=canary, canary=None, canary_owner=None)  # fmt: skip
-    if old is not None and old.id != canary.id:
-        platform.retire(profile, old, drain_seconds=profile.canary.retire_grace_seconds)
+    entry = lifecycle.promote(profile, platform, canary, reason, _run_id())
+    if entry is None:
+        for lost in reversed(platform.release_store().read(model).history):
+            if lost.revision == canary.revision:
+                get_run_logger().warning("%s: not promoted: %s", model, lost.reason)
+                return lost
+        raise RuntimeError(f"{canary.id} left the release record without an outcome")
     get_run_logger().info("%s: promoted %s", model, canary.id)
+    _announce(model, entry)
+    lifecycle.retire_released(profile, platform)
+    return entry
 
 
 @task(name="rollback", cache_policy=NO_CACHE)
 def rollback(model: str, target: Target, reason: str) -> None:
-    profile, platform = _context(model, target)
-    revert(profile, platform, platform.release_store().read(model), reason)
+    revert_and_retire(model, target, reason, _run_id())
 
 
 @task(name="record", cache_policy=NO_CACHE)
@@ -212,5 +204,4 @@ def record_outcome(model: str, target: Target, revision: str, outcome: Outcome,
                    reason: str) -> None:  # fmt: skip
     """A rollout that deployed nothing (no-op, or failed before its canary) still leaves a line
     in the history."""
-    _, platform = _context(model, target)
-    _record_outcome(platform, platform.release_store().read(model), revision, outcome, reason)
+    lifecycle.record_outcome(get_platform(target), model, revision, outcome, reason, _run_id())

@@ -37,9 +37,13 @@ class FakeDict:
         with self.lock:
             return self.data.get(key, default)
 
-    def put(self, key: str, value: Any) -> bool:
+    def put(self, key: str, value: Any, *, skip_if_exists: bool = False) -> bool:
         with self.lock:
+            if skip_if_exists and key in self.data:
+                return False
             self.data[key] = value
         return True
 
-
+    def pop(self, key: str, default: Any = None) -> Any:
+        with self.lock:
+            return self.data.pop(key, default)

@@ -1,13 +1,19 @@
 """The release record of a model: what is stable, what is canary, and what happened before.
 
-Written only by the rollout flow; read by `rollout status`, by the reconcile step at the start
-of every run (a SIGKILLed orchestrator leaves `canary` set), and by `refresh` (which skips the
-revision that last failed). Durable and atomic on both targets: a JSON file replaced atomically
-under a lock locally, a `modal.Dict` entry on Modal.
+Written by the release lifecycle (serving.control.lifecycle), from a rollout flow or from
+`rollout abort`; read by `rollout status`, by the reconcile step at the start of every run (a
+SIGKILLed orchestrator leaves `canary` set), and by `refresh` (which skips the revision that
+last failed). Durable and atomic on both targets: a JSON file replaced atomically under a file
+lock locally, a `modal.Dict` entry under a lease on Modal.
+
+Every write is a read-modify-write under the store's lock (`ReleaseStore.update`): two writers
+(a promotion and an abort) each decide on the record as the other left it, never on a copy
+read before the other wrote.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Literal, Protocol
 
@@ -35,6 +41,9 @@ class ReleaseRecord(BaseModel):
     canary: Release | None = None
     # The flow run that owns the canary: a run that finds someone else's canary reconciles it.
     canary_owner: str | None = None
+    # Out of routing by a promotion or a rollback, still running until retired: named here so
+    # that a crash between the decision and the retirement leaves nothing running unaccounted.
+    retiring: list[Release] = Field(default_factory=list)
     history: list[HistoryEntry] = Field(default_factory=list)
 
     def with_history(self, entry: HistoryEntry) -> ReleaseRecord:
@@ -53,10 +62,12 @@ class ReleaseRecord(BaseModel):
 class ReleaseStore(Protocol):
     def read(self, model: str) -> ReleaseRecord: ...
 
-    def write(self, record: ReleaseRecord) -> None: ...
+    def update(self, model: str, fn: Callable[[ReleaseRecord], ReleaseRecord]) -> ReleaseRecord:
+        """Apply `fn` to the record as it is now and store the result, holding the store's lock
+        from the read to the write; returns the record as stored. An `fn` that returns the
+        record unchanged writes nothing."""
+        ...
 
 
 def now() -> datetime:
     return datetime.now(UTC)
-
-

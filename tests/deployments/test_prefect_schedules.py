@@ -43,7 +43,6 @@ from dev.demo_model import make_synthetic_repo
 from dev.mirror import KiB, MirrorServer, MirrorStore, run_mirror
 from serving.config.loader import available_models, load_profile
 from serving.core.home import REPO_ROOT
-from serving.domain.records import ReleaseRecord
 from serving.domain.release import Release
 from serving.platforms.local.stores import FileReleaseStore
 from tests.mirror_fixtures import hf_env
@@ -286,11 +285,11 @@ def test_a_scheduled_refresh_completes_on_a_worker(
     profile = load_profile(DEMO_MODEL)
     # The stable release already serves the branch head: refresh has nothing to do.
     rollout_home = tmp_path / "rollout-home"
-    FileReleaseStore(rollout_home / "state" / "releases").write(ReleaseRecord(
-        model=DEMO_MODEL,
-        stable=Release(model=DEMO_MODEL, revision=mirrored.head, id=f"{DEMO_MODEL}-stable",
-                       url="http://127.0.0.1:9", deployed_at=datetime.now(UTC)),
-    ))  # fmt: skip
+    stable = Release(model=DEMO_MODEL, revision=mirrored.head, id=f"{DEMO_MODEL}-stable",
+                     url="http://127.0.0.1:9", deployed_at=datetime.now(UTC))  # fmt: skip
+    FileReleaseStore(rollout_home / "state" / "releases").update(
+        DEMO_MODEL, lambda record: record.model_copy(update={"stable": stable})
+    )
 
     with get_client(sync_client=True) as client:
         _ensure_pool(client, TEST_POOL)

@@ -172,12 +172,19 @@ def test_first_rollout_then_a_canary_promotes_with_no_failed_request(
 
 
 def test_rollout_of_the_stable_revision_is_a_no_op(home: Path) -> None:
-    rollout(MODEL, "v1")
+    first = rollout(MODEL, "v1", return_state=True)
     started = time.monotonic()
-    again = rollout(MODEL, "v1")
+    second = rollout(MODEL, "v1", return_state=True)
+    again = second.result()
     assert again.decision == "no-op" and again.bytes_downloaded == 0
     assert time.monotonic() - started < 10
     assert len(LocalPlatform.from_env().running_releases(load_profile(MODEL))) == 1
+    # Each history entry names the flow run that decided it (its tasks read the run's id).
+    record = LocalPlatform.from_env().release_store().read(MODEL)
+    assert [(entry.outcome, entry.flow_run_id) for entry in record.history] == [
+        ("promoted", str(first.state_details.flow_run_id)),
+        ("no-op", str(second.state_details.flow_run_id)),
+    ]
 
 
 def test_canary_with_different_answers_is_rolled_back(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from serving.core.files import locked, write_atomically
@@ -9,7 +10,8 @@ from serving.domain.records import ReleaseRecord
 
 
 class FileReleaseStore:
-    """One JSON file per model, replaced atomically (write, fsync, rename) under a lock."""
+    """One JSON file per model, replaced atomically (write, fsync, rename) under a file lock
+    held from the read to the write."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -23,7 +25,12 @@ class FileReleaseStore:
             return ReleaseRecord(model=model)
         return ReleaseRecord.model_validate_json(path.read_text())
 
-    def write(self, record: ReleaseRecord) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with locked(self.directory / f".{record.model}.lock"):
-            write_atomically(self._path(record.model), record.model_dump_json(indent=1))
+    def update(self, model: str, fn: Callable[[ReleaseRecord], ReleaseRecord]) -> ReleaseRecord:
+        with locked(self.directory / f".{model}.lock"):
+            current = self.read(model)
+            updated = fn(current)
+            if updated.model != model:
+                raise ValueError(f"the record of {model} cannot become {updated.model}'s")
+            if updated != current:
+                write_atomically(self._path(model), updated.model_dump_json(indent=1))
+            return updated

@@ -130,7 +130,7 @@ def test_release_record_is_atomic_and_remembers_the_last_failure(tmp_path: Path)
     record = ReleaseRecord(model="m", stable=release).with_history(
         HistoryEntry(revision="b" * 40, at=now(), outcome="rolled-back", reason="5xx")
     )
-    store.write(record)
+    assert store.update("m", lambda _: record) == record
     assert FileReleaseStore(tmp_path).read("m") == record
     assert record.last_failed_revision() == "b" * 40
     promoted = record.with_history(

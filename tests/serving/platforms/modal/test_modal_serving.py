@@ -610,7 +610,7 @@ def test_the_release_store_is_one_dict_keyed_by_model(
         model="qwen3-8b", revision=REV_A, id="qwen3-8b-aaaaaaaa", url="https://a.modal.run",
         deployed_at=datetime(2026, 11, 1, tzinfo=UTC),
     )  # fmt: skip
-    store.write(ReleaseRecord(model="qwen3-8b", stable=release))
+    store.update("qwen3-8b", lambda record: record.model_copy(update={"stable": release}))
     assert platform.release_store().read("qwen3-8b").stable == release
     assert list(gateway.dicts) == [resources.RELEASES_DICT_NAME]
     assert list(gateway.dicts[resources.RELEASES_DICT_NAME].data) == ["qwen3-8b"]

@@ -1,0 +1,179 @@
+"""The release lifecycle: every change of a model's release record, and what follows from it
+for the routes and the running releases.
+
+    start_canary     a release deployed at 0% becomes the record's canary
+    promote          the canary becomes stable and takes all the traffic; the old stable retires
+    revert           all the traffic back to stable; the canary retires; the reason recorded
+    retire_released  drain and stop what a promotion or a revert took out of routing
+    record_outcome   a rollout that deployed nothing still leaves a line in the history
+    reconcile        what a killed orchestrator left: its canary reverted, its retirements
+                     done, a stable release that no longer runs forgotten
+
+Each transition decides on the record as it is under the store's lock (ReleaseStore.update):
+promote only while the record's canary is still this canary, revert only while there is a
+canary. Of a promotion and an abort that race, exactly one wins, and the loser changes nothing:
+neither the record nor the routes. The winner routes after its decision; the retirement comes
+last and apart (a drain lasts up to the profile's grace), and until it is done the record names
+the release as `retiring`, so a crash in between leaves it to the next reconcile, not running
+unaccounted for.
+
+The flow run that decides is passed in as `flow_run_id` and kept in every history entry: serving
+never imports Prefect, the task layer reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pydantic import BaseModel
+
+from serving.config.profile import Profile
+from serving.domain.records import HistoryEntry, Outcome, ReleaseRecord, now
+from serving.domain.release import Release
+from serving.platform import Platform
+
+
+def start_canary(platform: Platform, release: Release, owner: str) -> ReleaseRecord:
+    """The release, deployed at 0%, is the model's canary, owned by flow run `owner`."""
+    return platform.release_store().update(
+        release.model,
+        lambda record: record.model_copy(update={"canary": release, "canary_owner": owner}),
+    )
+
+
+def promote(
+    profile: Profile, platform: Platform, canary: Release, reason: str, flow_run_id: str | None
+) -> HistoryEntry | None:
+    """`canary` becomes stable and takes all the traffic; the old stable is left to
+    `retire_released`. None, and nothing changed, when the record's canary is no longer this
+    one (an abort won)."""
+    entry = _entry(canary.revision, "promoted", reason, flow_run_id)
+
+    def decide(record: ReleaseRecord) -> ReleaseRecord | None:
+        if record.canary is None or record.canary.id != canary.id:
+            return None
+        old = record.stable
+        retiring = record.retiring
+        if old is not None and old.id != canary.id:
+            retiring = [*retiring, old]
+        change = {"stable": canary, "canary": None, "canary_owner": None, "retiring": retiring}
+        return record.model_copy(update=change).with_history(entry)
+
+    if _transition(platform, profile.name, decide) is None:
+        return None
+    platform.set_traffic(profile, {canary.id: 100})
+    return entry
+
+
+def revert(
+    profile: Profile,
+    platform: Platform,
+    reason: str,
+    flow_run_id: str | None,
+    *,
+    owner: str | None = None,
+) -> HistoryEntry | None:
+    """All the traffic back to stable, the canary out of routing (left to `retire_released`),
+    the reason in the history. None, and nothing changed, when there is no canary any more (a
+    promotion or another revert won), or, given `owner`, when that flow run does not own it."""
+
+    def decide(record: ReleaseRecord) -> ReleaseRecord | None:
+        canary = record.canary
+        if canary is None or (owner is not None and record.canary_owner != owner):
+            return None
+        change = {"canary": None, "canary_owner": None, "retiring": [*record.retiring, canary]}
+        entry = _entry(canary.revision, "rolled-back", reason, flow_run_id)
+        return record.model_copy(update=change).with_history(entry)
+
+    after = _transition(platform, profile.name, decide)
+    if after is None:
+        return None
+    platform.set_traffic(profile, {after.stable.id: 100} if after.stable else {})
+    return after.history[-1]
+
+
+def retire_released(profile: Profile, platform: Platform) -> list[Release]:
+    """Drain and stop each release the record names as retiring, within the profile's grace,
+    and strike it off once it is stopped. Safe to repeat: retiring a stopped release is a
+    no-op on both platforms."""
+    store = platform.release_store()
+    retired = []
+    for release in store.read(profile.name).retiring:
+        platform.retire(profile, release, drain_seconds=profile.canary.retire_grace_seconds)
+        store.update(profile.name, lambda record, gone=release.id: record.model_copy(
+            update={"retiring": [other for other in record.retiring if other.id != gone]}
+        ))  # fmt: skip
+        retired.append(release)
+    return retired
+
+
+def record_outcome(
+    platform: Platform,
+    model: str,
+    revision: str,
+    outcome: Outcome,
+    reason: str,
+    flow_run_id: str | None,
+) -> HistoryEntry:
+    """A line in the history for a rollout that changed no release (no-op, failed early)."""
+    entry = _entry(revision, outcome, reason, flow_run_id)
+    platform.release_store().update(model, lambda record: record.with_history(entry))
+    return entry
+
+
+class Reconciled(BaseModel):
+    """What `reconcile` found and did, for the run's log."""
+
+    record: ReleaseRecord
+    orphans_stopped: list[str]
+    reverted: HistoryEntry | None
+    retired: list[Release]
+    forgotten: Release | None
+
+
+def reconcile(profile: Profile, platform: Platform, flow_run_id: str | None) -> Reconciled:
+    """Finish what a killed orchestrator left: processes it started are stopped, its canary is
+    reverted, its retirements are done, and a stable release that no longer runs is forgotten
+    (nothing can be compared against it)."""
+    orphans = platform.reconcile_orphans()
+    owner = platform.release_store().read(profile.name).canary_owner
+    reason = f"reconciled: canary left behind by flow run {owner}"
+    reverted = revert(profile, platform, reason, flow_run_id)
+    retired = retire_released(profile, platform)
+    running = {release.id for release in platform.running_releases(profile)}
+    forgotten: list[Release] = []
+
+    def forget_stopped_stable(record: ReleaseRecord) -> ReleaseRecord | None:
+        if record.stable is None or record.stable.id in running:
+            return None
+        forgotten.append(record.stable)
+        return record.model_copy(update={"stable": None})
+
+    record = _transition(platform, profile.name, forget_stopped_stable)
+    return Reconciled(
+        record=record or platform.release_store().read(profile.name),
+        orphans_stopped=orphans, reverted=reverted, retired=retired,
+        forgotten=forgotten[0] if forgotten else None,
+    )  # fmt: skip
+
+
+def _entry(revision: str, outcome: Outcome, reason: str, flow_run_id: str | None) -> HistoryEntry:
+    return HistoryEntry(revision=revision, at=now(), outcome=outcome, reason=reason,
+                        flow_run_id=flow_run_id)  # fmt: skip
+
+
+def _transition(
+    platform: Platform, model: str, decide: Callable[[ReleaseRecord], ReleaseRecord | None]
+) -> ReleaseRecord | None:
+    """Apply `decide` to the record under the store's lock; it returns None to change nothing.
+    The record as written, or None when nothing changed."""
+    decided = False
+
+    def change(record: ReleaseRecord) -> ReleaseRecord:
+        nonlocal decided
+        after = decide(record)
+        decided = after is not None
+        return record if after is None else after
+
+    after = platform.release_store().update(model, change)
+    return after if decided else None
