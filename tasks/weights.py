@@ -43,6 +43,17 @@ def retry_unless_final(task: object, task_run: object, state: State) -> bool:
     return not isinstance(state.data, WeightsError | VerifyFailed)
 
 
+# A stage whose result stays proven: cached on model@commit+profile (never the run id), so a
+# `prefect flow-run retry` of a failed compile finds the download Cached; final errors are
+# not retried.
+PROVEN_STAGE = {
+    "retry_condition_fn": retry_unless_final,
+    "persist_result": True,
+    "cache_key_fn": stage_key,
+    "cache_expiration": PROVEN_FOR,
+}
+
+
 @task(name="resolve", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_final)
 def resolve(model: str, revision: str, target: Target) -> str:
     """A branch or tag becomes a commit before anything else; every later stage uses it."""
@@ -51,15 +62,7 @@ def resolve(model: str, revision: str, target: Target) -> str:
     return sha
 
 
-@task(
-    name="download",
-    retries=2,
-    retry_delay_seconds=[30, 120],
-    retry_condition_fn=retry_unless_final,
-    persist_result=True,
-    cache_key_fn=stage_key,
-    cache_expiration=PROVEN_FOR,
-)
+@task(name="download", retries=2, retry_delay_seconds=[30, 120], **PROVEN_STAGE)
 def download(model: str, revision: str, target: Target) -> DownloadResult:
     profile = load_profile(model)
     disable_progress_bars()  # tqdm bars in task logs are noise; the artifact shows progress
@@ -85,15 +88,8 @@ def bytes_transferred(run: PrefectFuture[DownloadResult]) -> int:
     return 0 if run.state.name == CACHED_STATE_NAME else result.bytes_downloaded
 
 
-@task(
-    name="compile",
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=30),
-    retry_condition_fn=retry_unless_final,
-    persist_result=True,
-    cache_key_fn=stage_key,
-    cache_expiration=PROVEN_FOR,
-)
+@task(name="compile", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=30),
+      **PROVEN_STAGE)  # fmt: skip
 def compile_kernels(model: str, revision: str, target: Target) -> CompileResult:
     profile = load_profile(model)
     platform = get_platform(target)

@@ -35,6 +35,7 @@ from tests.local_fixtures import (
     REVISION_A,
     REVISION_B,
     REVISION_C,
+    Driver,
     chat_body,
     describe,
     inventory_pids,
@@ -405,12 +406,18 @@ def all_pids(ready: dict) -> list[int]:
     return [pid for pids in ready["pids"].values() for pid in pids]
 
 
+def drive(orchestrator_home: tuple[Path, int], models_env: Path, *, keep: bool,
+          mode: str) -> tuple[Path, dict[str, str], Driver]:  # fmt: skip
+    """An orchestrator process that deploys one release of PASSABLE_PROFILE, then `mode`."""
+    home, port = orchestrator_home
+    env = platform_env(home, models_env, port, keep=keep)
+    return home, env, start_driver(env, PASSABLE_PROFILE, REVISION_A, mode)
+
+
 def test_shutdown_stops_everything_the_orchestrator_started(
     orchestrator_home: tuple[Path, int], models_env: Path
 ) -> None:
-    home, port = orchestrator_home
-    env = platform_env(home, models_env, port, keep=False)
-    driver = start_driver(env, PASSABLE_PROFILE, REVISION_A, "shutdown")
+    home, _, driver = drive(orchestrator_home, models_env, keep=False, mode="shutdown")
     try:
         pids = all_pids(driver.ready)
         assert len(pids) == 3  # router, supervisor, engine
@@ -425,9 +432,7 @@ def test_shutdown_stops_everything_the_orchestrator_started(
 def test_a_sigkilled_orchestrator_leaves_orphans_the_next_platform_stops(
     orchestrator_home: tuple[Path, int], models_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    home, port = orchestrator_home
-    env = platform_env(home, models_env, port, keep=False)
-    driver = start_driver(env, PASSABLE_PROFILE, REVISION_A, "hold")
+    home, env, driver = drive(orchestrator_home, models_env, keep=False, mode="hold")
     pids = all_pids(driver.ready)
     driver.process.send_signal(signal.SIGKILL)
     driver.stop()
@@ -447,9 +452,7 @@ def test_a_sigkilled_orchestrator_leaves_orphans_the_next_platform_stops(
 def test_keep_serving_outlives_the_orchestrator_and_the_router_is_reused(
     orchestrator_home: tuple[Path, int], models_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    home, port = orchestrator_home
-    env = platform_env(home, models_env, port, keep=True)
-    driver = start_driver(env, PASSABLE_PROFILE, REVISION_A, "shutdown")
+    home, env, driver = drive(orchestrator_home, models_env, keep=True, mode="shutdown")
     try:
         assert driver.process.wait(60) == 0
     finally:

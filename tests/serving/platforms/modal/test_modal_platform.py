@@ -850,22 +850,30 @@ def test_after_a_restart_only_the_failed_shard_is_spawned_again(
     assert records == {"1-of-2": "fc-fake-3", "2-of-2": "fc-fake-2"}
 
 
+def compile_then_crash(
+    profile: Profile, revision: str, home: Path, tmp_path: Path, endpoint: str
+) -> FakeModalGateway:
+    """An orchestrator that spawned the compile and died while waiting on it; the call's
+    marker is not committed yet as far as the next orchestrator can see."""
+    first = FakeModalGateway(tmp_path / "volumes", endpoint, profile)
+    first.crash_on_wait = True
+    with pytest.raises(SimulatedCrash):
+        platform(home, first).compile(profile, revision)
+    marker_dir = deepgemm_dir(first.volume_root(str(profile.volumes.deepgemm)), profile)
+    for marker in (marker_dir / "markers").glob("*.json"):
+        marker.unlink()
+    return first
+
+
 def test_a_restarted_orchestrator_reattaches_to_the_running_compile(
     mirror: Any, synthetic_repo: SyntheticRepo, tmp_path: Path
 ) -> None:
     profile = gpu_profile(synthetic_repo.repo_id)
     home = tmp_path / "home"
-    first = FakeModalGateway(tmp_path / "volumes", mirror.url, profile)
-    first.crash_on_wait = True
-    with pytest.raises(SimulatedCrash):
-        platform(home, first).compile(profile, synthetic_repo.v1)
+    first = compile_then_crash(profile, synthetic_repo.v1, home, tmp_path, mirror.url)
     assert [fn for _, fn, _ in first.spawned] == ["compile"]
     [stored] = CallStore(home / "state" / "modal-calls.json").records()
     assert stored.call_id == "fc-fake-1" and stored.key.stage == "compile"
-    # The call's marker is not committed yet as far as the orchestrator can see.
-    marker_dir = deepgemm_dir(first.volume_root(str(profile.volumes.deepgemm)), profile)
-    for marker in (marker_dir / "markers").glob("*.json"):
-        marker.unlink()
 
     second = FakeModalGateway(tmp_path / "volumes", mirror.url, profile)
     second.script = {
@@ -885,13 +893,7 @@ def test_an_unanswered_poll_backs_off_and_waits_on_the_same_compile(
 ) -> None:
     profile = gpu_profile(synthetic_repo.repo_id)
     home = tmp_path / "home"
-    first = FakeModalGateway(tmp_path / "volumes", mirror.url, profile)
-    first.crash_on_wait = True
-    with pytest.raises(SimulatedCrash):
-        platform(home, first).compile(profile, synthetic_repo.v1)
-    marker_dir = deepgemm_dir(first.volume_root(str(profile.volumes.deepgemm)), profile)
-    for marker in (marker_dir / "markers").glob("*.json"):
-        marker.unlink()
+    first = compile_then_crash(profile, synthetic_repo.v1, home, tmp_path, mirror.url)
 
     second = FakeModalGateway(tmp_path / "volumes", mirror.url, profile)
     unavailable = Poll(CallState.UNKNOWN, error=modal.exception.ServiceError("UNAVAILABLE"))
