@@ -31,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from dev.demo_model import make_synthetic_repo  # noqa: E402
-from dev.mirror import MiB, MirrorStore  # noqa: E402
+from dev.mirror_store import MiB, MirrorStore  # noqa: E402
 
 BENCH_HOME = REPO_ROOT / ".rollout" / "bench"
 MIRROR_ROOT = BENCH_HOME / "mirror"

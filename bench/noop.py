@@ -35,7 +35,8 @@ def main() -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     from dev.demo_model import publish_demo_model
-    from dev.mirror import MirrorStore, run_mirror
+    from dev.mirror import run_mirror
+    from dev.mirror_store import MirrorStore
 
     store = MirrorStore(ROOT / ".rollout" / "demo" / "mirror")
     publish_demo_model(store)

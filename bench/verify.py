@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.download import REPO_ID, ensure_bench_repo, warm  # noqa: E402
-from dev.mirror import MiB  # noqa: E402
+from dev.mirror_store import MiB  # noqa: E402
 from serving.weights.models import FileEntry  # noqa: E402
 from serving.weights.verify import default_hash_workers, verify  # noqa: E402
 

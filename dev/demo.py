@@ -63,7 +63,8 @@ def main() -> None:
         "ROLLOUT_KEEP_SERVING": "1" if args.keep_serving else "0",
     }
     from dev.demo_model import publish_demo_model
-    from dev.mirror import MirrorStore, run_mirror
+    from dev.mirror import run_mirror
+    from dev.mirror_store import MirrorStore
 
     print("== building the demo model's two revisions (cached after the first run)")
     store = MirrorStore(HOME / "mirror")

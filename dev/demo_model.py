@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from dev.mirror import FileSource, MiB, MirrorStore
+from dev.mirror_store import FileSource, MiB, MirrorStore
 from serving.core.home import rollout_home
 
 DEMO_REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"

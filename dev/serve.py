@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 from dev.demo_model import publish_demo_model
-from dev.mirror import MirrorStore
+from dev.mirror_store import MirrorStore
 from serving.core.home import rollout_home
 from serving.core.procs import stop_group
 from serving.platforms.local.platform import LocalPlatform

@@ -14,7 +14,8 @@ import pytest
 from pydantic import BaseModel
 
 from dev.demo_model import make_synthetic_repo, shard_name
-from dev.mirror import KiB, MiB, MirrorServer, MirrorStore, run_mirror
+from dev.mirror import MirrorServer, run_mirror
+from dev.mirror_store import KiB, MiB, MirrorStore
 
 SYNTHETIC_REPO_ID = "test-org/tiny-model"
 # Two LFS shards by size, one LFS by suffix only (< 1 MiB): all three LFS paths of the mirror.

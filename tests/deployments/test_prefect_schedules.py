@@ -40,7 +40,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import BaseModel
 
 from dev.demo_model import make_synthetic_repo
-from dev.mirror import KiB, MirrorServer, MirrorStore, run_mirror
+from dev.mirror import MirrorServer, run_mirror
+from dev.mirror_store import KiB, MirrorStore
 from serving.config.loader import available_models, load_profile
 from serving.core.home import REPO_ROOT
 from serving.domain.release import Release

@@ -20,7 +20,8 @@ from dev.demo_model import (
     build_demo_model,
     publish_demo_model,
 )
-from dev.mirror import MirrorStore, run_mirror
+from dev.mirror import run_mirror
+from dev.mirror_store import MirrorStore
 from serving.core.home import REPO_ROOT
 
 pytest.importorskip("transformers")

@@ -21,18 +21,9 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile, RepoFolder
 
 from dev.demo_model import make_synthetic_repo, shard_name
-from dev.mirror import (
-    CorruptFault,
-    CutFault,
-    ErrorFault,
-    Faults,
-    KiB,
-    MiB,
-    MirrorServer,
-    MirrorStore,
-    git_blob_sha1_header,
-    lfs_pointer,
-)
+from dev.mirror import MirrorServer
+from dev.mirror_faults import CorruptFault, CutFault, ErrorFault, Faults
+from dev.mirror_store import KiB, MiB, MirrorStore, git_blob_sha1_header, lfs_pointer
 from serving.core.home import REPO_ROOT
 from tests.mirror_fixtures import (
     BIG_SHARD,

@@ -34,7 +34,8 @@ from prefect.client.schemas.filters import (
 )
 
 from dev.load import ChatLoad
-from dev.mirror import MirrorServer, MirrorStore, run_mirror
+from dev.mirror import MirrorServer, run_mirror
+from dev.mirror_store import MirrorStore
 from flows.refresh import refresh
 from flows.rollout import rollout
 from serving.config.loader import DEFAULT_MODELS_DIR, load_profile

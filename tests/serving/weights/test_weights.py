@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from dev.demo_model import make_synthetic_repo
-from dev.mirror import CutFault, ErrorFault, KiB, MiB, MirrorServer, MirrorStore, parse_range
+from dev.mirror import MirrorServer, parse_range
+from dev.mirror_faults import CutFault, ErrorFault
+from dev.mirror_store import KiB, MiB, MirrorStore
 from serving.config.layout import SENTINEL_NAME, weights_dir
 from serving.config.loader import load_profile
 from serving.config.profile import HubSource, Secrets

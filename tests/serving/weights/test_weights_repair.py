@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from dev.demo_model import make_synthetic_repo, shard_name
-from dev.mirror import ErrorFault, MirrorServer, MirrorStore
+from dev.mirror import MirrorServer
+from dev.mirror_faults import ErrorFault
+from dev.mirror_store import MirrorStore
 from serving.config.layout import SENTINEL_NAME
 from serving.config.loader import load_profile
 from serving.config.profile import HubSource, Profile, Secrets
