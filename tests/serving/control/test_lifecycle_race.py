@@ -139,4 +139,4 @@ def test_abort_against_promotion_exactly_one_wins_every_time(
     assert lifecycle.retire_released(profile, platform) == [canary]
     assert store.read(MODEL) == record.model_copy(update={"retiring": []})
     assert [release.id for release in platform.running_releases(profile)] == [stable.id]
-    assert platform._router().reported_weights(MODEL) == {stable.id: 100}
+    assert platform._router().client().routes().weights(MODEL) == {stable.id: 100}
