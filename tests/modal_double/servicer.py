@@ -283,6 +283,38 @@ class ModalDouble(_UnimplementedRpcs):  # type: ignore[misc, valid-type]
             dict_id=store.object_id, metadata=api_pb2.DictMetadata(name=store.name)
         ))  # fmt: skip
 
+    # Dict entries: keys and values are the client's serialized bytes, compared as bytes.
+
+    def _dict(self, dict_id: str) -> Named:
+        for store in self.dicts.values():
+            if store.object_id == dict_id:
+                return store
+        raise GRPCError(Status.NOT_FOUND, f"no dict {dict_id!r}")
+
+    async def DictUpdate(self, stream: Stream) -> None:
+        request = await stream.recv_message()
+        data = self._dict(request.dict_id).data
+        # With if_not_exists the update is all or nothing: one existing key writes none.
+        created = not (request.if_not_exists and any(e.key in data for e in request.updates))
+        if created:
+            data.update({entry.key: entry.value for entry in request.updates})
+        await stream.send_message(api_pb2.DictUpdateResponse(created=created))
+
+    async def DictGet(self, stream: Stream) -> None:
+        request = await stream.recv_message()
+        data = self._dict(request.dict_id).data
+        found = request.key in data
+        await stream.send_message(
+            api_pb2.DictGetResponse(found=found, value=data.get(request.key, b""))
+        )
+
+    async def DictPop(self, stream: Stream) -> None:
+        request = await stream.recv_message()
+        data = self._dict(request.dict_id).data
+        found = request.key in data
+        value = data.pop(request.key, b"")
+        await stream.send_message(api_pb2.DictPopResponse(found=found, value=value))
+
     # Functions and classes.
 
     async def FunctionPrecreate(self, stream: Stream) -> None:

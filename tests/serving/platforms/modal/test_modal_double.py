@@ -4,6 +4,8 @@ every image, uploads the local files and resolves every Volume and Secret by nam
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import modal
 import modal.exception
 import pytest
@@ -16,6 +18,7 @@ from serving.config.profile import Profile
 from serving.core.home import REPO_ROOT
 from serving.platforms.modal import apps, resources
 from serving.platforms.modal.gateway import ModalGateway
+from serving.platforms.modal.stores import DictReleaseStore
 from tests.modal_double.servicer import ModalDouble
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -174,3 +177,36 @@ def test_an_rpc_the_double_lacks_fails_the_call_naming_it(modal_double: ModalDou
         queue.put("item")
     assert modal_double.unimplemented == ["QueueGetOrCreate"]
     modal_double.unimplemented.clear()  # reached on purpose: not a failure of this test
+
+
+def test_dict_put_get_pop_round_trip_through_the_sdk(modal_double: ModalDouble) -> None:
+    routes = ModalGateway().dict("glm-5.1-routes")
+
+    assert routes.get("routes") is None
+    assert routes.put("routes", '{"generation": 1}') is True
+    assert routes.put("routes", '{"generation": 2}', skip_if_exists=True) is False
+    assert routes.get("routes") == '{"generation": 1}'
+    assert routes.pop("routes", None) == '{"generation": 1}'
+    assert routes.pop("routes", None) is None
+    assert [name for _, name in modal_double.dicts] == ["glm-5.1-routes"]
+
+
+def test_release_records_written_under_a_lease_through_the_sdk(modal_double: ModalDouble) -> None:
+    store = DictReleaseStore(ModalGateway().dict(resources.RELEASES_DICT_NAME))
+    owners = [f"run-{n}" for n in range(4)]
+
+    def append(owner: str) -> None:
+        # A read-modify-write: without the lease, concurrent writers lose each other's names.
+        store.update(
+            "glm-5.1",
+            lambda r: r.model_copy(update={"canary_owner": f"{r.canary_owner or ''}{owner},"}),
+        )
+
+    with ThreadPoolExecutor(len(owners)) as pool:
+        list(pool.map(append, owners))
+
+    written = str(store.read("glm-5.1").canary_owner).rstrip(",").split(",")
+    assert sorted(written) == owners
+    # Every writer released its lease: the only entry left is the record.
+    (entries,) = [d.data for d in modal_double.dicts.values()]
+    assert len(entries) == 1
