@@ -8,13 +8,15 @@ import hashlib
 import itertools
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import empty_pb2
 from grpclib import GRPCError, Status
 from grpclib.server import Stream
 from modal_proto import api_grpc, api_pb2
+
+from tests.modal_double.state import App, Named
+from tests.modal_double.storage import StorageRpcs
 
 Handler = Callable[[Any, Stream], Coroutine[Any, Any, None]]
 
@@ -42,29 +44,7 @@ _UnimplementedRpcs: type[api_grpc.ModalClientBase] = type(
 )
 
 
-@dataclass
-class App:
-    app_id: str
-    description: str
-    environment: str
-    name: str = ""  # set when published
-    state: int = api_pb2.APP_STATE_INITIALIZING
-    function_ids: dict[str, str] = field(default_factory=dict)
-    class_ids: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Named:
-    """A Volume, Secret or Dict: looked up by name within an environment."""
-
-    object_id: str
-    name: str
-    version: int = 0
-    env: dict[str, str] = field(default_factory=dict)
-    data: dict[bytes, bytes] = field(default_factory=dict)
-
-
-class ModalDouble(_UnimplementedRpcs):  # type: ignore[misc, valid-type]
+class ModalDouble(StorageRpcs, _UnimplementedRpcs):  # type: ignore[misc, valid-type]
     """State a test may read: apps, functions (their api_pb2.Function definitions), images,
     mounts (path -> sha256) and uploaded files (sha256 -> bytes), volumes, secrets, dicts."""
 
@@ -79,6 +59,8 @@ class ModalDouble(_UnimplementedRpcs):  # type: ignore[misc, valid-type]
         self.volumes: dict[tuple[str, str], Named] = {}
         self.secrets: dict[tuple[str, str], Named] = {}
         self.dicts: dict[tuple[str, str], Named] = {}
+        self.blocks: dict[str, bytes] = {}
+        self.block_url = ""  # set by tests.modal_double.server.serve
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}-double{next(self._ids):06d}"
@@ -90,6 +72,10 @@ class ModalDouble(_UnimplementedRpcs):  # type: ignore[misc, valid-type]
 
     def create_volume(self, name: str, version: int, environment: str = "") -> None:
         self.volumes[(environment, name)] = Named(self._new_id("vo"), name, version=version)
+
+    def write_volume_file(self, name: str, path: str, data: bytes, environment: str = "") -> None:
+        """A file committed to a volume, as a container's write and `commit()` leave it."""
+        self.volumes[(environment, name)].files[path.lstrip("/")] = data
 
     # What a test reads.
 
@@ -282,38 +268,6 @@ class ModalDouble(_UnimplementedRpcs):  # type: ignore[misc, valid-type]
         await stream.send_message(api_pb2.DictGetOrCreateResponse(
             dict_id=store.object_id, metadata=api_pb2.DictMetadata(name=store.name)
         ))  # fmt: skip
-
-    # Dict entries: keys and values are the client's serialized bytes, compared as bytes.
-
-    def _dict(self, dict_id: str) -> Named:
-        for store in self.dicts.values():
-            if store.object_id == dict_id:
-                return store
-        raise GRPCError(Status.NOT_FOUND, f"no dict {dict_id!r}")
-
-    async def DictUpdate(self, stream: Stream) -> None:
-        request = await stream.recv_message()
-        data = self._dict(request.dict_id).data
-        # With if_not_exists the update is all or nothing: one existing key writes none.
-        created = not (request.if_not_exists and any(e.key in data for e in request.updates))
-        if created:
-            data.update({entry.key: entry.value for entry in request.updates})
-        await stream.send_message(api_pb2.DictUpdateResponse(created=created))
-
-    async def DictGet(self, stream: Stream) -> None:
-        request = await stream.recv_message()
-        data = self._dict(request.dict_id).data
-        found = request.key in data
-        await stream.send_message(
-            api_pb2.DictGetResponse(found=found, value=data.get(request.key, b""))
-        )
-
-    async def DictPop(self, stream: Stream) -> None:
-        request = await stream.recv_message()
-        data = self._dict(request.dict_id).data
-        found = request.key in data
-        value = data.pop(request.key, b"")
-        await stream.send_message(api_pb2.DictPopResponse(found=found, value=value))
 
     # Functions and classes.
 

@@ -4,11 +4,14 @@ every image, uploads the local files and resolves every Volume and Secret by nam
 
 from __future__ import annotations
 
+import io
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import modal
 import modal.exception
 import pytest
+from modal.volume import BLOCK_SIZE
 from modal_proto import api_pb2
 
 from serving.config.layout import DEEPGEMM_MOUNT as DEEPGEMM_PATH
@@ -210,3 +213,28 @@ def test_release_records_written_under_a_lease_through_the_sdk(modal_double: Mod
     # Every writer released its lease: the only entry left is the record.
     (entries,) = [d.data for d in modal_double.dicts.values()]
     assert len(entries) == 1
+
+
+def test_volume_upload_then_read_round_trip_through_the_sdk(modal_double: ModalDouble) -> None:
+    marker = b'{"key": "sm_100f-tp8"}'
+    cache = modal.Volume.from_name("glm51-deepgemm-cache", create_if_missing=True)
+    with cache.batch_upload() as batch:
+        batch.put_file(io.BytesIO(marker), "/markers/glm-5.1.json")
+
+    gateway = ModalGateway()
+    assert gateway.read_volume_file("glm51-deepgemm-cache", "markers/glm-5.1.json") == marker
+    assert gateway.read_volume_file("glm51-deepgemm-cache", "markers/other.json") is None
+    with pytest.raises(FileExistsError), cache.batch_upload() as batch:
+        batch.put_file(io.BytesIO(b"{}"), "/markers/glm-5.1.json")
+
+
+def test_a_file_of_several_blocks_reads_back_whole_from_a_v2_volume(
+    modal_double: ModalDouble, glm: Profile
+) -> None:
+    ModalGateway().deploy(apps.build_weights_app(glm).app)  # creates the v2 weights volume
+    sentinel = os.urandom(BLOCK_SIZE + 4096)
+    modal_double.write_volume_file("glm51-weights", f"{REVISION}/.sentinel.json", sentinel)
+
+    read = ModalGateway().read_volume_file("glm51-weights", f"{REVISION}/.sentinel.json")
+
+    assert read == sentinel
