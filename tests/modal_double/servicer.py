@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
+from collections import defaultdict, deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -15,7 +16,8 @@ from grpclib import GRPCError, Status
 from grpclib.server import Stream
 from modal_proto import api_grpc, api_pb2
 
-from tests.modal_double.state import App, Named
+from tests.modal_double.calls import Call, CallRpcs, Outcome
+from tests.modal_double.state import App, Named, function_data
 from tests.modal_double.storage import StorageRpcs
 
 Handler = Callable[[Any, Stream], Coroutine[Any, Any, None]]
@@ -44,9 +46,10 @@ _UnimplementedRpcs: type[api_grpc.ModalClientBase] = type(
 )
 
 
-class ModalDouble(StorageRpcs, _UnimplementedRpcs):  # type: ignore[misc, valid-type]
+class ModalDouble(StorageRpcs, CallRpcs, _UnimplementedRpcs):  # type: ignore[misc, valid-type]
     """State a test may read: apps, functions (their api_pb2.Function definitions), images,
-    mounts (path -> sha256) and uploaded files (sha256 -> bytes), volumes, secrets, dicts."""
+    mounts (path -> sha256) and uploaded files (sha256 -> bytes), volumes, secrets, dicts, and
+    spawned calls (ended as scripted, see tests.modal_double.calls)."""
 
     def __init__(self) -> None:
         self.unimplemented: list[str] = []
@@ -61,6 +64,8 @@ class ModalDouble(StorageRpcs, _UnimplementedRpcs):  # type: ignore[misc, valid-
         self.dicts: dict[tuple[str, str], Named] = {}
         self.blocks: dict[str, bytes] = {}
         self.block_url = ""  # set by tests.modal_double.server.serve
+        self.calls: dict[str, Call] = {}
+        self.scripts: defaultdict[str, deque[Outcome]] = defaultdict(deque)
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}-double{next(self._ids):06d}"
@@ -295,9 +300,7 @@ class ModalDouble(StorageRpcs, _UnimplementedRpcs):  # type: ignore[misc, valid-
         await stream.send_message(api_pb2.FunctionCreateResponse(
             function_id=function_id,
             function=definition,
-            function_data=api_pb2.FunctionData(
-                ranked_functions=[api_pb2.FunctionData.RankedFunction(function=definition)]
-            ),
+            function_data=function_data(definition),
             handle_metadata=self._handle(definition.function_name, definition.function_type),
         ))  # fmt: skip
 

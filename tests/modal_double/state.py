@@ -28,3 +28,14 @@ class Named:
     env: dict[str, str] = field(default_factory=dict)  # a Secret's
     data: dict[bytes, bytes] = field(default_factory=dict)  # a Dict's, serialized
     files: dict[str, bytes] = field(default_factory=dict)  # a Volume's, by path without "/"
+
+
+def function_data(definition: api_pb2.Function) -> api_pb2.FunctionData:
+    """How the API answers with a function: its definition as the one ranked variant."""
+    return api_pb2.FunctionData(
+        function_name=definition.function_name,
+        function_type=definition.function_type,
+        is_class=definition.is_class,
+        is_server=definition.is_server,
+        ranked_functions=[api_pb2.FunctionData.RankedFunction(function=definition)],
+    )

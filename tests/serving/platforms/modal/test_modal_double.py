@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import modal
 import modal.exception
 import pytest
+from modal._serialization import deserialize
 from modal.volume import BLOCK_SIZE
 from modal_proto import api_pb2
 
@@ -20,8 +21,10 @@ from serving.config.loader import available_models, load_profile, models_dir
 from serving.config.profile import Profile
 from serving.core.home import REPO_ROOT
 from serving.platforms.modal import apps, resources
+from serving.platforms.modal.calls import CallRecord, CallState, attach_or_spawn, probe_call
 from serving.platforms.modal.gateway import ModalGateway
 from serving.platforms.modal.stores import DictReleaseStore
+from tests.modal_double.calls import API_FAILING, EXPIRED, RUNNING, Outcome, raised, returned
 from tests.modal_double.servicer import ModalDouble
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -238,3 +241,68 @@ def test_a_file_of_several_blocks_reads_back_whole_from_a_v2_volume(
     read = ModalGateway().read_volume_file("glm51-weights", f"{REVISION}/.sentinel.json")
 
     assert read == sentinel
+
+
+@pytest.fixture
+def compile_app(modal_double: ModalDouble, glm: Profile) -> str:
+    ModalGateway().deploy(apps.build_compile_app(glm).app)
+    return "glm-5.1-compile"
+
+
+def test_a_spawned_compile_runs_until_it_returns(
+    modal_double: ModalDouble, compile_app: str
+) -> None:
+    gateway = ModalGateway()
+    call_id = gateway.spawn(compile_app, resources.COMPILE_FUNCTION, REVISION)
+
+    assert call_id.startswith("fc-")
+    call = modal_double.calls[call_id]
+    assert call.function_id == modal_double.deployed(compile_app).function_ids["compile"]
+    assert deserialize(call.args, None) == ((REVISION,), {})
+    assert gateway.poll(call_id).state is CallState.RUNNING
+    assert gateway.poll(call_id, timeout=0.2).state is CallState.RUNNING
+
+    modal_double.settle(call_id, returned({"compiled": True}))
+    poll = gateway.poll(call_id)
+    assert (poll.state, poll.result) == (CallState.SUCCEEDED, {"compiled": True})
+
+
+@pytest.mark.parametrize(
+    ("outcome", "state", "action"),
+    [
+        (RUNNING, CallState.RUNNING, "attach"),
+        (returned({"compiled": True}), CallState.SUCCEEDED, "use-result"),
+        (raised(RuntimeError("nvcc exited 1")), CallState.FAILED, "spawn"),
+        # The body's own TimeoutError arrives as the same type as modal's "no output yet".
+        (raised(TimeoutError("compile_deep_gemm timed out")), CallState.FAILED, "spawn"),
+        (EXPIRED, CallState.EXPIRED, "spawn"),
+        (API_FAILING, CallState.UNKNOWN, "attach"),
+    ],
+    ids=["running", "returned", "raised", "raised-timeout", "expired", "api-failing"],
+)
+def test_a_recorded_call_is_attached_or_respawned_by_what_modal_says(
+    modal_double: ModalDouble, compile_app: str, outcome: Outcome, state: CallState, action: str
+) -> None:
+    modal_double.script(compile_app, resources.COMPILE_FUNCTION, outcome)
+    gateway = ModalGateway()
+    call_id = gateway.spawn(compile_app, resources.COMPILE_FUNCTION, REVISION)
+
+    poll = gateway.poll(call_id)
+    record = CallRecord.model_validate({
+        "key": {"stage": "compile", "model": "glm-5.1", "revision": REVISION},
+        "call_id": call_id, "app": compile_app, "function": "compile",
+        "spawned_at": "2026-12-01T00:00:00Z",
+    })  # fmt: skip
+    decision = attach_or_spawn(record, gateway.poll)
+
+    assert poll.state is state
+    assert decision.action == action
+    if outcome.kind == "raised":
+        assert type(poll.error) is type(outcome.value)
+        assert str(poll.error) == str(outcome.value)
+
+
+def test_an_unknown_call_id_reads_as_expired(modal_double: ModalDouble) -> None:
+    poll = probe_call(modal.FunctionCall.from_id("fc-never-spawned"))
+
+    assert poll.state is CallState.EXPIRED
