@@ -315,13 +315,18 @@ class ModalDouble(StorageRpcs, CallRpcs, _UnimplementedRpcs):  # type: ignore[mi
 
     def _check_references(self, definition: api_pb2.Function) -> None:
         """A function may only name images, mounts, secrets and volumes that exist."""
-        volume_ids = {v.object_id for v in self.volumes.values()}
-        secret_ids = {s.object_id for s in self.secrets.values()}
-        unknown = (
-            [definition.image_id] * (definition.image_id not in self.images)
-            + [m for m in definition.mount_ids if m not in self.mounts]
-            + [s for s in definition.secret_ids if s not in secret_ids]
-            + [v.volume_id for v in definition.volume_mounts if v.volume_id not in volume_ids]
-        )
+        known = {
+            *self.images,
+            *self.mounts,
+            *(volume.object_id for volume in self.volumes.values()),
+            *(secret.object_id for secret in self.secrets.values()),
+        }
+        named = [
+            definition.image_id,
+            *definition.mount_ids,
+            *definition.secret_ids,
+            *(mount.volume_id for mount in definition.volume_mounts),
+        ]
+        unknown = [object_id for object_id in named if object_id not in known]
         if unknown:
             raise GRPCError(Status.NOT_FOUND, f"FunctionCreate: unknown objects {unknown}")
