@@ -167,6 +167,15 @@ def test_releases_start_at_zero_traffic_and_answer_to_the_served_name(
     assert routed.status_code == 503
 
 
+def test_each_engine_gets_its_share_of_the_cores(deployed: Deployed) -> None:
+    """Two releases on one host: each engine's torch threads are the cores split between them
+    (a thread per core each oversubscribes the CPU)."""
+    expected = f"OMP_NUM_THREADS={max(1, (os.cpu_count() or 1) // 2)}".encode()
+    for release in (deployed.a, deployed.b):
+        environ = Path(f"/proc/{deployed.engine_pid(release)}/environ").read_bytes().split(b"\0")
+        assert expected in environ
+
+
 def test_the_admin_token_stays_private(deployed: Deployed) -> None:
     home = deployed.platform.home
     token_file = home / "state" / ADMIN_TOKEN_FILE
