@@ -17,6 +17,7 @@ pytest_plugins = [  # a module that another imports comes first, so pytest can r
     "tests.weights_fixtures",
     "tests.router_fixtures",
     "tests.local_fixtures",
+    "tests.modal_serving_fixtures",
     "tests.modal_double.fixtures",
 ]
 

@@ -4,10 +4,13 @@ qwen3-8b made servable by the FAKE engine."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from serving.config.loader import load_profile
-from serving.config.profile import Profile, Secrets
+from serving.config.profile import HubSource, Profile, Secrets
+from serving.engines.deepgemm import CompileFailed
+from serving.engines.sglang import Command
 from tests.server_fixtures import probe
 
 
@@ -47,3 +50,58 @@ class FakeDict:
     def pop(self, key: str, default: Any = None) -> Any:
         with self.lock:
             return self.data.pop(key, default)
+
+
+class FakeVolume:
+    """Records reload/commit in a shared event list, like a mounted modal.Volume would see them."""
+
+    def __init__(self, name: str, events: list[tuple[str, str]] | None = None) -> None:
+        self.name = name
+        self.events = events if events is not None else []
+
+    def reload(self) -> None:
+        self.events.append(("reload", self.name))
+
+    def commit(self) -> None:
+        self.events.append(("commit", self.name))
+
+
+def cpu_profile(repo_id: str) -> Profile:
+    """A profile without DeepGEMM, pointed at the mirror's synthetic repo."""
+    return load_profile("smollm2-135m").model_copy(
+        update={"hub": HubSource(repo=repo_id, revision="main"), "secrets": Secrets()}
+    )
+
+
+def gpu_profile(repo_id: str, **flags: Any) -> Profile:
+    """GLM-5.1 (precompiles DeepGEMM) pointed at the synthetic repo."""
+    base = load_profile("glm-5.1")
+    engine = base.engine.model_copy(update={"flags": {**base.engine.flags, **flags}})
+    return base.model_copy(
+        update={
+            "hub": HubSource(repo=repo_id, revision="main"),
+            "secrets": Secrets(),
+            "engine": engine,
+        }
+    )
+
+
+class FakeCompileRun:
+    """Stands in for run_compile (no GPU here): records the command, optionally fails."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.commands: list[Command] = []
+
+    def __call__(self, command: Command, timeout: float, log: Callable[[str], None]) -> None:
+        self.commands.append(command)
+        if self.fail:
+            raise CompileFailed("DeepGEMM compile failed: the compile server process died")
+
+
+def no_gpu_check() -> None:
+    return None
+
+
+def metadata_requests(mirror: Any) -> list[str]:
+    return [r.path for r in mirror.requests if r.path.startswith("/api/models/")]

@@ -26,10 +26,7 @@ class StorageRpcs:
     # Dict entries: keys and values are the client's serialized bytes, compared as bytes.
 
     def _dict(self, dict_id: str) -> Named:
-        for store in self.dicts.values():
-            if store.object_id == dict_id:
-                return store
-        raise GRPCError(Status.NOT_FOUND, f"no dict {dict_id!r}")
+        return _by_id(self.dicts, dict_id, "dict")
 
     async def DictUpdate(self, stream: Stream) -> None:
         request = await stream.recv_message()
@@ -58,10 +55,7 @@ class StorageRpcs:
     # Volume files.
 
     def _volume(self, volume_id: str) -> Named:
-        for volume in self.volumes.values():
-            if volume.object_id == volume_id:
-                return volume
-        raise GRPCError(Status.NOT_FOUND, f"no volume {volume_id!r}")
+        return _by_id(self.volumes, volume_id, "volume")
 
     async def VolumePutFiles(self, stream: Stream) -> None:
         request = await stream.recv_message()
@@ -97,3 +91,11 @@ class StorageRpcs:
         await stream.send_message(api_pb2.VolumeGetFile2Response(
             get_urls=urls, size=len(content), start=start, len=end - start
         ))  # fmt: skip
+
+
+def _by_id(objects: dict[tuple[str, str], Named], object_id: str, kind: str) -> Named:
+    """A named object by the id the client got for it; NOT_FOUND as Modal answers."""
+    for named in objects.values():
+        if named.object_id == object_id:
+            return named
+    raise GRPCError(Status.NOT_FOUND, f"no {kind} {object_id!r}")
