@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from serving.config.layout import SENTINEL_NAME
-from serving.weights.download import download_repo
+from serving.weights.download import Transfer, download_repo
 from serving.weights.hub import BACKOFF_FIRST_S, DOWNLOAD_ATTEMPTS, resolve_revision
 from serving.weights.models import Manifest, WeightsError
 from serving.weights.verify import verify
@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             sha = resolve_revision(args.repo, args.revision, token, endpoint=args.endpoint)
             result = download_repo(
                 args.repo, sha, args.dir, token=token, endpoint=args.endpoint,
-                attempts=args.attempts, backoff_s=args.backoff,
-                high_performance=args.high_performance,
+                transfer=Transfer(attempts=args.attempts, backoff_s=args.backoff,
+                                  high_performance=args.high_performance),
             )  # fmt: skip
             print(result.model_dump_json(exclude={"manifest": {"files"}}))
             return 0

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -57,6 +58,21 @@ from serving.weights.verify import REFETCH_ROUNDS, list_present, repair, verify
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Transfer:
+    """How hard a download pulls and how long it keeps trying: defaults that suit a container;
+    tests and the CLI shorten the backoff, Modal's CPU containers ask for hf_xet's full speed."""
+
+    high_performance: bool = False
+    max_workers: int = DOWNLOAD_WORKERS
+    attempts: int = DOWNLOAD_ATTEMPTS
+    backoff_s: float = BACKOFF_FIRST_S
+    refetch_rounds: int = REFETCH_ROUNDS
+
+
+DEFAULT_TRANSFER = Transfer()
+
+
 def download(
     profile: Profile,
     revision: str,
@@ -65,9 +81,7 @@ def download(
     token: str | None = None,
     endpoint: str | None = None,
     progress: ProgressCallback | None = log_progress,
-    high_performance: bool = False,
-    attempts: int = DOWNLOAD_ATTEMPTS,
-    backoff_s: float = BACKOFF_FIRST_S,
+    transfer: Transfer = DEFAULT_TRANSFER,
 ) -> DownloadResult:
     """The profile's files of `revision` (a 40-hex commit) into `weights_dir(root, profile, …)`."""
     return download_repo(
@@ -79,9 +93,7 @@ def download(
         token=token,
         endpoint=endpoint,
         progress=progress,
-        high_performance=high_performance,
-        attempts=attempts,
-        backoff_s=backoff_s,
+        transfer=transfer,
     )
 
 
@@ -95,11 +107,7 @@ def download_repo(
     token: str | None = None,
     endpoint: str | None = None,
     progress: ProgressCallback | None = log_progress,
-    high_performance: bool = False,
-    max_workers: int = DOWNLOAD_WORKERS,
-    attempts: int = DOWNLOAD_ATTEMPTS,
-    backoff_s: float = BACKOFF_FIRST_S,
-    refetch_rounds: int = REFETCH_ROUNDS,
+    transfer: Transfer = DEFAULT_TRANSFER,
 ) -> DownloadResult:
     """Download, verify, then write the sentinel; a valid sentinel returns at once, offline."""
     directory = Path(directory)
@@ -114,9 +122,9 @@ def download_repo(
     # From here on nothing on disk is trusted until it is hashed in this run.
     remove_sentinel(directory)
     started_at = datetime.now(UTC)
-    if high_performance:
+    if transfer.high_performance:
         ask_high_performance()
-    retry = Retry(repo, revision, token, attempts, backoff_s)
+    retry = Retry(repo, revision, token, transfer.attempts, transfer.backoff_s)
     files = revision_files(
         repo, revision, allow, ignore, token=token, endpoint=endpoint, retry=retry
     )
@@ -132,7 +140,7 @@ def download_repo(
             local_dir=directory,
             allow_patterns=allow,
             ignore_patterns=ignore,
-            max_workers=max_workers,
+            max_workers=transfer.max_workers,
             token=token,
             endpoint=endpoint,
         )
@@ -147,7 +155,7 @@ def download_repo(
     )
     report, refetched = repair(
         directory, files.selected, report, retry,
-        endpoint=endpoint, max_workers=max_workers, rounds=refetch_rounds,
+        endpoint=endpoint, max_workers=transfer.max_workers, rounds=transfer.refetch_rounds,
     )  # fmt: skip
     manifest = Manifest(
         repo=repo,
@@ -183,11 +191,7 @@ def download_files(
     token: str | None = None,
     endpoint: str | None = None,
     progress: ProgressCallback | None = log_progress,
-    high_performance: bool = False,
-    max_workers: int = DOWNLOAD_WORKERS,
-    attempts: int = DOWNLOAD_ATTEMPTS,
-    backoff_s: float = BACKOFF_FIRST_S,
-    refetch_rounds: int = REFETCH_ROUNDS,
+    transfer: Transfer = DEFAULT_TRANSFER,
     files: Sequence[FileEntry] | None = None,
 ) -> ShardResult:
     """One shard of a big repo (the Modal download fans out with `.map`): download and verify
@@ -195,10 +199,10 @@ def download_files(
     directory = Path(directory)
     require_commit(revision)
     started_at = datetime.now(UTC)
-    if high_performance:
+    if transfer.high_performance:
         ask_high_performance()
     make_dir(directory)
-    retry = Retry(repo, revision, token, attempts, backoff_s)
+    retry = Retry(repo, revision, token, transfer.attempts, transfer.backoff_s)
     every = revision_files(
         repo, revision, None, None, token=token, endpoint=endpoint, known=files, retry=retry
     ).every
@@ -220,7 +224,7 @@ def download_files(
                 paths,
                 token=token,
                 endpoint=endpoint,
-                max_workers=max_workers,
+                max_workers=transfer.max_workers,
             ),
             directory,
         )
@@ -229,7 +233,7 @@ def download_files(
     )
     _, refetched = repair(
         directory, expected, report, retry,
-        endpoint=endpoint, max_workers=max_workers, rounds=refetch_rounds,
+        endpoint=endpoint, max_workers=transfer.max_workers, rounds=transfer.refetch_rounds,
     )  # fmt: skip
     return ShardResult(
         repo=repo,
@@ -249,10 +253,7 @@ def repair_download(
     *,
     token: str | None = None,
     endpoint: str | None = None,
-    max_workers: int = DOWNLOAD_WORKERS,
-    attempts: int = DOWNLOAD_ATTEMPTS,
-    backoff_s: float = BACKOFF_FIRST_S,
-    refetch_rounds: int = REFETCH_ROUNDS,
+    transfer: Transfer = DEFAULT_TRANSFER,
 ) -> tuple[VerifyReport, list[str]]:
     """The verify stage's repair, from the report it already has of `manifest`'s files (the
     hub's metadata of that commit): only the bad or missing files are fetched and hashed again.
@@ -267,10 +268,10 @@ def repair_download(
     remove_sentinel(directory)
     by_path = {entry.path: entry for entry in manifest.files}
     remove_orphans(directory, [by_path[path] for path in report.broken])
-    retry = Retry(manifest.repo, manifest.revision, token, attempts, backoff_s)
+    retry = Retry(manifest.repo, manifest.revision, token, transfer.attempts, transfer.backoff_s)
     report, refetched = repair(
         directory, manifest.files, report, retry,
-        endpoint=endpoint, max_workers=max_workers, rounds=refetch_rounds,
+        endpoint=endpoint, max_workers=transfer.max_workers, rounds=transfer.refetch_rounds,
     )  # fmt: skip
     fresh = manifest.model_copy(
         update={"extra": report.extra, "started_at": started_at, "finished_at": datetime.now(UTC)}

@@ -18,12 +18,15 @@ from serving.config.profile import Profile
 from serving.engines.deepgemm import CompileFailed, compile_kernels
 from serving.platforms.modal.resources import Syncable, reload_read_only
 from serving.verification import verify_revision
+from serving.weights.download import Transfer, download_files, merge
 from serving.weights.download import download as download_revision
-from serving.weights.download import download_files, merge
 from serving.weights.hub import fetch_model_config, revision_files
 from serving.weights.models import DownloadResult, FileEntry, ShardResult
 
 log = logging.getLogger(__name__)
+
+# CPU containers with the volume to themselves: hf_xet at full concurrency.
+FULL_SPEED = Transfer(high_performance=True)
 
 
 def _quiet_hub() -> None:
@@ -64,7 +67,7 @@ def download_body(
         result: DownloadResult | ShardResult
         if paths is None:
             result = download_revision(
-                profile, revision, root, token=token, endpoint=endpoint, high_performance=True
+                profile, revision, root, token=token, endpoint=endpoint, transfer=FULL_SPEED
             )
         else:
             result = download_files(
@@ -74,7 +77,7 @@ def download_body(
                 paths,
                 token=token,
                 endpoint=endpoint,
-                high_performance=True,
+                transfer=FULL_SPEED,
                 files=[FileEntry.model_validate(f) for f in files] if files is not None else None,
             )
     except BaseException:

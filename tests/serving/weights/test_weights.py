@@ -26,6 +26,7 @@ from serving.config.loader import load_profile
 from serving.config.profile import HubSource, Secrets
 from serving.core.home import REPO_ROOT
 from serving.weights.download import (
+    Transfer,
     download,
     download_files,
     download_repo,
@@ -296,7 +297,7 @@ def test_a_file_get_5xx_is_retried_by_us(
 
     result = download_repo(
         synthetic_repo.repo_id, synthetic_repo.v2, tmp_path, endpoint=mirror.url,
-        attempts=4, backoff_s=FAST_BACKOFF_S,
+        transfer=Transfer(attempts=4, backoff_s=FAST_BACKOFF_S),
     )  # fmt: skip
 
     assert failed_gets(mirror, 503) == 2
@@ -314,7 +315,7 @@ def test_a_persistent_5xx_fails_with_one_line_and_no_sentinel(
     with pytest.raises(WeightsError) as caught:
         download_repo(
             synthetic_repo.repo_id, synthetic_repo.v2, tmp_path, endpoint=mirror.url,
-            attempts=3, backoff_s=FAST_BACKOFF_S, token=TOKEN,
+            transfer=Transfer(attempts=3, backoff_s=FAST_BACKOFF_S), token=TOKEN,
         )  # fmt: skip
 
     message = str(caught.value)

@@ -21,7 +21,7 @@ from serving.config.loader import load_profile
 from serving.config.profile import HubSource, Profile, Secrets
 from serving.verification import verify_revision
 from serving.weights import verify as weights_verify
-from serving.weights.download import download, read_sentinel, repair_download
+from serving.weights.download import Transfer, download, read_sentinel, repair_download
 from serving.weights.models import FileEntry, GiB, MiB, WeightsError
 from serving.weights.verify import HashStatus, verify
 from tests.mirror_fixtures import SYNTHETIC_SHARDS, SyntheticRepo
@@ -117,7 +117,7 @@ def test_a_repair_that_cannot_fetch_leaves_no_sentinel(
     with pytest.raises(WeightsError, match="502"):
         repair_download(
             first.directory, first.manifest, report, endpoint=mirror.url,
-            attempts=2, backoff_s=0.05,
+            transfer=Transfer(attempts=2, backoff_s=0.05),
         )  # fmt: skip
 
     # Nothing unverified is ever trusted: the old sentinel went before the first delete.
