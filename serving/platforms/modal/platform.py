@@ -39,9 +39,7 @@ from serving.domain.records import ReleaseStore
 from serving.domain.release import RELEASE_ID_HEX, Release, VerifyResult, release_id
 from serving.engines.deepgemm import CompileResult
 from serving.platform import Target
-
-# `modal_app`: the names the Apps, Servers and routes Dict are deployed under.
-from serving.platforms.modal import resources as modal_app
+from serving.platforms.modal import resources
 from serving.platforms.modal.apps import build_release_app, build_router_app
 from serving.platforms.modal.gateway import Gateway, ModalGateway
 from serving.platforms.modal.prep import (
@@ -138,7 +136,7 @@ class ModalPlatform:
         answers 200. On failure an App this call deployed is stopped again: DeployFailed."""
         require_commit(revision)
         rid = release_id(profile, revision)
-        app_name = modal_app.release_app_name(profile, revision)
+        app_name = resources.release_app_name(profile, revision)
         self.router_url(profile)  # the router first: it fails before a GPU is paid for
         deployed_now = False
         if app_name not in self.gateway.deployed_apps():
@@ -146,7 +144,7 @@ class ModalPlatform:
             self.gateway.deploy(build_release_app(profile, revision).app)
             deployed_now = True
         try:
-            url = self._server_url(app_name, modal_app.SERVER_NAME)
+            url = self._server_url(app_name, resources.SERVER_NAME)
             self._wait_healthy(profile, rid, url)
             release = self._stored_release(profile, rid)
             if release is None or release.url != url or release.revision != revision:
@@ -183,7 +181,7 @@ class ModalPlatform:
         unrouted = routes.take_out(release.id)
         drain(routes.router, routes.model, release.id, deadline, unrouted=unrouted,
               poll_seconds=RETIRE_POLL_SECONDS, clock=self._clock, sleep=self._sleep)  # fmt: skip
-        self.gateway.stop_app(modal_app.release_app_name(profile, release.revision))
+        self.gateway.stop_app(resources.release_app_name(profile, release.revision))
         log.info("%s: retired", release.id)
 
     def router_url(self, profile: Profile) -> str:
@@ -193,11 +191,11 @@ class ModalPlatform:
         with self._deploy_lock:
             url = self._router_urls.get(profile.name)
             if url is None:
-                name = modal_app.router_app_name(profile)
+                name = resources.router_app_name(profile)
                 if name not in self.gateway.deployed_apps():
                     log.info("deploying Modal app %s", name)
                     self.gateway.deploy(build_router_app(profile).app)
-                url = self._server_url(name, modal_app.ROUTER_NAME)
+                url = self._server_url(name, resources.ROUTER_NAME)
                 self._router_urls[profile.name] = url
         return url
 
@@ -217,7 +215,7 @@ class ModalPlatform:
                 continue
             release = self._stored_release(profile, name)
             if release is None:
-                url = self.gateway.server_url(name, modal_app.SERVER_NAME)
+                url = self.gateway.server_url(name, resources.SERVER_NAME)
                 if not url:
                     log.warning("%s: deployed, but Modal gives it no URL", name)
                     continue
@@ -232,7 +230,7 @@ class ModalPlatform:
         return self._router_client(profile).ask(release_id, chat)
 
     def release_store(self) -> ReleaseStore:
-        return DictReleaseStore(self.gateway.dict(modal_app.RELEASES_DICT_NAME))
+        return DictReleaseStore(self.gateway.dict(resources.RELEASES_DICT_NAME))
 
     def reconcile_orphans(self) -> list[str]:
         # Nothing is tied to an orchestrator process: releases and routers are Modal apps that
@@ -246,8 +244,8 @@ class ModalPlatform:
 
     # -- serving internals ----------------------------------------------------------------------
 
-    def _routes(self, profile: Profile) -> modal_app.KeyValue:
-        return self.gateway.dict(modal_app.routes_dict_name(profile))
+    def _routes(self, profile: Profile) -> resources.KeyValue:
+        return self.gateway.dict(resources.routes_dict_name(profile))
 
     def _stored_release(self, profile: Profile, rid: str) -> Release | None:
         raw = self._routes(profile).get(_release_key(rid))
@@ -301,20 +299,20 @@ class ModalPlatform:
 
 
 def _release_key(rid: str) -> str:
-    return f"{modal_app.RELEASE_KEY_PREFIX}{rid}"
+    return f"{resources.RELEASE_KEY_PREFIX}{rid}"
 
 
 def _key_env(profile: Profile) -> str | None:
     """Where the router finds a release's key: its container's environment, from the same
     Modal Secret. The Dict holds the variable's name, never the key."""
-    return modal_app.API_KEY_ENV if profile.secrets.api_key else None
+    return resources.API_KEY_ENV if profile.secrets.api_key else None
 
 
 def _admin_token() -> str:
-    token = os.environ.get(modal_app.ROUTER_ADMIN_TOKEN_ENV)
+    token = os.environ.get(resources.ROUTER_ADMIN_TOKEN_ENV)
     if not token:
         raise RouterUnreachable(
-            f"{modal_app.ROUTER_ADMIN_TOKEN_ENV} is not set: the router's admin API is out of "
-            f"reach (the same value as in the Modal Secret {modal_app.ROUTER_ADMIN_SECRET!r})"
+            f"{resources.ROUTER_ADMIN_TOKEN_ENV} is not set: the router's admin API is out of "
+            f"reach (the same value as in the Modal Secret {resources.ROUTER_ADMIN_SECRET!r})"
         )
     return token

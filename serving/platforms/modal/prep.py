@@ -34,9 +34,7 @@ from serving.core.errors import one_line
 from serving.domain.release import VerifyResult
 from serving.engines.deepgemm import CompileResult, marker_path, parse_marker
 from serving.engines.sglang import deepgemm_cache_key
-
-# `modal_app`: the names and function names of the Apps, as the code moved here spells them.
-from serving.platforms.modal import resources as modal_app
+from serving.platforms.modal import resources
 from serving.platforms.modal.apps import build_compile_app, build_weights_app
 from serving.platforms.modal.calls import (
     CallKey,
@@ -158,12 +156,12 @@ class Preparation:
             bytes_per_shard=self.bytes_per_shard,
             max_shards=self.max_shards,
         )
-        app_name = modal_app.weights_app_name(profile)
+        app_name = resources.weights_app_name(profile)
         report = _DownloadProgress(progress, total)
         report.update(0)
         if count == 1:
             key = self._key("download", profile, revision)
-            started = self._start(key, profile, "weights", modal_app.DOWNLOAD_FUNCTION, revision)
+            started = self._start(key, profile, "weights", resources.DOWNLOAD_FUNCTION, revision)
             result = DownloadResult.model_validate(self._finish(started, "download"))
             report.update(total)
             return result
@@ -181,13 +179,13 @@ class Preparation:
             started_shards.append(
                 (
                     self._start(
-                        key, profile, "weights", modal_app.DOWNLOAD_FUNCTION, revision, paths, files
+                        key, profile, "weights", resources.DOWNLOAD_FUNCTION, revision, paths, files
                     ),
                     sum(sizes[path] for path in paths),
                 )
             )
         results = self._finish_all(started_shards, report)
-        merged = self.gateway.call(app_name, modal_app.MERGE_FUNCTION, revision, results, files)
+        merged = self.gateway.call(app_name, resources.MERGE_FUNCTION, revision, results, files)
         report.update(total)
         return DownloadResult.model_validate(merged)
 
@@ -203,7 +201,7 @@ class Preparation:
                 status="cached", reason="marker found", key=key, marker=marker, seconds=0.0
             )
         call_key = self._key("compile", profile, revision, key)
-        started = self._start(call_key, profile, "compile", modal_app.COMPILE_FUNCTION, revision)
+        started = self._start(call_key, profile, "compile", resources.COMPILE_FUNCTION, revision)
         return CompileResult.model_validate(self._finish(started, "compile"))
 
     def verify(self, profile: Profile, revision: str) -> VerifyResult:
@@ -212,7 +210,7 @@ class Preparation:
         require_commit(revision)
         self._ensure_deployed(profile, "weights")
         result = self.gateway.call(
-            modal_app.weights_app_name(profile), modal_app.VERIFY_FUNCTION, revision
+            resources.weights_app_name(profile), resources.VERIFY_FUNCTION, revision
         )
         return VerifyResult.model_validate(result)
 
@@ -328,9 +326,9 @@ class Preparation:
         """Deploy the App once per process: the first spawn deploys the code and profiles of
         this checkout; later ones reuse it."""
         if app_kind == "weights":
-            name, build = modal_app.weights_app_name(profile), build_weights_app
+            name, build = resources.weights_app_name(profile), build_weights_app
         else:
-            name, build = modal_app.compile_app_name(profile), build_compile_app
+            name, build = resources.compile_app_name(profile), build_compile_app
         with self._deploy_lock:
             if name not in self._deployed:
                 log.info("deploying Modal app %s", name)
