@@ -26,7 +26,8 @@ lint: install
 	$(BIN)/lint-imports
 
 test: lint
-	$(BIN)/python -m pytest -q
+	# Two workers: most tests wait on real processes (engines starting, bakes), not on the CPU.
+	$(BIN)/python -m pytest -q -n 2
 
 plan: install
 	$(BIN)/rollout plan $(MODEL)
