@@ -48,16 +48,16 @@ class ProcessRecord(BaseModel):
     model: str | None = None  # profile name
     route: str | None = None  # the router's model key: the profile's served_model_name
     revision: str | None = None
-    # Set once the release is ready: the engine runs in its own session, so stopping the
-    # supervisor's group alone could leave it behind.
+    # Set once the release is ready, and to each restarted engine: the engine runs in its own
+    # session, so stopping the supervisor's group alone could leave it behind.
     engine_pid: int | None = None
     engine_ticks: int | None = None
     release: Release | None = None
 
     def running(self) -> bool:
-        if not is_running(self.pid, self.ticks):
-            return False
-        return self.engine_pid is None or is_running(self.engine_pid, self.engine_ticks)
+        """The process runs. A release's supervisor restarts a crashed engine and exits once
+        it gives up, so its own life is the release's, as a container's on Modal."""
+        return is_running(self.pid, self.ticks)
 
     def orphaned(self) -> bool:
         return not self.keep and not self.owner.alive()
