@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from serving.core.files import write_atomically
 from serving.core.procs import is_running, start_ticks
 from serving.domain.release import Release
+from serving.platforms.local.release_events import current_engine, events_path
 
 RECORD_SUFFIX = ".json"
 ProcessKind = Literal["release", "router"]
@@ -83,11 +84,12 @@ class Inventory:
 
     def get(self, name: str) -> ProcessRecord | None:
         try:
-            return ProcessRecord.model_validate_json(self._path(name).read_text())
+            record = ProcessRecord.model_validate_json(self._path(name).read_text())
         except FileNotFoundError:
             return None
         except ValidationError:
             return None  # a record from another version of this code: not ours to manage
+        return _with_current_engine(record)
 
     def remove(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)
@@ -100,3 +102,14 @@ class Inventory:
             if record is not None:
                 yield record
 
+
+
+def _with_current_engine(record: ProcessRecord) -> ProcessRecord:
+    """A release's record names the engine its supervisor last reported ready: a restart
+    starts another one, which the record written at deploy cannot know."""
+    if record.kind != "release" or record.engine_pid is None:
+        return record
+    engine = current_engine(events_path(Path(record.log).parent, record.name))
+    if engine is None or engine == record.engine_pid:
+        return record
+    return record.model_copy(update={"engine_pid": engine, "engine_ticks": start_ticks(engine)})

@@ -53,7 +53,6 @@ from serving.platform import Target
 from serving.platforms.local.inventory import Inventory, Owner, ProcessRecord
 from serving.platforms.local.release_events import (
     crashes_since,
-    current_engine,
     events_path,
     last_event,
 )
@@ -270,7 +269,7 @@ class LocalPlatform:
         """Releases whose supervisor runs: serving, or restarting a crashed engine (a release
         keeps its traffic meanwhile, as a Modal App whose container is being replaced)."""
         return [
-            self._with_current_engine(record).release
+            record.release
             for record in self.inventory.records()
             if record.kind == "release"
             and record.model == profile.name
@@ -333,17 +332,6 @@ class LocalPlatform:
         port = record.port if record is not None and record.running() else self.router_port
         return LocalRouter(self.home, port, self.inventory, self.owner, keep=self.keep_serving,
                            restarts=self.restarts)
-
-    def _with_current_engine(self, record: ProcessRecord) -> ProcessRecord:
-        """The record with the engine its supervisor last reported ready (a restart starts a
-        new one), written back so the inventory names the engine that runs."""
-        engine = current_engine(events_path(Path(record.log).parent, record.name))
-        if engine is None or engine == record.engine_pid:
-            return record
-        update = {"engine_pid": engine, "engine_ticks": start_ticks(engine)}
-        record = record.model_copy(update=update)
-        self.inventory.write(record)
-        return record
 
     def _release_workdir(self, profile: Profile, rid: str, weights: Path) -> Path:
         """The release's working directory, where the served model name is a symlink to the
@@ -427,8 +415,6 @@ class LocalPlatform:
         """Retire one record's process: out of routing, router drain, SIGTERM, SIGKILL at the
         deadline (never sooner than a short grace for a clean stop), record removed."""
         deadline = time.monotonic() + drain_seconds
-        if record.kind == "release":
-            record = self._with_current_engine(record)
         if record.kind == "release" and record.route is not None:
             router = self._router()
             unrouted = router.routes(record.route).take_out(record.name)
