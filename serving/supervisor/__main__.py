@@ -155,6 +155,8 @@ class _Release:
         )  # fmt: skip
         self.starting = True
         try:
+            if self.shutdown.is_set():  # a signal before the start: it is interrupted too
+                raise ShutdownRequested("before the start")
             startup_seconds = supervisor.startup(args.startup_budget)
         except BaseException:
             supervisor.stop(drain_seconds=0)  # a signal may land after startup() returned

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ValidationError
 
 from serving.core.files import write_atomically
-from serving.core.procs import is_running, start_ticks
+from serving.core.procs import group_members, is_running, start_ticks
 from serving.domain.release import Release
 from serving.platforms.local.release_events import current_engine, events_path
 
@@ -64,6 +64,9 @@ class ProcessRecord(BaseModel):
         return not self.keep and not self.owner.alive()
 
     def extra_groups(self) -> set[int]:
+        if self.kind == "router":
+            # A router outlives a SIGKILLed keeper in the keeper's group, still on the port.
+            return {self.pgid} if group_members(self.pgid) else set()
         engine_alive = self.engine_pid is not None and is_running(
             self.engine_pid, self.engine_ticks
         )

@@ -86,7 +86,7 @@ class LocalRouter:
                 return  # its keeper was restarting it
             if record is not None:
                 # Its process is dead or hung: clear it out before taking the port.
-                stop_process(record.pid, record.ticks, groups=set(), term_seconds=0)
+                stop_process(record.pid, record.ticks, groups=record.extra_groups(), term_seconds=0)
                 self.inventory.remove(ROUTER_RECORD)
             if not port_is_free(self.port):
                 raise RouterUnavailable(

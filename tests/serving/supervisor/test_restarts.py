@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import select
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import pytest
@@ -35,16 +36,25 @@ SHORT_BACKOFF_SECONDS = 0.1
 
 
 class Events:
-    """The supervisor's stdout, one ServerEvent a line, read with a deadline."""
+    """The supervisor's stdout, one ServerEvent a line, each awaited with a deadline."""
 
     def __init__(self, process: subprocess.Popen[str]) -> None:
         assert process.stdout is not None
-        self.process, self.stream = process, process.stdout
+        self.process = process
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, args=(process.stdout,), daemon=True).start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.put(line)
 
     def next(self) -> ServerEvent:
-        ready, _, _ = select.select([self.stream], [], [], EVENT_TIMEOUT_SECONDS)
-        line = self.stream.readline() if ready else ""
-        assert line, f"no event within {EVENT_TIMEOUT_SECONDS} s (exit {self.process.poll()})"
+        try:
+            line = self.lines.get(timeout=EVENT_TIMEOUT_SECONDS)
+        except queue.Empty:
+            raise AssertionError(
+                f"no event within {EVENT_TIMEOUT_SECONDS} s (exit {self.process.poll()})"
+            ) from None
         return ServerEvent.model_validate_json(line)
 
 
