@@ -66,6 +66,12 @@ class Platform(Protocol):
         """Releases of the model that are up now, whoever started them."""
         ...
 
+    def engine_crashes(self, profile: Profile, release_id: str, since: float) -> int:
+        """How often the release's engine crashed since a unix time (each crash restarted it,
+        as Modal replaces a container, up to a limit); a bake with a crash of its canary
+        fails."""
+        ...
+
     def release_store(self) -> ReleaseStore: ...
 
     def reconcile_orphans(self) -> list[str]:

@@ -26,7 +26,8 @@ from serving.config.loader import load_profile
 from serving.config.profile import Profile
 from serving.control import lifecycle
 from serving.core.errors import one_line
-from serving.domain.analysis import Analysis, GateResult, Window, analyse, golden_agreement
+from serving.domain.analysis import Analysis, Window, analyse, golden_agreement
+from serving.domain.interruptions import crash_finding, interrupted, router_restart_finding
 from serving.domain.records import HistoryEntry, Outcome, ReleaseRecord
 from serving.domain.release import Release
 from serving.platform import Platform, Target
@@ -40,7 +41,8 @@ class Bake(BaseModel):
     weight: int
     started: float
     ended: float
-    crashed: bool
+    crashes: int = 0  # of the canary's engine during the bake (its supervisor restarts it)
+    stopped: bool = False  # the canary no longer runs (its restarts ran out)
 
 
 def _log() -> logging.Logger | logging.LoggerAdapter:
@@ -136,16 +138,18 @@ def set_weight(model: str, target: Target, canary: Release, stable: Release | No
 
 @task(name="bake", cache_policy=NO_CACHE)
 def bake(model: str, target: Target, canary: Release, weight: int, seconds: float) -> Bake:
-    """Wait out the bake time, ending early if the canary stops running."""
+    """Wait out the bake time, ending early if the canary's engine crashes."""
     profile, platform = _context(model, target)
     started = time.time()
-    crashed = False
+    crashes, stopped = 0, False
     while time.time() - started < seconds:
         time.sleep(min(CRASH_CHECK_SECONDS, max(0.0, seconds - (time.time() - started))))
-        if canary.id not in {release.id for release in platform.running_releases(profile)}:
-            crashed = True
+        crashes = platform.engine_crashes(profile, canary.id, since=started)
+        stopped = canary.id not in {release.id for release in platform.running_releases(profile)}
+        if crashes or stopped:
             break
-    return Bake(weight=weight, started=started, ended=time.time(), crashed=crashed)
+    return Bake(weight=weight, started=started, ended=time.time(), crashes=crashes,
+                stopped=stopped)  # fmt: skip
 
 
 @task(name="analyse", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
@@ -153,15 +157,20 @@ def analyse_canary(model: str, target: Target, canary: Release, stable: Release 
                    window: Bake) -> Analysis:  # fmt: skip
     """The gates on the router's measurements of this bake, canary vs stable."""
     profile, platform = _context(model, target)
-    backends = platform.stats(profile, since=window.started).get("backends", {})
+    stats = platform.stats(profile, since=window.started)
+    backends = stats.get("backends", {})
     canary_window = Window.from_router_stats(backends.get(canary.id, {}))
     stable_window = (
         Window.from_router_stats(backends.get(stable.id, {})) if stable is not None else None
     )
-    if window.crashed:
-        stopped = GateResult(gate="running", passed=False, observed=None, limit=1,
-                             detail="the canary stopped running during the bake")  # fmt: skip
-        return Analysis(verdict="fail", canary=canary_window, stable=stable_window, gates=[stopped])
+    verdict = interrupted(
+        canary_window, stable_window, crash_finding(window.crashes, running=not window.stopped),
+        router_restart_finding(stats.get("measured_since"), window.started),
+    )  # fmt: skip
+    if verdict is not None:
+        get_run_logger().warning("%s at %d%%: %s — %s", model, window.weight, verdict.verdict,
+                                 verdict.reason)  # fmt: skip
+        return verdict
     golden = None
     if profile.canary.golden_prompts and stable is not None:
         golden = golden_agreement(

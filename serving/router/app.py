@@ -36,6 +36,7 @@ from serving.router.asgi import (
     read_body,
     send_error,
     send_json,
+    send_unavailable,
 )
 from serving.router.balancing import ModelRoute, Target, build_routes, resolve_model
 from serving.router.config import RouterConfig
@@ -246,7 +247,7 @@ class RouterApp:
             return
         target = routes[model].pick()
         if target is None:
-            await send_error(send, 503, "no backend with weight > 0", "no_backend")
+            await send_unavailable(send, "no backend with weight > 0")
             return
         forwarder = self._forwarder
         if forwarder is None:  # served without lifespan support

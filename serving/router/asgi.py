@@ -13,6 +13,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 JSON_CT = (b"content-type", b"application/json")
+# What a 503 tells clients when no backend can serve: a release being restarted is back within
+# seconds, and the openai SDK waits this long before its retry.
+RETRY_AFTER_SECONDS = 2
 
 
 class ClientGone(Exception):
@@ -30,15 +33,23 @@ async def read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-async def send_json(send: Send, status: int, payload: Any) -> None:
+async def send_json(send: Send, status: int, payload: Any,
+                    extra_headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
     body = json.dumps(payload).encode()
-    headers = [JSON_CT, (b"content-length", str(len(body)).encode())]
+    headers = [JSON_CT, (b"content-length", str(len(body)).encode()), *extra_headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
 async def send_error(send: Send, status: int, message: str, code: str) -> None:
     await send_json(send, status, {"error": {"message": message, "type": code, "code": status}})
+
+
+async def send_unavailable(send: Send, message: str) -> None:
+    """503 with Retry-After, at once: nothing can serve the request now, and waiting on a
+    backend that is down would only hang the client."""
+    await send_json(send, 503, {"error": {"message": message, "type": "unavailable", "code": 503}},
+                    ((b"retry-after", str(RETRY_AFTER_SECONDS).encode()),))
 
 
 def bearer(key: str | None) -> bytes | None:

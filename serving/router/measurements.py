@@ -104,6 +104,9 @@ class ModelStats(BaseModel):
     model: str
     since: float
     until: float
+    # When this router's measurements begin (it started then): a window starting earlier has
+    # lost its first part with the router that measured it.
+    measured_since: float
     backends: dict[str, BackendStats]
 
 
@@ -163,6 +166,7 @@ class Measurements:
 
     def __init__(self, retention_s: float = DEFAULT_RETENTION_S) -> None:
         self.retention_s = retention_s
+        self.started_at = time.time()
         self._series: dict[tuple[str, str], _BackendSeries] = {}
         self._retries_total: dict[str, int] = {}
 
@@ -207,7 +211,8 @@ class Measurements:
                 continue
             window = [r for r in series.records if since <= r.started_at <= until]
             backends[name] = _backend_stats(name, window, series.in_flight)
-        return ModelStats(model=model, since=since, until=until, backends=backends)
+        return ModelStats(model=model, since=since, until=until,
+                          measured_since=self.started_at, backends=backends)
 
     def collector(self) -> Collector:
         return _PrometheusCollector(self)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import certifi
 
-from serving.router.asgi import Receive, Scope, Send, send_error
+from serving.router.asgi import Receive, Scope, Send, send_error, send_unavailable
 from serving.router.balancing import Target
 from serving.router.config import RouterConfig
 from serving.router.measurements import ErrorKind, Measurements, Record
@@ -267,7 +267,9 @@ class Forwarder:
         if failure.kind is ErrorKind.TIMEOUT:
             await send_error(send, 504, "backend timed out", "timeout")
         else:
-            await send_error(send, 502, "backend unavailable", "bad_gateway")
+            # Refused or dropped before an answer: the backend is down (its engine is being
+            # restarted, most likely), and no other one could take the request.
+            await send_unavailable(send, "backend unavailable")
 
 
 def _is_event_stream(response: UpstreamResponse) -> bool:

@@ -211,7 +211,7 @@ def test_canary_with_different_answers_is_rolled_back(
     [
         ({"error_rate": 0.2, "error_status": 500}, "error rate"),
         ({"delay_s": 1.5}, "ttft"),
-        ({"die_after": 3}, "stopped running"),
+        ({"die_after": 3}, "engine crashed"),
     ],
     ids=["5xx-rate", "slow-ttft", "crash"],
 )

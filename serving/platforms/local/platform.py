@@ -28,8 +28,6 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pydantic import ValidationError
-
 from serving.config.layout import compile_model_dir, deepgemm_dir, weights_dir
 from serving.config.loader import models_dir
 from serving.config.profile import Profile
@@ -39,6 +37,7 @@ from serving.control.routes import release_backend, traffic_backends
 from serving.core.errors import DeployFailed
 from serving.core.home import repo_pythonpath, rollout_home
 from serving.core.procs import free_port, spawn, start_ticks, stop_process, sweep
+from serving.core.restarts import RestartPolicy
 from serving.domain.records import ReleaseStore
 from serving.domain.release import Release, VerifyResult, release_id
 from serving.engines.deepgemm import (
@@ -52,6 +51,11 @@ from serving.engines.deepgemm import (
 from serving.engines.sglang import COMPILE_ENTRYPOINT, Command
 from serving.platform import Target
 from serving.platforms.local.inventory import Inventory, Owner, ProcessRecord
+from serving.platforms.local.release_events import (
+    crashes_since,
+    events_path,
+    last_event,
+)
 from serving.platforms.local.router_process import (
     DEFAULT_ROUTER_PORT,
     ROUTER_PORT_ENV,
@@ -86,6 +90,7 @@ class LocalPlatform:
         compile_entrypoint: list[str] | None = None,
         keep_serving: bool = False,
         router_port: int = DEFAULT_ROUTER_PORT,
+        restarts: RestartPolicy | None = None,
     ) -> None:
         self.home = home
         self.cache_scope = f"local:{home.resolve()}"
@@ -93,6 +98,8 @@ class LocalPlatform:
         self.compile_entrypoint = compile_entrypoint
         self.keep_serving = keep_serving
         self.router_port = router_port
+        # How a crashed engine or router is started again (each by the process that runs it).
+        self.restarts = restarts or RestartPolicy()
         self.inventory = Inventory(home / "state" / "processes")
         # Every process this platform starts names this interpreter as its owner: any
         # LocalPlatform of the same process (each Prefect task builds one) may stop it.
@@ -259,6 +266,8 @@ class LocalPlatform:
         return self._router().client().ask(release_id, chat)
 
     def running_releases(self, profile: Profile) -> list[Release]:
+        """Releases whose supervisor runs: serving, or restarting a crashed engine (a release
+        keeps its traffic meanwhile, as a Modal App whose container is being replaced)."""
         return [
             record.release
             for record in self.inventory.records()
@@ -267,6 +276,11 @@ class LocalPlatform:
             and record.release is not None
             and record.running()
         ]
+
+    def engine_crashes(self, profile: Profile, release_id: str, since: float) -> int:
+        """The release's engine crashes since `since` (unix time), as its supervisor reported
+        them: each was restarted, or the last one ended the release."""
+        return crashes_since(events_path(self.home / "logs", release_id), since)
 
     def release_store(self) -> ReleaseStore:
         return FileReleaseStore(self.home / "state" / "releases")
@@ -316,7 +330,8 @@ class LocalPlatform:
         # changed since it started: one router per home.
         record = self.inventory.get(ROUTER_RECORD)
         port = record.port if record is not None and record.running() else self.router_port
-        return LocalRouter(self.home, port, self.inventory, self.owner, keep=self.keep_serving)
+        return LocalRouter(self.home, port, self.inventory, self.owner, keep=self.keep_serving,
+                           restarts=self.restarts)
 
     def _release_workdir(self, profile: Profile, rid: str, weights: Path) -> Path:
         """The release's working directory, where the served model name is a symlink to the
@@ -347,6 +362,8 @@ class LocalPlatform:
             "--release-id", revision[:8],
             "--drain-seconds", f"{profile.canary.retire_grace_seconds:g}",
             "--startup-budget", f"{profile.startup_budget_seconds:g}",
+            "--restart-limit", str(self.restarts.limit),
+            "--restart-backoff", f"{self.restarts.first_backoff_seconds:g}",
         ]  # fmt: skip
         if profile.secrets.api_key:
             argv += ["--api-key-env", profile.secrets.api_key]  # a variable name, not the key
@@ -357,7 +374,7 @@ class LocalPlatform:
         logs = self.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{rid}.log"
-        events = _events_path(logs, rid)
+        events = events_path(logs, rid)
         # Events go to a file, not a pipe: a kept release outlives this process, and a server
         # writing to a closed pipe would fail at its next event.
         with log_path.open("ab") as log, events.open("wb") as out:
@@ -374,11 +391,11 @@ class LocalPlatform:
     def _await_ready(self, record: ProcessRecord, profile: Profile) -> ServerEvent:
         """The supervisor's `ready` event; DeployFailed on `failed`, an exit, or the budget."""
         budget = profile.startup_budget_seconds + DEPLOY_MARGIN_SECONDS
-        events = _events_path(Path(record.log).parent, record.name)
+        events = events_path(Path(record.log).parent, record.name)
         deadline = time.monotonic() + budget
         while True:
             exited = start_ticks(record.pid) != record.ticks  # read before the events: no race
-            event = _last_event(events)
+            event = last_event(events)
             if event is not None and event.event == "ready":
                 return event
             if event is not None:
@@ -474,23 +491,6 @@ def _server_env() -> dict[str, str]:
 def engine_threads() -> int:
     """CPU threads for one local engine: the host's cores shared by the releases of a canary."""
     return max(1, (os.cpu_count() or 1) // ENGINES_SHARING_A_HOST)
-
-
-def _events_path(logs: Path, rid: str) -> Path:
-    return logs / f"{rid}.events.jsonl"
-
-
-def _last_event(path: Path) -> ServerEvent | None:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return None
-    for line in reversed(lines):
-        try:
-            return ServerEvent.model_validate_json(line)
-        except ValidationError:
-            continue  # a partial last line, or not an event
-    return None
 
 
 def _one_line(text: str) -> str:

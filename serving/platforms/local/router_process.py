@@ -1,4 +1,6 @@
-"""The local platform's router: one `python -m serving.router` per ROLLOUT_HOME.
+"""The local platform's router: one `python -m serving.router` per ROLLOUT_HOME, under a keeper
+(router_keeper.py) that restarts it when it dies, as Modal replaces a router container. The
+inventory's router record is the keeper; `server_pid()` finds the router process itself.
 
 Routing state lives in `$ROLLOUT_HOME/state/routes.json` (routes.FileRouteStore): the router
 polls it every second, so a restarted router comes back with the right weights. Changes are
@@ -21,7 +23,15 @@ from serving.control.router_client import RouterAdminError, RouterClient
 from serving.control.routes import ModelRoutes
 from serving.core.files import locked
 from serving.core.home import REPO_ROOT, repo_pythonpath
-from serving.core.procs import port_is_free, spawn, start_ticks, stop_process, wait_for
+from serving.core.procs import (
+    group_members,
+    port_is_free,
+    spawn,
+    start_ticks,
+    stop_process,
+    wait_for,
+)
+from serving.core.restarts import RestartPolicy
 from serving.platforms.local.inventory import Inventory, Owner, ProcessRecord
 from serving.platforms.local.routes import FileRouteStore
 
@@ -48,7 +58,8 @@ class RouterUnavailable(RuntimeError):
 
 class LocalRouter:
     def __init__(
-        self, home: Path, port: int, inventory: Inventory, owner: Owner, *, keep: bool
+        self, home: Path, port: int, inventory: Inventory, owner: Owner, *, keep: bool,
+        restarts: RestartPolicy | None = None,
     ) -> None:
         # Absolute: the router process runs in another working directory.
         self.state = home.absolute() / "state"
@@ -58,6 +69,7 @@ class LocalRouter:
         self.inventory = inventory
         self.owner = owner
         self.keep = keep
+        self.restarts = restarts or RestartPolicy()
         self.routes_file = self.state / ROUTES_FILE
 
     # -- the process ---------------------------------------------------------------------------
@@ -68,9 +80,13 @@ class LocalRouter:
             if self.answers():
                 return
             record = self.inventory.get(ROUTER_RECORD)
+            if record is not None and record.running() and wait_for(
+                self.answers, ROUTER_STARTUP_SECONDS, STARTUP_POLL_SECONDS
+            ):
+                return  # its keeper was restarting it
             if record is not None:
                 # Its process is dead or hung: clear it out before taking the port.
-                stop_process(record.pid, record.ticks, groups=set(), term_seconds=0)
+                stop_process(record.pid, record.ticks, groups=record.extra_groups(), term_seconds=0)
                 self.inventory.remove(ROUTER_RECORD)
             if not port_is_free(self.port):
                 raise RouterUnavailable(
@@ -82,6 +98,13 @@ class LocalRouter:
     def running(self) -> bool:
         record = self.inventory.get(ROUTER_RECORD)
         return record is not None and record.running()
+
+    def server_pid(self) -> int | None:
+        """The router process now running under its keeper (None while it is restarted)."""
+        record = self.inventory.get(ROUTER_RECORD)
+        if record is None or not record.running():
+            return None
+        return next(iter(group_members(record.pgid) - {record.pid}), None)
 
     def answers(self) -> bool:
         """True when a router holding this home's admin token listens on the port."""
@@ -95,7 +118,10 @@ class LocalRouter:
         self.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / "router.log"
         argv = [
-            sys.executable, "-m", "serving.router",
+            sys.executable, "-m", "serving.platforms.local.router_keeper",
+            "--restart-limit", str(self.restarts.limit),
+            "--restart-backoff", f"{self.restarts.first_backoff_seconds:g}",
+            "--", sys.executable, "-m", "serving.router",
             "--port", str(self.port),
             "--state-file", str(self.routes_file),
             "--admin-token-env", ADMIN_TOKEN_ENV,

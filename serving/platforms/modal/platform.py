@@ -226,6 +226,12 @@ class ModalPlatform:
             releases.append(release)
         return releases
 
+    def engine_crashes(self, profile: Profile, release_id: str, since: float) -> int:
+        # A crashed engine exits its container and Modal starts another; this platform reads
+        # no count of those. The crash still reaches the gates as the router's errors for the
+        # requests the dying container held.
+        return 0
+
     def ask(self, profile: Profile, release_id: str, chat: dict[str, Any]) -> dict[str, Any]:
         return self._router_client(profile).ask(release_id, chat)
 

@@ -28,9 +28,13 @@ from serving.config.loader import load_profile
 from serving.config.profile import Profile
 from serving.core.errors import DeployFailed
 from serving.core.procs import free_port, is_running, processes_in, wait_for
+from serving.core.restarts import RestartPolicy
+from serving.domain.analysis import Window
+from serving.domain.interruptions import interrupted, router_restart_finding
 from serving.domain.release import Release, release_id
 from serving.platforms.local.platform import LocalPlatform
 from serving.platforms.local.router_process import ADMIN_TOKEN_FILE, ROUTER_RECORD
+from serving.platforms.local.routes import FileRouteStore
 from tests.local_fixtures import (
     REVISION_A,
     REVISION_B,
@@ -60,6 +64,10 @@ STEP_TIMEOUT_SECONDS = 20.0
 STREAM_TOKENS = 400
 RETIRE_DRAIN_SECONDS = 30.0
 GONE_SECONDS = 15.0
+# A restart: the backoff, then a start (~4 s for the tiny engine, ~1 s for the router).
+RESTART_SECONDS = 60.0
+# The first restart waits this long: short, so the tests do not wait out a real backoff.
+TEST_BACKOFF_SECONDS = 0.2
 
 
 @dataclass
@@ -129,7 +137,10 @@ def models_env(models_dir_with_tiny_profile: Path) -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def deployed(homes: Path, models_env: Path, tiny_model_dir: Path) -> Iterator[Deployed]:
     home = homes / "main"
-    platform = LocalPlatform(home, router_port=free_port())
+    platform = LocalPlatform(
+        home, router_port=free_port(),
+        restarts=RestartPolicy(first_backoff_seconds=TEST_BACKOFF_SECONDS),
+    )  # fmt: skip
     profile = load_profile(PASSABLE_PROFILE, models_env)
     for revision in (REVISION_A, REVISION_B):
         place_weights(home, profile, revision, tiny_model_dir)
@@ -227,7 +238,11 @@ def test_weights_move_under_load_without_a_failed_request(deployed: Deployed) ->
     assert backends[a.id]["errors"]["total"] == backends[b.id]["errors"]["total"] == 0
 
 
-def test_killing_an_engine_under_load_costs_no_request(deployed: Deployed) -> None:
+def test_a_killed_engine_comes_back_with_its_weight_and_costs_no_request(
+    deployed: Deployed,
+) -> None:
+    """As Modal replaces a dead container: the supervisor restarts the engine on its port,
+    the release keeps its weight, and the router sends its share to the other meanwhile."""
     platform, profile, a, b = deployed.platform, deployed.profile, deployed.a, deployed.b
     platform.set_traffic(profile, {a.id: 50, b.id: 50})
     victim = deployed.engine_pid(b)
@@ -237,32 +252,58 @@ def test_killing_an_engine_under_load_costs_no_request(deployed: Deployed) -> No
         load.wait_for_requests(time.time(), 20, STEP_TIMEOUT_SECONDS)
         killed_at = time.time()
         os.kill(victim, signal.SIGKILL)
-        after = load.wait_for_requests(killed_at, REQUESTS_PER_STEP, STEP_TIMEOUT_SECONDS)
-    assert len(after) >= REQUESTS_PER_STEP
+        assert wait_for(lambda: platform.engine_crashes(profile, b.id, killed_at) == 1,
+                        GONE_SECONDS, 0.1)  # fmt: skip
+        # While b restarts it stays a running release at its weight; a takes its share.
+        assert b.id in {r.id for r in platform.running_releases(profile)}
+        assert deployed.reported_weights() == {a.id: 50, b.id: 50}
+        assert wait_for(lambda: deployed.engine_pid(b) != victim and _serves(deployed, b),
+                        RESTART_SECONDS, 0.2)  # fmt: skip
+        back_at = time.time()
+        after = load.wait_for_requests(back_at, REQUESTS_PER_STEP, STEP_TIMEOUT_SECONDS)
     assert not failures(load.results), failures(load.results)[:5]
-    assert all(r.backend == a.id for r in after[len(after) // 2 :])  # b serves nothing anymore
+    assert {r.backend for r in after} == {a.id, b.id}  # b has its share again
+    assert deployed.reported_weights() == {a.id: 50, b.id: 50}
     # The kill did hit traffic: b failed attempts, and the router retried every one on a.
     b_stats = platform.stats(profile, since=killed_at)["backends"][b.id]
     assert b_stats["errors"]["total"] > 0
     assert b_stats["client_errors"] == 0
-    # The crashed release is no longer reported as running (its supervisor exits too).
-    assert wait_for(
-        lambda: b.id not in {r.id for r in platform.running_releases(profile)}, GONE_SECONDS, 0.1
-    )
 
 
-def test_a_dead_router_is_restarted_on_next_need_with_its_routes(deployed: Deployed) -> None:
+def _serves(deployed: Deployed, release: Release) -> bool:
+    try:
+        return httpx.get(f"{release.url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_a_killed_router_is_restarted_with_its_routes_and_its_window_is_inconclusive(
+    deployed: Deployed,
+) -> None:
     platform, profile, a = deployed.platform, deployed.profile, deployed.a
-    before = platform.inventory.get(ROUTER_RECORD)
-    assert before is not None
-    os.kill(before.pid, signal.SIGKILL)
-    assert wait_for(lambda: not is_running(before.pid, before.ticks), GONE_SECONDS, 0.05)
-
     platform.set_traffic(profile, {a.id: 100})
+    router = platform._router()
+    before = router.server_pid()
+    assert before is not None
+    window_started = time.time()
+    os.kill(before, signal.SIGKILL)
+    assert wait_for(lambda: not is_running(before, None), GONE_SECONDS, 0.05)
 
-    after = platform.inventory.get(ROUTER_RECORD)
-    assert after is not None and after.pid != before.pid and after.port == before.port
-    assert deployed.reported_weights()[a.id] == 100
+    # Restarted by its keeper, with no call of the platform's.
+    assert wait_for(lambda: router.server_pid() not in (None, before) and router.answers(),
+                    RESTART_SECONDS, 0.1)  # fmt: skip
+    stored = FileRouteStore(platform.home / "state" / "routes.json").table()
+    reported = router.client().routes()
+    assert (reported.generation, reported.weights(deployed.model)) == (
+        stored.generation, stored.weights(deployed.model)
+    )
+    assert reported.weights(deployed.model)[a.id] == 100
+    # Its measurements begin after the window did: the bake is not judged on what is left.
+    stats = platform.stats(profile, since=window_started)
+    finding = router_restart_finding(stats["measured_since"], window_started)
+    analysis = interrupted(Window(requests=100), None, None, finding)
+    assert analysis is not None and analysis.verdict == "inconclusive"
+    assert "router restarted" in analysis.reason
     response = httpx.post(
         f"{deployed.router}/v1/chat/completions", json=chat_body(deployed.model), timeout=30
     )
