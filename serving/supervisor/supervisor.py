@@ -77,8 +77,13 @@ class ProbeFailed(RuntimeError):
     """A probe's answer violated its expectation; the message names the probe and the fault."""
 
 
-class ShutdownRequested(Exception):
-    """SIGTERM or SIGINT arrived while the release was still starting."""
+class ShutdownRequested(BaseException):
+    """SIGTERM or SIGINT arrived while the release was still starting.
+
+    A BaseException, like KeyboardInterrupt, because the signal handler raises it wherever the
+    start happens to be: `logging` swallows an Exception raised inside a handler's write, and
+    the start would go on to "ready" after the signal.
+    """
 
 
 # --------------------------------------------------------------------------------------------

@@ -231,11 +231,16 @@ def test_entry_point_sigterm_during_startup_stops_the_engine(
 ) -> None:
     port = free_port()
     process = entry_point(PASSABLE_PROFILE, tiny_model_dir, port)
-    time.sleep(1.5)  # the engine is loading (a start takes ~3.5 s here)
+    # Signal once the supervisor says the engine is starting (a load takes seconds), not after
+    # a fixed wait that a busy machine outlasts before Python has even imported.
+    seen = ""
+    while "starting:" not in seen:
+        line = process.stderr.readline()
+        assert line, f"the supervisor exited before starting the engine: {seen[-2000:]}"
+        seen += line
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=ENTRY_POINT_TIMEOUT)
-    assert process.returncode == 0, err[-2000:]
-    assert "starting:" in err
+    assert process.returncode == 0, (seen + err)[-2000:]
     stopped = ServerEvent.model_validate_json(out.strip())  # one line, and not "ready"
     assert stopped.event == "stopped" and stopped.error == "shutdown requested during startup"
     with socket.socket() as sock:
