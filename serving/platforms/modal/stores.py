@@ -34,8 +34,8 @@ from serving.platforms.modal.resources import KeyValue, WholeFiles
 LEASE_SECONDS = 30.0
 # How long a writer waits for a live lease, then for a dead writer's lease to expire.
 LEASE_WAIT_SECONDS = 2 * LEASE_SECONDS
-# A live writer lets go within a second, a dead one after LEASE_SECONDS: look again soon, then
-# less and less often (each look is two API calls).
+# A live writer lets go within a second, a dead one's lease lasts LEASE_SECONDS: try again soon,
+# then less and less often (each try is an API call).
 LEASE_POLL_FIRST_SECONDS = 0.05
 LEASE_POLL_MAX_SECONDS = 2.0
 RECORDS_DIR = "releases"
