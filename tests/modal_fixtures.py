@@ -1,5 +1,5 @@
-"""What the Modal serving and routing tests share: a dict-backed stand-in for modal.Dict, and
-qwen3-8b made servable by the FAKE engine."""
+"""What the Modal serving and routing tests share: a fake clock, a dict-backed stand-in for
+modal.Dict, and qwen3-8b made servable by the FAKE engine."""
 
 from __future__ import annotations
 
@@ -27,6 +27,21 @@ def serving_profile(*, snapshot: bool, api_key: bool) -> Profile:
     )
 
 
+
+
+class FakeClock:
+    """Time that moves only when the code under test sleeps: its waits cost no real time."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
 
 
 class FakeDict:

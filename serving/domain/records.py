@@ -4,7 +4,8 @@ Written by the release lifecycle (serving.control.lifecycle), from a rollout flo
 `rollout abort`; read by `rollout status`, by the reconcile step at the start of every run (a
 SIGKILLed orchestrator leaves `canary` set), and by `refresh` (which skips the revision that
 last failed). Durable and atomic on both targets: a JSON file replaced atomically under a file
-lock locally, a `modal.Dict` entry under a lease on Modal.
+lock locally; on Modal a JSON file written whole to the state Volume under a lease (a Dict
+entry would expire after a week idle).
 
 Every write is a read-modify-write under the store's lock (`ReleaseStore.update`): two writers
 (a promotion and an abort) each decide on the record as the other left it, never on a copy

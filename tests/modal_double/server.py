@@ -1,5 +1,5 @@
 """Serving the double on free loopback ports, in a thread with its own event loop: the gRPC
-API, and the HTTP block URLs volume reads download from."""
+API, and the HTTP block URLs volume reads download from and v2 uploads PUT to."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import grpclib.server
 from aiohttp import web
+from modal.volume import BLOCK_SIZE
 
 from tests.modal_double.servicer import ModalDouble
 
@@ -32,8 +33,16 @@ def _blocks_app(double: ModalDouble) -> web.Application:
             raise web.HTTPNotFound()
         return web.Response(body=data)
 
-    app = web.Application()
+    async def put_block(request: web.Request) -> web.Response:
+        receipt = double.put_block(request.match_info["digest"], await request.read())
+        if receipt is None:
+            raise web.HTTPBadRequest(text="the block does not match its sha256")
+        return web.Response(body=receipt)
+
+    # A v2 upload PUTs whole blocks: aiohttp refuses bodies over 1 MiB unless told.
+    app = web.Application(client_max_size=BLOCK_SIZE)
     app.router.add_get(BLOCKS_ROUTE + "{digest}", block)
+    app.router.add_put(BLOCKS_ROUTE + "{digest}", put_block)
     return app
 
 

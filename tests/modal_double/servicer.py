@@ -52,6 +52,7 @@ class ModalDouble(StorageRpcs, CallRpcs, _UnimplementedRpcs):  # type: ignore[mi
     spawned calls (ended as scripted, see tests.modal_double.calls)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.unimplemented: list[str] = []
         self._ids = itertools.count(1)
         self.apps: dict[str, App] = {}

@@ -6,6 +6,7 @@ runs the same container bodies in-process, so the platform is tested offline.
 
 from __future__ import annotations
 
+import io
 from typing import Any, Protocol
 
 import modal
@@ -13,7 +14,7 @@ import modal.exception
 import modal.experimental
 
 from serving.platforms.modal.calls import Poll, probe_call
-from serving.platforms.modal.resources import KeyValue, volume_version_mismatch
+from serving.platforms.modal.resources import KeyValue, WholeFiles, volume_version_mismatch
 
 
 class Gateway(Protocol):
@@ -50,6 +51,10 @@ class Gateway(Protocol):
         """A named modal.Dict, created if missing."""
         ...
 
+    def volume_files(self, name: str) -> WholeFiles:
+        """Whole files of a named v2 Volume, created if missing."""
+        ...
+
 
 class ModalGateway:
     def __init__(self, environment: str | None = None) -> None:
@@ -80,11 +85,7 @@ class ModalGateway:
         return probe_call(modal.FunctionCall.from_id(call_id), timeout)
 
     def read_volume_file(self, volume: str, path: str) -> bytes | None:
-        handle = modal.Volume.from_name(volume, environment_name=self.environment)
-        try:
-            return b"".join(handle.read_file(path))
-        except (FileNotFoundError, modal.exception.NotFoundError):
-            return None
+        return _read_file(modal.Volume.from_name(volume, environment_name=self.environment), path)
 
     def deployed_apps(self) -> list[str]:
         # For a deployed App, the listing's name (its description) is the App's name.
@@ -104,4 +105,37 @@ class ModalGateway:
 
     def dict(self, name: str) -> KeyValue:
         return modal.Dict.from_name(name, environment_name=self.environment, create_if_missing=True)
+
+    def volume_files(self, name: str) -> WholeFiles:
+        return VolumeFiles(
+            modal.Volume.from_name(
+                name, environment_name=self.environment, create_if_missing=True, version=2
+            )
+        )
+
+
+class VolumeFiles:
+    """Files of a Volume through Modal's API, from outside any container: an upload is
+    committed when its call returns, and a read fetches what is committed."""
+
+    def __init__(self, volume: modal.Volume) -> None:
+        self.volume = volume
+
+    def read(self, path: str) -> bytes | None:
+        return _read_file(self.volume, path)
+
+    def write(self, path: str, data: bytes, *, replace: bool = True) -> bool:
+        try:
+            with self.volume.batch_upload(force=replace) as batch:
+                batch.put_file(io.BytesIO(data), path)
+        except FileExistsError:
+            return False
+        return True
+
+
+def _read_file(volume: modal.Volume, path: str) -> bytes | None:
+    try:
+        return b"".join(volume.read_file(path))
+    except (FileNotFoundError, modal.exception.NotFoundError):
+        return None
 

@@ -50,7 +50,7 @@ from serving.platforms.modal.prep import (
     Preparation,
 )
 from serving.platforms.modal.routes import DictRouteStore
-from serving.platforms.modal.stores import DictReleaseStore
+from serving.platforms.modal.stores import VolumeReleaseStore
 from serving.weights.hub import require_commit
 from serving.weights.models import DownloadResult, ProgressCallback
 
@@ -236,7 +236,10 @@ class ModalPlatform:
         return self._router_client(profile).ask(release_id, chat)
 
     def release_store(self) -> ReleaseStore:
-        return DictReleaseStore(self.gateway.dict(resources.RELEASES_DICT_NAME))
+        return VolumeReleaseStore(
+            self.gateway.volume_files(resources.STATE_VOLUME_NAME),
+            self.gateway.dict(resources.RELEASES_DICT_NAME),
+        )
 
     def reconcile_orphans(self) -> list[str]:
         # Nothing is tied to an orchestrator process: releases and routers are Modal apps that

@@ -98,10 +98,14 @@ ROUTER_START_POLL_SECONDS = 0.05
 ROUTER_KEEPALIVE_SECONDS = 75
 # The platform writes routing to the model's Dict; the router re-reads it this often.
 ROUTER_POLL_SECONDS = 1.0
-# Keys of a model's routes Dict: the RoutingTable JSON, and one Release JSON per release.
+# Keys of a model's routes Dict: the RoutingTable JSON, and one Release JSON per release. The
+# latter may expire with no harm: whoever reads them needs only the id and URL, which Modal
+# gives again for a deployed release App (ModalPlatform.running_releases).
 ROUTES_KEY = "routes"
 RELEASE_KEY_PREFIX = "release:"
-# The release records of every model, one key per model (serving.releases.DictReleaseStore).
+# The release records of every model, one file per model (serving.platforms.modal.stores).
+STATE_VOLUME_NAME = "rollout-state"
+# The records' leases; it held the records themselves before STATE_VOLUME_NAME did.
 RELEASES_DICT_NAME = "rollout-releases"
 
 
@@ -245,10 +249,27 @@ def reload_read_only(volumes: Sequence[Syncable]) -> None:
             log.warning("volume reload failed (%s); using the mounted state", type(exc).__name__)
 
 
+class WholeFiles(Protocol):
+    """What the release store needs of a Volume: small files, each read and written whole."""
+
+    def read(self, path: str) -> bytes | None:
+        """The file, or None if it is not there."""
+        ...
+
+    def write(self, path: str, data: bytes, *, replace: bool = True) -> bool:
+        """The file as `data`, in one call; with replace=False only if it does not exist yet.
+        Whether this call wrote it."""
+        ...
+
+
 class KeyValue(Protocol):
-    """What the bodies and the platform need of a modal.Dict (a dict-backed fake in tests)."""
+    """What the bodies, the platform and the release store's leases need of a modal.Dict."""
 
     def get(self, key: str, default: Any = None) -> Any: ...
 
-    def put(self, key: str, value: Any) -> Any: ...
+    def put(self, key: str, value: Any, *, skip_if_exists: bool = False) -> bool:
+        """skip_if_exists: an atomic create; whether this call wrote the key."""
+        ...
+
+    def pop(self, key: str, default: Any = None) -> Any: ...
 

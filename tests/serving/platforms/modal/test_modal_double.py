@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import modal
 import modal.exception
@@ -23,7 +22,6 @@ from serving.core.home import REPO_ROOT
 from serving.platforms.modal import apps, resources
 from serving.platforms.modal.calls import CallRecord, CallState, attach_or_spawn, probe_call
 from serving.platforms.modal.gateway import ModalGateway
-from serving.platforms.modal.stores import DictReleaseStore
 from tests.modal_double.calls import API_FAILING, EXPIRED, RUNNING, Outcome, raised, returned
 from tests.modal_double.servicer import ModalDouble
 
@@ -195,27 +193,6 @@ def test_dict_put_get_pop_round_trip_through_the_sdk(modal_double: ModalDouble) 
     assert routes.pop("routes", None) == '{"generation": 1}'
     assert routes.pop("routes", None) is None
     assert [name for _, name in modal_double.dicts] == ["glm-5.1-routes"]
-
-
-def test_release_records_written_under_a_lease_through_the_sdk(modal_double: ModalDouble) -> None:
-    store = DictReleaseStore(ModalGateway().dict(resources.RELEASES_DICT_NAME))
-    owners = [f"run-{n}" for n in range(4)]
-
-    def append(owner: str) -> None:
-        # A read-modify-write: without the lease, concurrent writers lose each other's names.
-        store.update(
-            "glm-5.1",
-            lambda r: r.model_copy(update={"canary_owner": f"{r.canary_owner or ''}{owner},"}),
-        )
-
-    with ThreadPoolExecutor(len(owners)) as pool:
-        list(pool.map(append, owners))
-
-    written = str(store.read("glm-5.1").canary_owner).rstrip(",").split(",")
-    assert sorted(written) == owners
-    # Every writer released its lease: the only entry left is the record.
-    (entries,) = [d.data for d in modal_double.dicts.values()]
-    assert len(entries) == 1
 
 
 def test_volume_upload_then_read_round_trip_through_the_sdk(modal_double: ModalDouble) -> None:

@@ -20,25 +20,12 @@ from serving.domain.release import Release
 from serving.platforms.modal import resources, server_bodies
 from serving.platforms.modal.platform import ModalPlatform
 from serving.router.table import Backend, RoutingTable
-from tests.modal_fixtures import FakeDict, serving_profile
+from tests.modal_fixtures import FakeClock, FakeDict, serving_profile
 from tests.modal_serving_fixtures import REV_A, weights_of
 
 # --------------------------------------------------------------------------------------------
 # Exact timing: MockTransport router and releases, fake clock
 # --------------------------------------------------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 @dataclass
