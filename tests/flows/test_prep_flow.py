@@ -19,7 +19,6 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType
 
-import flows.prep as prep_flow
 from dev.mirror import MirrorServer
 from flows.prep import prep
 from serving.config.loader import DEFAULT_MODELS_DIR
@@ -104,7 +103,7 @@ def test_a_sentinel_hit_reports_no_bytes_downloaded(
     prep(MODEL, synthetic_repo.v1)
     # The task runs again (no Prefect cache) and finds the sentinel on disk.
     monkeypatch.setattr(
-        prep_flow, "download", weight_tasks.download.with_options(refresh_cache=True)
+        weight_tasks, "download", weight_tasks.download.with_options(refresh_cache=True)
     )
     mirror.clear_requests()
     state = prep(MODEL, synthetic_repo.v1, return_state=True)
@@ -113,6 +112,24 @@ def test_a_sentinel_hit_reports_no_bytes_downloaded(
     assert StateType.COMPLETED in states and "Cached" not in states
     assert again.bytes_downloaded == 0 < again.bytes_total
     assert not [r for r in mirror.requests if "/resolve/" in r.path]
+
+
+def test_weights_deleted_after_a_cached_prep_are_downloaded_again(
+    workspace: Path, mirror: MirrorServer, synthetic_repo: SyntheticRepo
+) -> None:
+    first = prep(MODEL, synthetic_repo.v1)
+    shutil.rmtree(first.weights_path)  # by hand, or a volume cleanup
+    mirror.clear_requests()
+    state = prep(MODEL, synthetic_repo.v1, return_state=True)
+    again = state.result()
+    assert again.verified and again.bytes_downloaded == again.bytes_total
+    assert (Path(again.weights_path) / ".rollout-manifest.json").is_file()
+    states = _task_states(state.state_details.flow_run_id)["download"]
+    assert StateType.COMPLETED in states and "Cached" not in states
+    assert [r for r in mirror.requests if "/resolve/" in r.path]
+    # The fresh result replaced the stale one: the next run is Cached again.
+    third = prep(MODEL, synthetic_repo.v1, return_state=True)
+    assert "Cached" in _task_states(third.state_details.flow_run_id)["download"]
 
 
 def test_compile_failing_twice_is_retried(
