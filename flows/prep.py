@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from serving.config.loader import load_profile
 from serving.platform import Target
 from tasks.stopwatch import Stopwatch
-from tasks.weights import bytes_transferred, compile_kernels, download, resolve, verify
+from tasks.weights import bytes_transferred, compile_kernels, resolve, submit_download, verify
 
 
 class PrepReport(BaseModel):
@@ -38,7 +38,7 @@ def prep(model: str, revision: str | None = None, target: Target = "local") -> P
     seconds: dict[str, float] = {}
     sha = resolve(model, revision or profile.hub.revision, target)
     seconds["resolve"] = watch.lap()
-    downloaded = download.submit(model, sha, target)
+    downloaded = submit_download(model, sha, target)
     compiled = compile_kernels.submit(model, sha, target)
     weights, kernels = downloaded.result(), compiled.result()
     seconds["download+compile"] = watch.lap()

@@ -1,8 +1,10 @@
 """The `refresh` flow: notice a new upstream commit of the profile's branch and start a rollout.
 
 One cheap Hub call (the branch head). Nothing happens when the head is already stable or is the
-revision that last failed; otherwise `rollout/<model>` starts with an idempotency key of
-model@sha, so two refreshes of the same commit start exactly one rollout.
+revision that last failed, or when the hub does not answer: one warning line, and the run
+completes, because the next scheduled refresh is the retry (a Failed run every hour of a hub
+outage would page for what nobody here can fix). Otherwise `rollout/<model>` starts with an
+idempotency key of model@sha, so two refreshes of the same commit start exactly one rollout.
 """
 
 from __future__ import annotations
@@ -18,14 +20,26 @@ from serving.config.loader import load_profile
 from serving.domain.records import ReleaseRecord
 from serving.platform import Target
 from serving.platforms import get_platform
+from serving.weights.models import HubUnavailable
 from tasks.weights import resolve
 
 
 class RefreshResult(BaseModel):
     model: str
     head: str | None
-    action: Literal["started", "up-to-date", "skipped-failed", "pinned"]
+    action: Literal["started", "up-to-date", "skipped-failed", "pinned", "hub-unavailable"]
     flow_run_id: str | None = None
+
+
+@task(name="resolve", cache_policy=NO_CACHE)
+def branch_head(model: str, target: Target) -> str | None:
+    """The followed branch's commit, or None while the hub does not answer."""
+    try:
+        return resolve.fn(model, load_profile(model).hub.revision, target)
+    except HubUnavailable as exc:
+        get_run_logger().warning("%s: the hub is unavailable, the next refresh asks again: %s",
+                                 model, exc)  # fmt: skip
+        return None
 
 
 @task(name="read-release-record", cache_policy=NO_CACHE)
@@ -49,7 +63,9 @@ def refresh(model: str, target: Target = "local") -> RefreshResult:
     profile = load_profile(model)
     if profile.hub.pinned:
         return RefreshResult(model=model, head=None, action="pinned")
-    head = resolve(model, profile.hub.revision, target)
+    head = branch_head(model, target)
+    if head is None:
+        return RefreshResult(model=model, head=None, action="hub-unavailable")
     record = read_record(model, target)
     if record.stable is not None and record.stable.revision == head:
         return RefreshResult(model=model, head=head, action="up-to-date")

@@ -81,6 +81,16 @@ def download(model: str, revision: str, target: Target) -> DownloadResult:
     return result
 
 
+def submit_download(model: str, revision: str, target: Target) -> PrefectFuture[DownloadResult]:
+    """The download stage, whose cached result is trusted only while its sentinel is still on
+    the volume: weights deleted since (by hand, a volume cleanup) are downloaded again, where a
+    Cached result would hand verify a path that no longer exists for as long as it is proven."""
+    if get_platform(target).has_weights(load_profile(model), revision):
+        return download.submit(model, revision, target)
+    get_run_logger().info("%s@%s: no weights on the volume; downloading", model, revision[:8])
+    return download.with_options(refresh_cache=True).submit(model, revision, target)
+
+
 def bytes_transferred(run: PrefectFuture[DownloadResult]) -> int:
     """What the download moved in THIS flow run. A Cached task run hands back an earlier run's
     result, whose bytes that run moved: here it moved none."""

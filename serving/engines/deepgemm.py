@@ -41,6 +41,9 @@ from serving.engines.sglang import (
 COMPILE_TIMEOUT_SECONDS = 170 * 60
 # How often the group is checked for a dead server child.
 WATCH_INTERVAL = 0.5
+# compile_deep_gemm stops its server itself once done, then exits: a parent still running this
+# long after its server is gone is polling a dead one.
+SERVER_GONE_GRACE_SECONDS = 5.0
 # After SIGTERM, the compile server gets this long to exit before its group is SIGKILLed.
 TERM_GRACE_SECONDS = 10.0
 LOG_TAIL_LINES = 40
@@ -220,8 +223,13 @@ def _watch(process: subprocess.Popen[str], timeout_seconds: float) -> str | None
         if children:
             saw_child = True
         elif saw_child:
-            # compile_deep_gemm would poll its dead server until the timeout; we don't.
-            return "the compile server process died"
+            # Finished (it stopped its server) or not: its own exit tells, within a grace.
+            # compile_deep_gemm would poll a dead server until the timeout; we don't.
+            try:
+                code = process.wait(timeout=SERVER_GONE_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                return "the compile server process died"
+            return None if code == 0 else f"exit {code}"
         if time.monotonic() > deadline:
             return f"timed out after {timeout_seconds:.0f} s"
 

@@ -30,7 +30,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import filter_repo_objects
 
 from serving.config.profile import check_revision, is_commit_sha
-from serving.weights.models import FileEntry, GiB, WeightsError
+from serving.weights.models import FileEntry, GiB, HubUnavailable, WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def resolve_revision(
             repo, revision=revision, expand=["sha"]
         )
     except Exception as exc:
-        raise WeightsError(_describe(exc, repo, revision, token)) from None
+        failure = HubUnavailable if _is_transient(exc) else WeightsError
+        raise failure(_describe(exc, repo, revision, token)) from None
     if not info.sha or not is_commit_sha(info.sha):
         raise WeightsError(f"{repo}@{revision}: the hub returned no commit sha")
     return info.sha

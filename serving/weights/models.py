@@ -29,6 +29,11 @@ class WeightsError(RuntimeError):
     """A download or verification that cannot succeed; the message is one line, without secrets."""
 
 
+class HubUnavailable(WeightsError):
+    """The hub did not answer (a cut connection, a 5xx, a timeout): the same call may succeed
+    later, unlike a revision that is not there."""
+
+
 class FileEntry(BaseModel):
     """One file of a revision as the hub describes it."""
 

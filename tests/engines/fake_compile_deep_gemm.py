@@ -3,7 +3,9 @@ structure (a parent that spawns a "server" child and polls it) so tests can make
 die, hang, or the parent lie about success — none of which a real GPU-less run can produce.
 
     fake_compile_deep_gemm.py MODE [ignored server flags...]
-MODE: ok | child-dies | no-success-line | exit-1 | hang | flaky
+MODE: ok | child-dies | no-success-line | exit-1 | hang | flaky | slow-exit
+slow-exit is the real tool's ending: success printed, its server stopped, the parent exiting
+some time after (the real one stops its server only after the success line).
 flaky fails (exit 1) the first $FAKE_COMPILE_FAILURES times, counted in $FAKE_COMPILE_COUNTER.
 """
 
@@ -46,6 +48,8 @@ def main() -> None:
         raise SystemExit(1)
     if mode != "no-success-line":
         print(SUCCESS, flush=True)
+    if mode == "slow-exit":
+        time.sleep(2)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The `prep` flow on the local target: real Prefect, real huggingface_hub, the real mirror.
 
-A synthetic GPU profile (DeepGEMM required) exercises the compile stage; since there is no GPU
-here, compile_deep_gemm is replaced by a fake that fails on demand (fault injection only).
+The synthetic GPU profile (DeepGEMM required, tests/flows/synthetic_fixtures.py) exercises the
+compile stage; since there is no GPU here, compile_deep_gemm is a FAKE that fails on demand.
 """
 
 from __future__ import annotations
@@ -10,58 +10,19 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType
 
-import flows.prep as prep_flow
 from dev.mirror import MirrorServer
 from flows.prep import prep
-from serving.config.loader import DEFAULT_MODELS_DIR
 from serving.core.home import REPO_ROOT
-from serving.platforms.local.platform import COMPILE_ENTRYPOINT_ENV
 from tasks import weights as weight_tasks
-from tests.mirror_fixtures import (
-    SyntheticRepo,
-)
+from tests.flows.synthetic_fixtures import SYNTHETIC_MODEL, compile_attempts, task_states
+from tests.mirror_fixtures import SyntheticRepo
 
-FAKE_COMPILE = REPO_ROOT / "tests" / "engines" / "fake_compile_deep_gemm.py"
-MODEL = "synthetic-fp8"
-
-
-@pytest.fixture
-def workspace(
-    tmp_path: Path,
-    mirror: MirrorServer,
-    synthetic_repo: SyntheticRepo,
-    prefect_server: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[Path]:
-    """Profiles with a synthetic DeepGEMM model, a fresh ROLLOUT_HOME, the mirror as the Hub."""
-    models = tmp_path / "models"
-    shutil.copytree(DEFAULT_MODELS_DIR, models)
-    profile = yaml.safe_load((models / "qwen3-8b.yaml").read_text())
-    profile |= {"name": MODEL, "volumes": {"weights": "w", "deepgemm": "dg"}}
-    profile["hub"] = {"repo": synthetic_repo.repo_id, "revision": "main"}
-    (models / f"{MODEL}.yaml").write_text(yaml.safe_dump(profile))
-    monkeypatch.setenv("ROLLOUT_MODELS_DIR", str(models))
-    monkeypatch.setenv("ROLLOUT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_ENDPOINT", mirror.url)
-    monkeypatch.setenv(COMPILE_ENTRYPOINT_ENV, f"{sys.executable} {FAKE_COMPILE} flaky")
-    monkeypatch.setenv("FAKE_COMPILE_COUNTER", str(tmp_path / "compile-attempts"))
-    monkeypatch.setenv("FAKE_COMPILE_FAILURES", "0")
-    # Retries keep their count; only the waiting is dropped, to keep the suite fast.
-    monkeypatch.setattr(weight_tasks.compile_kernels, "retry_delay_seconds", [0, 0])
-    yield tmp_path
-
-
-def attempts(workspace: Path) -> int:
-    return int((workspace / "compile-attempts").read_text())
+MODEL = SYNTHETIC_MODEL
 
 
 def test_fresh_prep_downloads_compiles_and_verifies(
@@ -89,9 +50,9 @@ def test_rerun_of_a_commit_makes_no_hub_request(
     again = state.result()
     assert again.verified and again.compile_status in {"compiled", "cached"}
     assert mirror.requests == []
-    assert attempts(workspace) == 1  # the compile marker held
+    assert compile_attempts(workspace) == 1  # the compile marker held
     # Prefect handed back the first run's DownloadResult; this run transferred nothing.
-    assert "Cached" in _task_states(state.state_details.flow_run_id)["download"]
+    assert "Cached" in task_states(state.state_details.flow_run_id)["download"]
     assert again.bytes_downloaded == 0
 
 
@@ -104,15 +65,33 @@ def test_a_sentinel_hit_reports_no_bytes_downloaded(
     prep(MODEL, synthetic_repo.v1)
     # The task runs again (no Prefect cache) and finds the sentinel on disk.
     monkeypatch.setattr(
-        prep_flow, "download", weight_tasks.download.with_options(refresh_cache=True)
+        weight_tasks, "download", weight_tasks.download.with_options(refresh_cache=True)
     )
     mirror.clear_requests()
     state = prep(MODEL, synthetic_repo.v1, return_state=True)
     again = state.result()
-    states = _task_states(state.state_details.flow_run_id)["download"]
+    states = task_states(state.state_details.flow_run_id)["download"]
     assert StateType.COMPLETED in states and "Cached" not in states
     assert again.bytes_downloaded == 0 < again.bytes_total
     assert not [r for r in mirror.requests if "/resolve/" in r.path]
+
+
+def test_weights_deleted_after_a_cached_prep_are_downloaded_again(
+    workspace: Path, mirror: MirrorServer, synthetic_repo: SyntheticRepo
+) -> None:
+    first = prep(MODEL, synthetic_repo.v1)
+    shutil.rmtree(first.weights_path)  # by hand, or a volume cleanup
+    mirror.clear_requests()
+    state = prep(MODEL, synthetic_repo.v1, return_state=True)
+    again = state.result()
+    assert again.verified and again.bytes_downloaded == again.bytes_total
+    assert (Path(again.weights_path) / ".rollout-manifest.json").is_file()
+    states = task_states(state.state_details.flow_run_id)["download"]
+    assert StateType.COMPLETED in states and "Cached" not in states
+    assert [r for r in mirror.requests if "/resolve/" in r.path]
+    # The fresh result replaced the stale one: the next run is Cached again.
+    third = prep(MODEL, synthetic_repo.v1, return_state=True)
+    assert "Cached" in task_states(third.state_details.flow_run_id)["download"]
 
 
 def test_compile_failing_twice_is_retried(
@@ -121,7 +100,7 @@ def test_compile_failing_twice_is_retried(
     monkeypatch.setenv("FAKE_COMPILE_FAILURES", "2")
     report = prep(MODEL)
     assert report.compile_status == "compiled"
-    assert attempts(workspace) == 3
+    assert compile_attempts(workspace) == 3
 
 
 def test_flow_run_retry_after_a_compile_failure_resumes_at_compile(
@@ -149,25 +128,13 @@ def test_flow_run_retry_after_a_compile_failure_resumes_at_compile(
         timeout=240,
     )  # fmt: skip
     assert retry.returncode == 0, retry.stdout[-2000:] + retry.stderr[-2000:]
-    assert attempts(workspace) == 4  # one more compile, and it succeeded
+    # One more compile, and it succeeded (if not, the retry's own log says why).
+    assert compile_attempts(workspace) == 4, retry.stdout[-3000:] + retry.stderr[-3000:]
 
-    states = _task_states(flow_run_id)
+    states = task_states(flow_run_id)
     assert StateType.COMPLETED in states["compile"]
     assert "Cached" in states["download"]  # the download was not redone
     assert not [r for r in mirror.requests if "/resolve/" in r.path]
-
-
-def _task_states(flow_run_id: object) -> dict[str, list[object]]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-    states: dict[str, list[object]] = {}
-    for run in runs:
-        states.setdefault(run.name.rsplit("-", 1)[0], []).extend(
-            [run.state.type, run.state.name] if run.state else []
-        )
-    return states
 
 
 def test_unknown_revision_is_one_clear_line(

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from serving.config.layout import compile_model_dir, deepgemm_dir, weights_dir
+from serving.config.layout import SENTINEL_NAME, compile_model_dir, deepgemm_dir, weights_dir
 from serving.config.loader import models_dir
 from serving.config.profile import Profile
 from serving.control.drain import drain
@@ -66,7 +66,7 @@ from serving.platforms.local.router_process import (
 from serving.platforms.local.stores import FileReleaseStore
 from serving.supervisor.events import ServerEvent
 from serving.verification import verify_revision
-from serving.weights.download import download
+from serving.weights.download import accept_sentinel, download
 from serving.weights.hub import fetch_model_config, hf_token, resolve_revision
 from serving.weights.models import DownloadResult, ProgressCallback
 from serving.weights.progress import log_progress
@@ -143,6 +143,16 @@ class LocalPlatform:
             endpoint=self.endpoint,
             progress=progress or log_progress,
         )
+
+    def has_weights(self, profile: Profile, revision: str) -> bool:
+        sentinel = weights_dir(self._weights_root(profile), profile, revision) / SENTINEL_NAME
+        try:
+            raw = sentinel.read_text()
+        except OSError:
+            return False
+        hub = profile.hub
+        manifest = accept_sentinel(raw, hub.repo, revision, hub.allow_patterns, hub.ignore_patterns)
+        return manifest is not None
 
     def compile(self, profile: Profile, revision: str, log: Log = print) -> CompileResult:
         deepgemm_root = self._deepgemm_root(profile)

@@ -121,6 +121,9 @@ class ModalPlatform:
     ) -> DownloadResult:
         return self.prep.download(profile, revision, progress)
 
+    def has_weights(self, profile: Profile, revision: str) -> bool:
+        return self.prep.has_weights(profile, revision)
+
     def compile(self, profile: Profile, revision: str) -> CompileResult:
         return self.prep.compile(profile, revision)
 

@@ -189,6 +189,9 @@ class Preparation:
         report.update(total)
         return DownloadResult.model_validate(merged)
 
+    def has_weights(self, profile: Profile, revision: str) -> bool:
+        return self._sentinel_on_volume(profile, revision) is not None
+
     def compile(self, profile: Profile, revision: str) -> CompileResult:
         require_commit(revision)
         if not profile.deepgemm or profile.volumes.deepgemm is None:

@@ -42,6 +42,12 @@ def test_success_needs_exit_zero_and_the_success_line() -> None:
         run_compile(fake("exit-1"), 60, lambda _: None)
 
 
+def test_a_server_stopped_by_a_finished_compile_is_no_failure() -> None:
+    lines: list[str] = []
+    run_compile(fake("slow-exit"), 60, lines.append)
+    assert any(COMPILE_SUCCESS_LINE in line for line in lines)
+
+
 def test_a_dead_server_child_fails_at_once_not_at_the_timeout() -> None:
     started = time.monotonic()
     with pytest.raises(CompileFailed, match="server process died") as raised:

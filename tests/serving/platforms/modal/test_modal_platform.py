@@ -171,6 +171,7 @@ def test_small_repo_download_is_one_recorded_call_and_a_rerun_starts_nothing(
     profile = cpu_profile(synthetic_repo.repo_id)
     gateway = FakeModalGateway(tmp_path / "volumes", mirror.url, profile)
     seen: list[Progress] = []
+    assert not platform(tmp_path / "home", gateway).has_weights(profile, synthetic_repo.v1)
 
     result = platform(tmp_path / "home", gateway).download(profile, synthetic_repo.v1, seen.append)
 
@@ -186,6 +187,7 @@ def test_small_repo_download_is_one_recorded_call_and_a_rerun_starts_nothing(
     rerun_gateway = FakeModalGateway(tmp_path / "volumes", mirror.url, profile)
     again = platform(tmp_path / "home", rerun_gateway).download(profile, synthetic_repo.v1)
     assert again.cached and again.manifest == result.manifest
+    assert platform(tmp_path / "home", rerun_gateway).has_weights(profile, synthetic_repo.v1)
     assert rerun_gateway.spawned == [] and rerun_gateway.deployed == []
 
 
