@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from grpclib import GRPCError, Status
 from grpclib.server import Stream
-from modal._serialization import pickle_exception, pickle_traceback, serialize
+from modal._serialization import deserialize, pickle_exception, pickle_traceback, serialize
 from modal_proto import api_pb2
 
 from tests.modal_double.state import App, function_data
@@ -26,10 +26,11 @@ SUCCESS = api_pb2.GenericResult.GENERIC_STATUS_SUCCESS
 
 @dataclass(frozen=True)
 class Outcome:
-    """running: no output yet; returned/raised: the body's result; expired: output gone after
-    7 days; api-failing: Modal's API itself answers INTERNAL to every poll of the call."""
+    """running: no output yet; returned/raised: the body's result; answered: returned what
+    `value`, a stand-in for the body, makes of the call's arguments; expired: output gone
+    after 7 days; api-failing: Modal's API itself answers INTERNAL to every poll of the call."""
 
-    kind: Literal["running", "returned", "raised", "expired", "api-failing"]
+    kind: Literal["running", "returned", "raised", "answered", "expired", "api-failing"]
     value: Any = None
 
 
@@ -46,11 +47,23 @@ def raised(exc: BaseException) -> Outcome:
     return Outcome("raised", exc)
 
 
+def answered(body: Callable[..., Any]) -> Outcome:
+    """Returned `body(*args, **kwargs)` of the call's own arguments, computed when it starts."""
+    return Outcome("answered", body)
+
+
 @dataclass
 class Call:
+    call_id: str
     function_id: str
+    function: tuple[str, str]  # (App name, function tag)
     args: bytes  # the client's serialized (args, kwargs)
     outcome: Outcome = RUNNING
+
+    @property
+    def arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The (args, kwargs) the client sent."""
+        return deserialize(self.args, None)
 
 
 def _output(outcome: Outcome) -> api_pb2.FunctionGetOutputsItem:
@@ -72,18 +85,25 @@ def _output(outcome: Outcome) -> api_pb2.FunctionGetOutputsItem:
 class CallRpcs:
     """Mixed into the servicer, whose state it shares."""
 
+    apps: dict[str, App]
     functions: dict[str, api_pb2.Function]
     calls: dict[str, Call]
-    scripts: defaultdict[str, deque[Outcome]]
+    scripts: defaultdict[tuple[str, str], deque[Outcome]]
 
     deployed: Callable[..., App]
+    server_urls: Callable[[str], list[str]]
     _new_id: Callable[[str], str]
 
     # What a test scripts.
 
     def script(self, app_name: str, tag: str, *outcomes: Outcome) -> None:
-        """How the next calls of a deployed function end, in spawn order (then: running)."""
-        self.scripts[self.deployed(app_name).function_ids[tag]].extend(outcomes)
+        """How the next calls of an App's function end, in call order (then: running). The
+        App may be deployed later, as a flow deploys it right before its first call."""
+        self.scripts[(app_name, tag)].extend(outcomes)
+
+    def calls_of(self, app_name: str, tag: str) -> list[Call]:
+        """The calls of an App's function (spawned or `.remote()`), in call order."""
+        return [call for call in self.calls.values() if call.function == (app_name, tag)]
 
     def settle(self, call_id: str, outcome: Outcome) -> None:
         """A running call ends (or its output expires, or the API starts failing)."""
@@ -107,7 +127,9 @@ class CallRpcs:
             function_id=function_id,
             function=function_data(definition),
             handle_metadata=api_pb2.FunctionHandleMetadata(
-                function_name=definition.function_name, function_type=definition.function_type
+                function_name=definition.function_name, function_type=definition.function_type,
+                # A Server's URL (modal.Server.get_url reads it from here).
+                **{"_experimental_flash_urls": self.server_urls(function_id)},
             ),
         ))  # fmt: skip
 
@@ -117,18 +139,29 @@ class CallRpcs:
             raise GRPCError(Status.NOT_FOUND, f"no function {request.function_id!r}")
         if len(request.pipelined_inputs) != 1:
             raise GRPCError(Status.UNIMPLEMENTED, "the Modal double maps one input per call")
-        script = self.scripts[request.function_id]
+        function = self._tag_of(request.function_id)
+        script = self.scripts[function]
         outcome = script.popleft() if script else RUNNING
         call_id = self._new_id("fc")
-        self.calls[call_id] = Call(
-            request.function_id, request.pipelined_inputs[0].input.args, outcome
-        )
+        call = Call(call_id, request.function_id, function, request.pipelined_inputs[0].input.args)
+        if outcome.kind == "answered":
+            args, kwargs = call.arguments
+            outcome = returned(outcome.value(*args, **kwargs))
+        call.outcome = outcome
+        self.calls[call_id] = call
         await stream.send_message(api_pb2.FunctionMapResponse(
             function_call_id=call_id,
             pipelined_inputs=[api_pb2.FunctionPutInputsResponseItem(
                 idx=0, input_id=self._new_id("in")
             )],
         ))  # fmt: skip
+
+    def _tag_of(self, function_id: str) -> tuple[str, str]:
+        for app in self.apps.values():
+            for tag, candidate in app.function_ids.items():
+                if candidate == function_id:
+                    return app.name, tag
+        raise GRPCError(Status.NOT_FOUND, f"no App has function {function_id!r}")
 
     async def FunctionGetOutputs(self, stream: Stream) -> None:
         request = await stream.recv_message()

@@ -17,6 +17,7 @@ from grpclib.server import Stream
 from modal_proto import api_grpc, api_pb2
 
 from tests.modal_double.calls import Call, CallRpcs, Outcome
+from tests.modal_double.servers import Containers, ServerRpcs
 from tests.modal_double.state import App, Named, function_data
 from tests.modal_double.storage import StorageRpcs
 
@@ -46,7 +47,7 @@ _UnimplementedRpcs: type[api_grpc.ModalClientBase] = type(
 )
 
 
-class ModalDouble(StorageRpcs, CallRpcs, _UnimplementedRpcs):  # type: ignore[misc, valid-type]
+class ModalDouble(ServerRpcs, StorageRpcs, CallRpcs, _UnimplementedRpcs):  # type: ignore[misc, valid-type]
     """State a test may read: apps, functions (their api_pb2.Function definitions), images,
     mounts (path -> sha256) and uploaded files (sha256 -> bytes), volumes, secrets, dicts, and
     spawned calls (ended as scripted, see tests.modal_double.calls)."""
@@ -65,7 +66,9 @@ class ModalDouble(StorageRpcs, CallRpcs, _UnimplementedRpcs):  # type: ignore[mi
         self.blocks: dict[str, bytes] = {}
         self.block_url = ""  # set by tests.modal_double.server.serve
         self.calls: dict[str, Call] = {}
-        self.scripts: defaultdict[str, deque[Outcome]] = defaultdict(deque)
+        self.scripts: defaultdict[tuple[str, str], deque[Outcome]] = defaultdict(deque)
+        self.containers: Containers | None = None  # see tests.modal_double.servers
+        self.urls: dict[str, str] = {}
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}-double{next(self._ids):06d}"
@@ -176,6 +179,7 @@ class ModalDouble(StorageRpcs, CallRpcs, _UnimplementedRpcs):  # type: ignore[mi
         app.state = request.app_state
         app.function_ids = dict(request.function_ids)
         app.class_ids = dict(request.class_ids)
+        await self._serve(app)
         await stream.send_message(api_pb2.AppPublishResponse(deployed_at=time.time()))
 
     async def AppClientDisconnect(self, stream: Stream) -> None:

@@ -1,0 +1,147 @@
+"""FAKE containers for the Modal double's Servers (tests.modal_double.servers.Containers): what
+Modal would run for a deployed release or router App, run here on loopback from the project's
+own container bodies (serving.platforms.modal.server_bodies), as the Apps' Server classes call
+them.
+
+- A release App `<model>-<rev8>`: the real supervisor (start_release, resume_release) over the
+  FAKE engine (tests/fake_engine.py), on the weights volume as the container mounts it: the
+  double's files of that volume, copied to a directory on every reload.
+- The router App `<model>-router`: the real router (router_config, start_router) polling the
+  model's routes Dict through the real modal SDK, against the double.
+- Stopping an App runs its container's exit body (stop_release, stop_router).
+
+The container's environment is this process's: ROUTER_ADMIN_TOKEN and the API key come from
+os.environ here, where Modal would inject the Secrets.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import modal
+
+from serving.config.profile import Profile
+from serving.core.procs import free_port
+from serving.engines.sglang import Command
+from serving.platforms.modal import resources, server_bodies
+from serving.supervisor.supervisor import EngineFailed
+from tests.modal_double.servicer import ModalDouble
+
+FAKE_ENGINE = Path(__file__).parent / "fake_engine.py"
+# A stopped release gets this long to drain: nothing is in flight by then (retire waited).
+STOP_DRAIN_SECONDS = 5.0
+
+
+class MountedVolume:
+    """A read-only volume as a container mounts it: `reload()` shows the volume's committed
+    files (the double's) under `root`."""
+
+    def __init__(self, double: ModalDouble, name: str, environment: str, root: Path) -> None:
+        self.double, self.name, self.environment, self.root = double, name, environment, root
+        self.reloads = 0
+
+    def reload(self) -> None:
+        self.reloads += 1
+        for path, data in self.double.volumes[(self.environment, self.name)].files.items():
+            target = self.root / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+
+    def commit(self) -> None:
+        raise AssertionError(f"a release never commits its read-only volume {self.name}")
+
+
+class ServingContainers:
+    """One model's release and router containers. `engines` maps a revision to the FAKE
+    engine's FakeConfig (JSON) for its release: a fault a real engine cannot produce on
+    demand. A release App of a revision not listed runs nothing (its URL serves nothing)."""
+
+    def __init__(
+        self,
+        double: ModalDouble,
+        profile: Profile,
+        root: Path,
+        engines: dict[str, str],
+        environment: str = "",
+    ) -> None:
+        self.double, self.profile, self.root = double, profile, root
+        self.engines = engines
+        self.environment = environment
+        self.running: dict[str, Callable[[], None]] = {}  # App name -> its exit body
+        self.started: list[str] = []
+        self.stopped: list[str] = []
+        self.crashes: list[EngineFailed] = []
+        self.router_url: str | None = None  # while the router runs
+        self._lock = threading.Lock()
+
+    def start(self, app_name: str, server: str) -> str | None:
+        if app_name == resources.router_app_name(self.profile):
+            return self._start_router(app_name)
+        revision = next(
+            (rev for rev in self.engines
+             if resources.release_app_name(self.profile, rev) == app_name),
+            None,
+        )  # fmt: skip
+        if revision is None:
+            return None
+        return self._start_release(app_name, revision)
+
+    def stop(self, app_name: str) -> None:
+        with self._lock:
+            exit_body = self.running.pop(app_name, None)
+        if exit_body is not None:
+            exit_body()
+            self.stopped.append(app_name)
+
+    def close(self) -> None:
+        for name in list(self.running):
+            self.stop(name)
+
+    def _started(self, app_name: str, exit_body: Callable[[], None]) -> None:
+        with self._lock:
+            self.running[app_name] = exit_body
+        self.started.append(app_name)
+
+    def _start_router(self, app_name: str) -> str:
+        routes = modal.Dict.from_name(
+            resources.routes_dict_name(self.profile),
+            environment_name=self.environment or None,
+            create_if_missing=True,
+        )
+        router = server_bodies.start_router(
+            server_bodies.router_config(self.profile, routes), host="127.0.0.1", port=0
+        )
+
+        def exit_body() -> None:
+            self.router_url = None
+            server_bodies.stop_router(router)
+
+        self._started(app_name, exit_body)
+        self.router_url = f"http://127.0.0.1:{router.port}"
+        return self.router_url
+
+    def _start_release(self, app_name: str, revision: str) -> str:
+        weights = self.root / app_name / "weights"
+        volume = MountedVolume(self.double, self.profile.volumes.weights, self.environment,
+                               weights)  # fmt: skip
+        name, config = app_name, self.engines[revision]
+
+        def fake_engine(profile: Profile, **options: Any) -> Command:
+            return Command(argv=[
+                sys.executable, str(FAKE_ENGINE), "--port", str(options["port"]),
+                "--name", name, "--config", config,
+            ], env={})  # fmt: skip
+
+        supervisor = server_bodies.start_release(
+            self.profile, revision, weights_root=weights, deepgemm_root=None, volumes=[volume],
+            private_dir=self.root / app_name / "private",
+            api_key=server_bodies.container_api_key(self.profile), port=free_port(),
+            bind_host="127.0.0.1", on_crash=self.crashes.append, build_command=fake_engine,
+        )  # fmt: skip
+        server_bodies.resume_release(supervisor)
+        self._started(app_name, lambda: server_bodies.stop_release(supervisor, STOP_DRAIN_SECONDS))
+        return supervisor.base_url
