@@ -3,9 +3,10 @@ Modal would run for a deployed release or router App, run here on loopback from 
 own container bodies (serving.platforms.modal.server_bodies), as the Apps' Server classes call
 them.
 
-- A release App `<model>-<rev8>`: the real supervisor (start_release, resume_release) over the
-  FAKE engine (tests/fake_engine.py), on the weights volume as the container mounts it: the
-  double's files of that volume, copied to a directory on every reload.
+- A release App `<model>-<rev8>`: the real supervisor (start_release, resume_release) over a
+  FAKE engine (tests/fake_engine.py or tests/engines/fake_engine.py), on the weights volume as
+  the container mounts it: the double's files of that volume, copied to a directory on every
+  reload. `seed_verified_weights` leaves there what a finished download would.
 - The router App `<model>-router`: the real router (router_config, start_router) polling the
   model's routes Dict through the real modal SDK, against the double.
 - Stopping an App runs its container's exit body (stop_release, stop_router).
@@ -19,21 +20,41 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import modal
+from modal_proto import api_pb2
 
+from serving.config.layout import SENTINEL_NAME, weights_dir
 from serving.config.profile import Profile
 from serving.core.procs import free_port
 from serving.engines.sglang import Command
 from serving.platforms.modal import resources, server_bodies
 from serving.supervisor.supervisor import EngineFailed
+from serving.weights.models import Manifest
 from tests.modal_double.servicer import ModalDouble
 
 FAKE_ENGINE = Path(__file__).parent / "fake_engine.py"
+# The FAKE engine's command line for a release, given its port and the release's name.
+EngineCommand = Callable[[int, str], Command]
 # A stopped release gets this long to drain: nothing is in flight by then (retire waited).
 STOP_DRAIN_SECONDS = 5.0
+
+
+def seed_verified_weights(
+    double: ModalDouble, profile: Profile, revisions: list[str], environment: str = ""
+) -> None:
+    """What earlier downloads left on the profile's weights volume: each revision's sentinel."""
+    double.create_volume(profile.volumes.weights, api_pb2.VOLUME_FS_VERSION_V2, environment)
+    moment = datetime(2026, 11, 1, tzinfo=UTC)
+    for revision in revisions:
+        manifest = Manifest(repo=profile.hub.repo, revision=revision, files=[], bytes_total=0,
+                            started_at=moment, finished_at=moment)  # fmt: skip
+        path = weights_dir(PurePosixPath("/"), profile, revision) / SENTINEL_NAME
+        double.write_volume_file(profile.volumes.weights, str(path),
+                                 manifest.model_dump_json().encode(), environment)  # fmt: skip
 
 
 class MountedVolume:
@@ -55,17 +76,27 @@ class MountedVolume:
         raise AssertionError(f"a release never commits its read-only volume {self.name}")
 
 
+def fake_engine(config: str = "{}") -> EngineCommand:
+    """tests/fake_engine.py with a FakeConfig (JSON): faults on demand (a 5xx rate, delays)."""
+
+    def command(port: int, name: str) -> Command:
+        argv = [sys.executable, str(FAKE_ENGINE), "--port", str(port), "--name", name]
+        return Command(argv=[*argv, "--config", config], env={})
+
+    return command
+
+
 class ServingContainers:
     """One model's release and router containers. `engines` maps a revision to the FAKE
-    engine's FakeConfig (JSON) for its release: a fault a real engine cannot produce on
-    demand. A release App of a revision not listed runs nothing (its URL serves nothing)."""
+    engine its release runs. A release App of a revision not listed runs nothing (its URL
+    serves nothing)."""
 
     def __init__(
         self,
         double: ModalDouble,
         profile: Profile,
         root: Path,
-        engines: dict[str, str],
+        engines: dict[str, EngineCommand],
         environment: str = "",
     ) -> None:
         self.double, self.profile, self.root = double, profile, root
@@ -128,19 +159,17 @@ class ServingContainers:
         weights = self.root / app_name / "weights"
         volume = MountedVolume(self.double, self.profile.volumes.weights, self.environment,
                                weights)  # fmt: skip
-        name, config = app_name, self.engines[revision]
+        engine = self.engines[revision]
 
-        def fake_engine(profile: Profile, **options: Any) -> Command:
-            return Command(argv=[
-                sys.executable, str(FAKE_ENGINE), "--port", str(options["port"]),
-                "--name", name, "--config", config,
-            ], env={})  # fmt: skip
+        def engine_command(profile: Profile, **options: Any) -> Command:
+            # serving.engines.engine's engine_command, for the FAKE engine: the same port.
+            return engine(options["port"], app_name)
 
         supervisor = server_bodies.start_release(
             self.profile, revision, weights_root=weights, deepgemm_root=None, volumes=[volume],
             private_dir=self.root / app_name / "private",
             api_key=server_bodies.container_api_key(self.profile), port=free_port(),
-            bind_host="127.0.0.1", on_crash=self.crashes.append, build_command=fake_engine,
+            bind_host="127.0.0.1", on_crash=self.crashes.append, build_command=engine_command,
         )  # fmt: skip
         server_bodies.resume_release(supervisor)
         self._started(app_name, lambda: server_bodies.stop_release(supervisor, STOP_DRAIN_SECONDS))

@@ -19,7 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,7 +34,6 @@ from dev.demo_model import make_synthetic_repo
 from dev.mirror import MirrorServer
 from dev.mirror_store import KiB, MirrorStore
 from rollout.cli import main
-from serving.config.layout import SENTINEL_NAME, weights_dir
 from serving.config.loader import DEFAULT_MODELS_DIR, load_profile
 from serving.domain.release import VerifyResult
 from serving.engines.deepgemm import CompileResult
@@ -42,7 +41,7 @@ from serving.platforms.modal import resources
 from serving.platforms.modal.calls import CallStore
 from serving.weights.models import DownloadResult, FileEntry, Manifest, ShardResult, VerifyReport
 from tasks.weights import gpu_limit_name
-from tests.modal_containers import ServingContainers
+from tests.modal_containers import ServingContainers, fake_engine, seed_verified_weights
 from tests.modal_double.calls import answered, returned
 from tests.modal_double.servicer import ModalDouble
 
@@ -52,9 +51,8 @@ REV_B = "bbbbbbbb" + "1" * 32
 REV_C = "cccccccc" + "2" * 32
 # Every second request fails: a canary no gate may let through.
 FAILING_ENGINE = json.dumps({"error_rate": 0.5})
-HEALTHY_ENGINE = "{}"
-BAKE_SECONDS = 1.5
-LOAD_INTERVAL_SECONDS = 0.02
+BAKE_SECONDS = 1.0
+LOAD_INTERVAL_SECONDS = 0.05
 V2 = api_pb2.VOLUME_FS_VERSION_V2
 
 
@@ -216,19 +214,6 @@ def shorten(models: Path, name: str) -> None:
     path.write_text(yaml.safe_dump(profile))
 
 
-def seed_verified_weights(double: ModalDouble, environment: str, revisions: list[str]) -> None:
-    """What earlier downloads left on the weights volume: each revision's sentinel."""
-    profile = load_profile("qwen3-8b")
-    double.create_volume(profile.volumes.weights, api_pb2.VOLUME_FS_VERSION_V2, environment)
-    moment = datetime(2026, 11, 1, tzinfo=UTC)
-    for revision in revisions:
-        manifest = Manifest(repo=profile.hub.repo, revision=revision, files=[], bytes_total=0,
-                            started_at=moment, finished_at=moment)  # fmt: skip
-        path = weights_dir(PurePosixPath("/"), profile, revision) / SENTINEL_NAME
-        double.write_volume_file(profile.volumes.weights, str(path),
-                                 manifest.model_dump_json().encode(), environment)  # fmt: skip
-
-
 def passed_verification() -> dict[str, Any]:
     result = VerifyResult(weights=VerifyReport(ok=["config.json"]), repaired=[],
                           compile_status="not-required", compile_key=None, problems=[])  # fmt: skip
@@ -270,10 +255,12 @@ def serving(
     environment: str, modal_double: ModalDouble, tmp_path: Path
 ) -> Iterator[ServingContainers]:
     shorten(tmp_path / "models", "qwen3-8b")
-    seed_verified_weights(modal_double, environment, [REV_A, REV_B, REV_C])
-    engines = {REV_A: HEALTHY_ENGINE, REV_B: HEALTHY_ENGINE, REV_C: FAILING_ENGINE}
-    containers = ServingContainers(modal_double, load_profile("qwen3-8b"),
-                                   tmp_path / "containers", engines, environment)  # fmt: skip
+    profile = load_profile("qwen3-8b")
+    seed_verified_weights(modal_double, profile, [REV_A, REV_B, REV_C], environment)
+    healthy = fake_engine()
+    engines = {REV_A: healthy, REV_B: healthy, REV_C: fake_engine(FAILING_ENGINE)}
+    containers = ServingContainers(modal_double, profile, tmp_path / "containers", engines,
+                                   environment)  # fmt: skip
     modal_double.containers = containers
     try:
         yield containers
