@@ -1,7 +1,12 @@
-"""FAKE containers for the Modal double's Servers (tests.modal_double.servers.Containers): what
-Modal would run for a deployed release or router App, run here on loopback from the project's
-own container bodies (serving.platforms.modal.server_bodies), as the Apps' Server classes call
-them.
+"""FAKE containers for the Modal double: what Modal would run for the project's Apps, run here
+from the project's own container bodies, as the Apps' functions and Server classes call them.
+
+`PrepContainers` answers the calls of the weights and compile Apps (the double's `run`) with
+serving.platforms.modal.bodies, each call in a directory of its own where the volumes are
+mounted: the double's files reloaded in, the container's files committed back.
+
+`ServingContainers` runs the Servers (tests.modal_double.servers.Containers) on loopback from
+serving.platforms.modal.server_bodies:
 
 - A release App `<model>-<rev8>`: the real supervisor (start_release, resume_release) over a
   FAKE engine (tests/fake_engine.py or tests/engines/fake_engine.py), on the weights volume as
@@ -17,6 +22,7 @@ os.environ here, where Modal would inject the Secrets.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import threading
 from collections.abc import Callable
@@ -31,7 +37,7 @@ from serving.config.layout import SENTINEL_NAME, weights_dir
 from serving.config.profile import Profile
 from serving.core.procs import free_port
 from serving.engines.sglang import Command
-from serving.platforms.modal import resources, server_bodies
+from serving.platforms.modal import bodies, resources, server_bodies
 from serving.supervisor.supervisor import EngineFailed
 from serving.weights.models import Manifest
 from tests.modal_double.servicer import ModalDouble
@@ -39,6 +45,10 @@ from tests.modal_double.servicer import ModalDouble
 FAKE_ENGINE = Path(__file__).parent / "fake_engine.py"
 # The FAKE engine's command line for a release, given its port and the release's name.
 EngineCommand = Callable[[int, str], Command]
+# The compile body's own deadline; the stand-in for compile_deep_gemm returns at once.
+COMPILE_TIMEOUT_SECONDS = 60
+# What runs compile_deep_gemm's command line (serving.engines.deepgemm.run_compile's shape).
+CompileRun = Callable[[Command, float, Callable[[str], None]], None]
 # A stopped release gets this long to drain: nothing is in flight by then (retire waited).
 STOP_DRAIN_SECONDS = 5.0
 
@@ -73,7 +83,81 @@ class MountedVolume:
             target.write_bytes(data)
 
     def commit(self) -> None:
-        raise AssertionError(f"a release never commits its read-only volume {self.name}")
+        raise AssertionError(f"a read-only mount of {self.name} was committed")
+
+
+class WritableVolume(MountedVolume):
+    """A read-write mount: `commit()` publishes the container's files to the volume (new and
+    changed ones; a deletion is not carried over)."""
+
+    def commit(self) -> None:
+        files = self.double.volumes[(self.environment, self.name)].files
+        for path in self.root.rglob("*"):
+            if path.is_file():
+                files[path.relative_to(self.root).as_posix()] = path.read_bytes()
+
+
+class PrepContainers:
+    """The weights and compile Apps' functions of one profile, answered by the real bodies
+    against the Hub at `endpoint`. `compile_run` stands in for compile_deep_gemm (no GPU)."""
+
+    def __init__(
+        self,
+        double: ModalDouble,
+        profile: Profile,
+        root: Path,
+        endpoint: str,
+        environment: str,
+        compile_run: CompileRun,
+    ) -> None:
+        self.double, self.profile, self.root = double, profile, root
+        self.endpoint, self.environment = endpoint, environment
+        self.compile_run = compile_run
+        self._containers = itertools.count(1)
+        weights = resources.weights_app_name(profile)
+        double.run(weights, resources.DOWNLOAD_FUNCTION, self.download)
+        double.run(weights, resources.MERGE_FUNCTION, self.merge)
+        double.run(weights, resources.VERIFY_FUNCTION, self.verify)
+        if profile.deepgemm:
+            double.run(resources.compile_app_name(profile), resources.COMPILE_FUNCTION,
+                       self.compile)  # fmt: skip
+
+    def _mount(self, volume: str | None, *, writable: bool = True) -> tuple[Path, MountedVolume]:
+        assert volume is not None
+        root = self.root / f"container-{next(self._containers)}" / volume
+        kind = WritableVolume if writable else MountedVolume
+        return root, kind(self.double, volume, self.environment, root)
+
+    def download(
+        self, revision: str, paths: list[str] | None = None, files: list[dict] | None = None
+    ) -> dict[str, Any]:
+        root, volume = self._mount(self.profile.volumes.weights)
+        return bodies.download_body(self.profile, revision, root=root, volume=volume,
+                                    paths=paths, files=files, endpoint=self.endpoint)  # fmt: skip
+
+    def merge(
+        self, revision: str, shards: list[dict], files: list[dict] | None = None
+    ) -> dict[str, Any]:
+        root, volume = self._mount(self.profile.volumes.weights)
+        return bodies.merge_body(self.profile, revision, shards, root=root, volume=volume,
+                                 files=files, endpoint=self.endpoint)  # fmt: skip
+
+    def verify(self, revision: str) -> dict[str, Any]:
+        root, volume = self._mount(self.profile.volumes.weights)
+        kernels: tuple[Path | None, MountedVolume | None] = (None, None)
+        if self.profile.deepgemm:
+            kernels = self._mount(self.profile.volumes.deepgemm, writable=False)
+        return bodies.verify_body(self.profile, revision, weights_root=root,
+                                  weights_volume=volume, deepgemm_root=kernels[0],
+                                  deepgemm_volume=kernels[1], endpoint=self.endpoint)  # fmt: skip
+
+    def compile(self, revision: str) -> dict[str, Any]:
+        root, volume = self._mount(self.profile.volumes.deepgemm)
+        return bodies.compile_body(
+            self.profile, revision, deepgemm_root=root, deepgemm_volume=volume,
+            timeout_seconds=COMPILE_TIMEOUT_SECONDS, endpoint=self.endpoint,
+            run=self.compile_run, unavailable=lambda: None, log=lambda line: None,
+        )  # fmt: skip
 
 
 def fake_engine(config: str = "{}") -> EngineCommand:

@@ -1,6 +1,7 @@
 """The double's call RPCs: a function of a deployed App looked up by name, spawned, and its
-output polled. No container runs: each call ends as the test scripts it (Outcome), and the
-output is serialized as modal's container runtime serializes it."""
+output polled. No container runs: each call ends as the test scripts it (Outcome), or as a
+stand-in body the test gives for the function answers it (`run`), and the output is serialized
+as modal's container runtime serializes it."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ SUCCESS = api_pb2.GenericResult.GENERIC_STATUS_SUCCESS
 
 @dataclass(frozen=True)
 class Outcome:
-    """running: no output yet; returned/raised: the body's result; answered: returned what
-    `value`, a stand-in for the body, makes of the call's arguments; expired: output gone
+    """running: no output yet; returned/raised: the body's result; answered: what `value`, a
+    stand-in for the body, returns or raises for the call's arguments; expired: output gone
     after 7 days; api-failing: Modal's API itself answers INTERNAL to every poll of the call."""
 
     kind: Literal["running", "returned", "raised", "answered", "expired", "api-failing"]
@@ -48,7 +49,7 @@ def raised(exc: BaseException) -> Outcome:
 
 
 def answered(body: Callable[..., Any]) -> Outcome:
-    """Returned `body(*args, **kwargs)` of the call's own arguments, computed when it starts."""
+    """`body(*args, **kwargs)` of the call's own arguments, run when the call starts."""
     return Outcome("answered", body)
 
 
@@ -59,11 +60,23 @@ class Call:
     function: tuple[str, str]  # (App name, function tag)
     args: bytes  # the client's serialized (args, kwargs)
     outcome: Outcome = RUNNING
+    waits: int = 0  # polls that asked to wait for the output (a long poll)
 
     @property
     def arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The (args, kwargs) the client sent."""
         return deserialize(self.args, None)
+
+
+async def _answer(
+    body: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Outcome:
+    """What the body makes of the call, computed off the double's event loop (a body may take
+    a while, or call the API itself): its value, or the exception it raised."""
+    try:
+        return returned(await asyncio.to_thread(body, *args, **kwargs))
+    except Exception as exc:
+        return raised(exc)
 
 
 def _output(outcome: Outcome) -> api_pb2.FunctionGetOutputsItem:
@@ -89,6 +102,7 @@ class CallRpcs:
     functions: dict[str, api_pb2.Function]
     calls: dict[str, Call]
     scripts: defaultdict[tuple[str, str], deque[Outcome]]
+    bodies: dict[tuple[str, str], Callable[..., Any]]
 
     deployed: Callable[..., App]
     server_urls: Callable[[str], list[str]]
@@ -100,6 +114,11 @@ class CallRpcs:
         """How the next calls of an App's function end, in call order (then: running). The
         App may be deployed later, as a flow deploys it right before its first call."""
         self.scripts[(app_name, tag)].extend(outcomes)
+
+    def run(self, app_name: str, tag: str, body: Callable[..., Any]) -> None:
+        """Every call of an App's function that no script names is answered by `body`: a
+        stand-in for the function's container."""
+        self.bodies[(app_name, tag)] = body
 
     def calls_of(self, app_name: str, tag: str) -> list[Call]:
         """The calls of an App's function (spawned or `.remote()`), in call order."""
@@ -141,12 +160,14 @@ class CallRpcs:
             raise GRPCError(Status.UNIMPLEMENTED, "the Modal double maps one input per call")
         function = self._tag_of(request.function_id)
         script = self.scripts[function]
-        outcome = script.popleft() if script else RUNNING
+        if script:
+            outcome = script.popleft()
+        else:
+            outcome = answered(self.bodies[function]) if function in self.bodies else RUNNING
         call_id = self._new_id("fc")
         call = Call(call_id, request.function_id, function, request.pipelined_inputs[0].input.args)
         if outcome.kind == "answered":
-            args, kwargs = call.arguments
-            outcome = returned(outcome.value(*args, **kwargs))
+            outcome = await _answer(outcome.value, *call.arguments)
         call.outcome = outcome
         self.calls[call_id] = call
         await stream.send_message(api_pb2.FunctionMapResponse(
@@ -169,6 +190,8 @@ class CallRpcs:
         if call is None:
             raise GRPCError(Status.NOT_FOUND, f"no function call {request.function_call_id!r}")
         # A long poll: wait up to the request's timeout for the call to end.
+        if request.timeout > 0:
+            call.waits += 1
         deadline = time.monotonic() + request.timeout
         while call.outcome is RUNNING and time.monotonic() < deadline:
             await asyncio.sleep(LONG_POLL_STEP_SECONDS)

@@ -56,6 +56,7 @@ class ModalDouble(ServerRpcs, StorageRpcs, CallRpcs, _UnimplementedRpcs):  # typ
         self.unimplemented: list[str] = []
         self._ids = itertools.count(1)
         self.apps: dict[str, App] = {}
+        self.publishes: list[str] = []  # App names, one per deploy
         self.functions: dict[str, api_pb2.Function] = {}
         self.images: dict[str, api_pb2.Image] = {}
         self.mounts: dict[str, dict[str, str]] = {}
@@ -67,6 +68,7 @@ class ModalDouble(ServerRpcs, StorageRpcs, CallRpcs, _UnimplementedRpcs):  # typ
         self.block_url = ""  # set by tests.modal_double.server.serve
         self.calls: dict[str, Call] = {}
         self.scripts: defaultdict[tuple[str, str], deque[Outcome]] = defaultdict(deque)
+        self.bodies: dict[tuple[str, str], Callable[..., Any]] = {}
         self.containers: Containers | None = None  # see tests.modal_double.servers
         self.urls: dict[str, str] = {}
 
@@ -179,6 +181,7 @@ class ModalDouble(ServerRpcs, StorageRpcs, CallRpcs, _UnimplementedRpcs):  # typ
         app.state = request.app_state
         app.function_ids = dict(request.function_ids)
         app.class_ids = dict(request.class_ids)
+        self.publishes.append(app.name)
         await self._serve(app)
         await stream.send_message(api_pb2.AppPublishResponse(deployed_at=time.time()))
 

@@ -79,11 +79,6 @@ def dict_table(profile: Profile) -> RoutingTable | None:
     return server_bodies.routes_poll(routes)()
 
 
-def published(double: ModalDouble) -> list[str]:
-    """Every App the double was asked to deploy, in order."""
-    return [app.name for app in double.apps.values() if app.name]
-
-
 def chat(router: str, **extra: Any) -> httpx.Response:
     return httpx.post(
         f"{router}/v1/chat/completions",
@@ -100,7 +95,7 @@ def test_deploy_starts_the_router_then_the_release_at_weight_zero_and_is_idempot
 
     release = platform.deploy(profile, REV_A)
 
-    assert published(modal_double) == ["qwen3-8b-router", "qwen3-8b-aaaaaaaa"]
+    assert modal_double.publishes == ["qwen3-8b-router", "qwen3-8b-aaaaaaaa"]
     assert containers.started == ["qwen3-8b-router", "qwen3-8b-aaaaaaaa"]
     assert release.id == "qwen3-8b-aaaaaaaa" and release.revision == REV_A
     server = modal.Server.from_name(release.id, resources.SERVER_NAME,
@@ -126,7 +121,7 @@ def test_deploy_starts_the_router_then_the_release_at_weight_zero_and_is_idempot
     # A re-run converges: nothing redeployed (a redeploy would roll the serving containers).
     again = ModalPlatform(platform.home, environment=ENVIRONMENT).deploy(profile, REV_A)
     assert again == release
-    assert published(modal_double) == ["qwen3-8b-router", "qwen3-8b-aaaaaaaa"]
+    assert modal_double.publishes == ["qwen3-8b-router", "qwen3-8b-aaaaaaaa"]
     assert containers.started == ["qwen3-8b-router", "qwen3-8b-aaaaaaaa"]
 
 
