@@ -73,10 +73,8 @@ class MountedVolume:
 
     def __init__(self, double: ModalDouble, name: str, environment: str, root: Path) -> None:
         self.double, self.name, self.environment, self.root = double, name, environment, root
-        self.reloads = 0
 
     def reload(self) -> None:
-        self.reloads += 1
         for path, data in self.double.volumes[(self.environment, self.name)].files.items():
             target = self.root / path
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +187,7 @@ class ServingContainers:
         self.running: dict[str, Callable[[], None]] = {}  # App name -> its exit body
         self.started: list[str] = []
         self.stopped: list[str] = []
-        self.crashes: list[EngineFailed] = []
+        self.crashes: list[EngineFailed] = []  # engines that died serving (Modal would restart)
         self.router_url: str | None = None  # while the router runs
         self._lock = threading.Lock()
 
