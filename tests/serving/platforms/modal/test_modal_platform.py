@@ -13,8 +13,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import modal.exception
-import modal.volume
 import pytest
 
 from serving.config.layout import deepgemm_dir
@@ -26,7 +24,6 @@ from serving.platforms.modal.calls import CallStore, ModalCallError
 from serving.platforms.modal.gateway import ModalGateway
 from serving.platforms.modal.platform import ModalPlatform
 from serving.platforms.modal.prep import shard_count
-from serving.platforms.modal.resources import VolumeVersionMismatch
 from serving.weights.hub import HIGH_PERFORMANCE_ENV, fetch_files
 from serving.weights.models import FileEntry, Progress, WeightsError
 from tests.mirror_fixtures import SyntheticRepo
@@ -378,34 +375,3 @@ def test_the_default_platform_makes_no_modal_call_and_tests_cannot_leave_loopbac
     assert modal_platform.cache_scope.startswith("modal:")
     with pytest.raises(ConnectionRefusedError, match="may not leave loopback"):
         socket.create_connection(("192.0.2.1", 443), timeout=1)
-
-
-class FakeAppMeetingAnOldVolume:
-    """FAKE: an App whose deploy meets the profile's weights volume as v1 where v2 is asked
-    for. The error is the SDK's own (modal.volume._validate_volume_version, which a deploy
-    calls while hydrating the volume); only a Modal server holding such a volume produces it."""
-
-    def __init__(self, error: Exception | None = None) -> None:
-        self.error = error
-
-    def deploy(self, environment_name: str | None = None) -> None:
-        if self.error is not None:
-            raise self.error
-        modal.volume._validate_volume_version(2, 1, "glm51-weights")
-
-
-def test_a_weights_volume_of_another_version_fails_the_deploy_with_what_to_do() -> None:
-    with pytest.raises(VolumeVersionMismatch) as failure:
-        ModalGateway().deploy(FakeAppMeetingAnOldVolume())  # type: ignore[arg-type]
-    message = str(failure.value)
-    assert "\n" not in message
-    assert "'glm51-weights' is v1, but rollout needs v2" in message
-    assert "volumes.weights" in message and "`modal volume delete glm51-weights`" in message
-    assert isinstance(failure.value.__cause__, modal.exception.InvalidError)
-
-
-def test_other_deploy_errors_pass_unchanged() -> None:
-    other = modal.exception.InvalidError("Deployment strategy must be 'rolling' or 'recreate'")
-    with pytest.raises(modal.exception.InvalidError) as failure:
-        ModalGateway().deploy(FakeAppMeetingAnOldVolume(other))  # type: ignore[arg-type]
-    assert failure.value is other
