@@ -2,11 +2,12 @@
 Prefect flows, the real modal SDK against the TEST DOUBLE of Modal's API (tests/modal_double),
 the real HF client against the local mirror.
 
-The double runs no containers. The bodies of spawned and `.remote()` calls end as each test
-scripts them; the release and router Servers run in-process from the project's own container
-bodies (tests/modal_containers.py: the real supervisor over the FAKE engine, the real router
-over the routes Dict). Each test has its own Modal environment, so Prefect's stage cache (keyed
-on the environment) never carries a result from one test, or one session, to another.
+The double runs no containers. Calls of the weights and compile Apps are answered by the
+project's own bodies (tests/modal_containers.py), or end as the test scripts them; the release
+and router Servers run in-process from the project's own container bodies (the real supervisor
+over the FAKE engine, the real router over the routes Dict). Each test has its own Modal
+environment, so Prefect's stage cache (keyed on the environment) never carries a result from
+one test, or one session, to another.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import httpx
@@ -34,16 +34,24 @@ from dev.demo_model import make_synthetic_repo
 from dev.mirror import MirrorServer
 from dev.mirror_store import KiB, MirrorStore
 from rollout.cli import main
+from serving.config.layout import SENTINEL_NAME, weights_dir
 from serving.config.loader import DEFAULT_MODELS_DIR, load_profile
 from serving.domain.release import VerifyResult
-from serving.engines.deepgemm import CompileResult
 from serving.platforms.modal import resources
 from serving.platforms.modal.calls import CallStore
-from serving.weights.models import DownloadResult, FileEntry, Manifest, ShardResult, VerifyReport
+from serving.platforms.modal.gateway import ModalGateway
+from serving.weights.hub import fetch_files
+from serving.weights.models import Manifest, VerifyReport
 from tasks.weights import gpu_limit_name
-from tests.modal_containers import ServingContainers, fake_engine, seed_verified_weights
-from tests.modal_double.calls import answered, returned
+from tests.modal_containers import (
+    PrepContainers,
+    ServingContainers,
+    fake_engine,
+    seed_verified_weights,
+)
+from tests.modal_double.calls import returned
 from tests.modal_double.servicer import ModalDouble
+from tests.modal_fixtures import FakeCompileRun
 
 ADMIN_TOKEN = "admin-SECRET-token-e2e"
 REV_A = "aaaaaaaa" + "0" * 32
@@ -113,84 +121,47 @@ def glm_main(mirror_store: MirrorStore, mirror: MirrorServer,
     return sha
 
 
-def shard_body(revision: str, paths: list[str], files: list[dict[str, Any]]) -> dict[str, Any]:
-    """A shard's container: it proves the files it was given."""
-    entries = [FileEntry.model_validate(f) for f in files if f["path"] in paths]
-    moment = datetime.now(UTC)
-    return ShardResult(
-        repo="zai-org/GLM-5.1-FP8",
-        revision=revision,
-        files=entries,
-        started_at=moment,
-        finished_at=moment,
-        bytes_downloaded=sum(e.size for e in entries),
-    ).model_dump(mode="json")
-
-
-def merge_body(revision: str, shards: list[dict[str, Any]],
-               files: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
-    """The merge container: one sentinel over the shards' files."""
-    results = [ShardResult.model_validate(shard) for shard in shards]
-    proven = sorted((e for r in results for e in r.files), key=lambda e: e.path)
-    moment = datetime.now(UTC)
-    manifest = Manifest(repo=results[0].repo, revision=revision, files=proven,
-                        bytes_total=sum(e.size for e in proven), started_at=moment,
-                        finished_at=moment)  # fmt: skip
-    return DownloadResult(directory=Path("/weights") / manifest.repo / revision,
-                          manifest=manifest, cached=False,
-                          bytes_downloaded=sum(r.bytes_downloaded for r in results),
-                          ).model_dump(mode="json")  # fmt: skip
-
-
-def compiled(revision: str) -> dict[str, Any]:
-    return CompileResult(
-        status="compiled",
-        reason="compiled on 8xB200",
-        key="k" * 32,
-        marker="/deepgemm/markers/k.json",
-        seconds=60.0,
-    ).model_dump(mode="json")
-
-
 def test_prep_downloads_in_shards_compiles_and_verifies_on_modal(
     capsys: pytest.CaptureFixture[str], modal_double: ModalDouble, environment: str,
-    glm_main: str, tmp_path: Path,
+    glm_main: str, mirror: MirrorServer, tmp_path: Path,
 ) -> None:  # fmt: skip
+    profile = load_profile("glm-5.1")
+    compile_run = FakeCompileRun()  # no GPU here: compile_deep_gemm's command is recorded
+    PrepContainers(modal_double, profile, tmp_path / "containers", mirror.url, environment,
+                   compile_run)  # fmt: skip
     weights, compile_app = "glm-5.1-weights", "glm-5.1-compile"
-    modal_double.script(weights, resources.DOWNLOAD_FUNCTION, answered(shard_body),
-                        answered(shard_body))  # fmt: skip
-    modal_double.script(weights, resources.MERGE_FUNCTION, answered(merge_body))
-    modal_double.script(compile_app, resources.COMPILE_FUNCTION, answered(compiled))
-    modal_double.script(weights, resources.VERIFY_FUNCTION, returned(passed_verification()))
 
     code, report = rollout(capsys, "prep", "glm-5.1", "--target", "modal")
 
     assert code == 0, report
-    every_file = modal_double.calls_of(weights, resources.DOWNLOAD_FUNCTION)[0].arguments[0][2]
+    every_file = fetch_files(profile.hub.repo, glm_main, endpoint=mirror.url)
     assert (report["revision"], report["files"]) == (glm_main, len(every_file))
     assert report["verified"] and report["compile_status"] == "compiled"
-    assert report["bytes_downloaded"] == report["bytes_total"] == sum(f["size"] for f in every_file)
-    # Two shards between them take every file once; the merge got both shards' proofs.
+    assert report["bytes_downloaded"] == report["bytes_total"] == sum(f.size for f in every_file)
+    # Two shards between them took every file once, and the merge wrote one sentinel for all.
     shards = [c.arguments[0] for c in modal_double.calls_of(weights, resources.DOWNLOAD_FUNCTION)]
     paths = [path for _, given, _ in shards for path in given]
-    assert len(shards) == 2 and sorted(paths) == sorted(f["path"] for f in every_file)
-    [merge] = modal_double.calls_of(weights, resources.MERGE_FUNCTION)
-    assert [len(shard["files"]) for shard in merge.arguments[0][1]] == [
-        len(given) for _, given, _ in shards
-    ]
-    # The compile ran beside the download, once, on the GPU App; verify came last.
+    assert len(shards) == 2 and sorted(paths) == sorted(f.path for f in every_file)
+    assert len(modal_double.calls_of(weights, resources.MERGE_FUNCTION)) == 1
+    sentinel = weights_dir(PurePosixPath("/"), profile, glm_main) / SENTINEL_NAME
+    manifest = Manifest.model_validate_json(
+        ModalGateway(environment).read_volume_file(profile.volumes.weights, str(sentinel)) or ""
+    )
+    assert sorted(f.path for f in manifest.files) == sorted(f.path for f in every_file)
+    # The compile ran once, beside the download, on the GPU App, for the profile's TP.
+    [compiled] = compile_run.commands
+    tp = compiled.argv.index("--tp-size")
+    assert compiled.argv[tp + 1] == str(profile.resources.tp)
     assert [c.arguments[0] for c in modal_double.calls_of(compile_app, "compile")] == [(glm_main,)]
     assert [c.arguments[0] for c in modal_double.calls_of(weights, "verify")] == [(glm_main,)]
     assert deployed(modal_double, environment) == [compile_app, weights]
-    assert modal_double.volume_version("glm51-weights", environment) == V2
+    assert modal_double.volume_version(profile.volumes.weights, environment) == V2
     # Each spawned call is on record, so a restarted orchestrator re-attaches to it.
-    records = {(r.key.stage, r.key.detail): r.call_id
-               for r in CallStore(tmp_path / "home/state/modal-calls.json").records()}  # fmt: skip
-    spawned = modal_double.calls_of(weights, "download") + modal_double.calls_of(
-        compile_app, "compile"
-    )
-    assert sorted(records.values()) == sorted(call.call_id for call in spawned)
-    assert sorted(stage for stage, _ in records) == ["compile", "download-shard", "download-shard"]
+    records = CallStore(tmp_path / "home/state/modal-calls.json").records()
+    spawned = [*modal_double.calls_of(weights, "download"),
+               *modal_double.calls_of(compile_app, "compile")]  # fmt: skip
+    assert sorted(r.call_id for r in records) == sorted(call.call_id for call in spawned)
+    assert sorted(r.key.stage for r in records) == ["compile", "download-shard", "download-shard"]
 
 
 # --------------------------------------------------------------------------------------------
