@@ -48,9 +48,11 @@ _UnimplementedRpcs: type[api_grpc.ModalClientBase] = type(
 
 
 class ModalDouble(ServerRpcs, StorageRpcs, CallRpcs, _UnimplementedRpcs):  # type: ignore[misc, valid-type]
-    """State a test may read: apps, functions (their api_pb2.Function definitions), images,
-    mounts (path -> sha256) and uploaded files (sha256 -> bytes), volumes, secrets, dicts, and
-    spawned calls (ended as scripted, see tests.modal_double.calls)."""
+    """State a test may read: apps (and `publishes`, one name per deploy), functions (their
+    api_pb2.Function definitions), images, mounts (path -> sha256) and uploaded files
+    (sha256 -> bytes), volumes, secrets, dicts, calls (ended as scripted or answered by a body,
+    see tests.modal_double.calls) and Server URLs (run by attached `containers`, see
+    tests.modal_double.servers)."""
 
     def __init__(self) -> None:
         self.unimplemented: list[str] = []
