@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,6 @@ from modal_proto import api_pb2
 
 from serving.config.profile import Profile
 from serving.core.procs import wait_for
-from serving.domain.records import ReleaseRecord
-from serving.domain.release import Release
 from serving.platforms.modal import apps, resources, server_bodies
 from serving.platforms.modal import platform as modal_platform
 from serving.platforms.modal.gateway import ModalGateway
@@ -229,21 +226,13 @@ def test_running_releases_are_the_models_release_apps(
     assert by_modal.startswith("https://") and by_modal.endswith(".modal.run")
 
 
-def test_the_release_store_is_one_dict_keyed_by_model(
+def test_shutdown_stops_nothing_modal_apps_outlive_the_orchestrator(
     serving: tuple[Profile, ServingContainers, ModalPlatform], modal_double: ModalDouble
 ) -> None:
-    _, containers, platform = serving
-    store = platform.release_store()
-    assert store.read("qwen3-8b") == ReleaseRecord(model="qwen3-8b")
-    release = Release(
-        model="qwen3-8b", revision=REV_A, id="qwen3-8b-aaaaaaaa", url="https://a.modal.run",
-        deployed_at=datetime(2026, 11, 1, tzinfo=UTC),
-    )  # fmt: skip
-    store.update("qwen3-8b", lambda record: record.model_copy(update={"stable": release}))
-    assert platform.release_store().read("qwen3-8b").stable == release
-    [(environment, name)] = modal_double.dicts
-    assert (environment, name) == (ENVIRONMENT, resources.RELEASES_DICT_NAME)
-    # One entry, the model's record (the write lease was released).
-    assert len(modal_double.dicts[(environment, name)].data) == 1
-    platform.shutdown()  # Modal Apps outlive the orchestrator: nothing to stop
+    profile, containers, platform = serving
+    release = platform.deploy(profile, REV_A)
+
+    platform.shutdown()
+
     assert containers.stopped == []
+    assert modal_double.deployed(release.id, ENVIRONMENT).state == api_pb2.APP_STATE_DEPLOYED
