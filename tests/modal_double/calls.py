@@ -1,6 +1,7 @@
 """The double's call RPCs: a function of a deployed App looked up by name, spawned, and its
-output polled. No container runs: each call ends as the test scripts it (Outcome), and the
-output is serialized as modal's container runtime serializes it."""
+output polled. No container runs: each call ends as the test scripts it (Outcome), or as a
+stand-in body the test gives for the function answers it (`run`), and the output is serialized
+as modal's container runtime serializes it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any, Literal
 
 from grpclib import GRPCError, Status
 from grpclib.server import Stream
-from modal._serialization import pickle_exception, pickle_traceback, serialize
+from modal._serialization import deserialize, pickle_exception, pickle_traceback, serialize
 from modal_proto import api_pb2
 
 from tests.modal_double.state import App, function_data
@@ -26,10 +27,11 @@ SUCCESS = api_pb2.GenericResult.GENERIC_STATUS_SUCCESS
 
 @dataclass(frozen=True)
 class Outcome:
-    """running: no output yet; returned/raised: the body's result; expired: output gone after
-    7 days; api-failing: Modal's API itself answers INTERNAL to every poll of the call."""
+    """running: no output yet; returned/raised: the body's result; answered: what `value`, a
+    stand-in for the body, returns or raises for the call's arguments; expired: output gone
+    after 7 days; api-failing: Modal's API itself answers INTERNAL to every poll of the call."""
 
-    kind: Literal["running", "returned", "raised", "expired", "api-failing"]
+    kind: Literal["running", "returned", "raised", "answered", "expired", "api-failing"]
     value: Any = None
 
 
@@ -46,11 +48,35 @@ def raised(exc: BaseException) -> Outcome:
     return Outcome("raised", exc)
 
 
+def answered(body: Callable[..., Any]) -> Outcome:
+    """`body(*args, **kwargs)` of the call's own arguments, run when the call starts."""
+    return Outcome("answered", body)
+
+
 @dataclass
 class Call:
+    call_id: str
     function_id: str
+    function: tuple[str, str]  # (App name, function tag)
     args: bytes  # the client's serialized (args, kwargs)
     outcome: Outcome = RUNNING
+    waits: int = 0  # polls that asked to wait for the output (a long poll)
+
+    @property
+    def arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The (args, kwargs) the client sent."""
+        return deserialize(self.args, None)
+
+
+async def _answer(
+    body: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Outcome:
+    """What the body makes of the call, computed off the double's event loop (a body may take
+    a while, or call the API itself): its value, or the exception it raised."""
+    try:
+        return returned(await asyncio.to_thread(body, *args, **kwargs))
+    except Exception as exc:
+        return raised(exc)
 
 
 def _output(outcome: Outcome) -> api_pb2.FunctionGetOutputsItem:
@@ -72,18 +98,31 @@ def _output(outcome: Outcome) -> api_pb2.FunctionGetOutputsItem:
 class CallRpcs:
     """Mixed into the servicer, whose state it shares."""
 
+    apps: dict[str, App]
     functions: dict[str, api_pb2.Function]
     calls: dict[str, Call]
-    scripts: defaultdict[str, deque[Outcome]]
+    scripts: defaultdict[tuple[str, str], deque[Outcome]]
+    bodies: dict[tuple[str, str], Callable[..., Any]]
 
     deployed: Callable[..., App]
+    server_urls: Callable[[str], list[str]]
     _new_id: Callable[[str], str]
 
     # What a test scripts.
 
     def script(self, app_name: str, tag: str, *outcomes: Outcome) -> None:
-        """How the next calls of a deployed function end, in spawn order (then: running)."""
-        self.scripts[self.deployed(app_name).function_ids[tag]].extend(outcomes)
+        """How the next calls of an App's function end, in call order (then: running). The
+        App may be deployed later, as a flow deploys it right before its first call."""
+        self.scripts[(app_name, tag)].extend(outcomes)
+
+    def run(self, app_name: str, tag: str, body: Callable[..., Any]) -> None:
+        """Every call of an App's function that no script names is answered by `body`: a
+        stand-in for the function's container."""
+        self.bodies[(app_name, tag)] = body
+
+    def calls_of(self, app_name: str, tag: str) -> list[Call]:
+        """The calls of an App's function (spawned or `.remote()`), in call order."""
+        return [call for call in self.calls.values() if call.function == (app_name, tag)]
 
     def settle(self, call_id: str, outcome: Outcome) -> None:
         """A running call ends (or its output expires, or the API starts failing)."""
@@ -107,7 +146,9 @@ class CallRpcs:
             function_id=function_id,
             function=function_data(definition),
             handle_metadata=api_pb2.FunctionHandleMetadata(
-                function_name=definition.function_name, function_type=definition.function_type
+                function_name=definition.function_name, function_type=definition.function_type,
+                # A Server's URL (modal.Server.get_url reads it from here).
+                **{"_experimental_flash_urls": self.server_urls(function_id)},
             ),
         ))  # fmt: skip
 
@@ -117,12 +158,18 @@ class CallRpcs:
             raise GRPCError(Status.NOT_FOUND, f"no function {request.function_id!r}")
         if len(request.pipelined_inputs) != 1:
             raise GRPCError(Status.UNIMPLEMENTED, "the Modal double maps one input per call")
-        script = self.scripts[request.function_id]
-        outcome = script.popleft() if script else RUNNING
+        function = self._tag_of(request.function_id)
+        script = self.scripts[function]
+        if script:
+            outcome = script.popleft()
+        else:
+            outcome = answered(self.bodies[function]) if function in self.bodies else RUNNING
         call_id = self._new_id("fc")
-        self.calls[call_id] = Call(
-            request.function_id, request.pipelined_inputs[0].input.args, outcome
-        )
+        call = Call(call_id, request.function_id, function, request.pipelined_inputs[0].input.args)
+        if outcome.kind == "answered":
+            outcome = await _answer(outcome.value, *call.arguments)
+        call.outcome = outcome
+        self.calls[call_id] = call
         await stream.send_message(api_pb2.FunctionMapResponse(
             function_call_id=call_id,
             pipelined_inputs=[api_pb2.FunctionPutInputsResponseItem(
@@ -130,12 +177,21 @@ class CallRpcs:
             )],
         ))  # fmt: skip
 
+    def _tag_of(self, function_id: str) -> tuple[str, str]:
+        for app in self.apps.values():
+            for tag, candidate in app.function_ids.items():
+                if candidate == function_id:
+                    return app.name, tag
+        raise GRPCError(Status.NOT_FOUND, f"no App has function {function_id!r}")
+
     async def FunctionGetOutputs(self, stream: Stream) -> None:
         request = await stream.recv_message()
         call = self.calls.get(request.function_call_id)
         if call is None:
             raise GRPCError(Status.NOT_FOUND, f"no function call {request.function_call_id!r}")
         # A long poll: wait up to the request's timeout for the call to end.
+        if request.timeout > 0:
+            call.waits += 1
         deadline = time.monotonic() + request.timeout
         while call.outcome is RUNNING and time.monotonic() < deadline:
             await asyncio.sleep(LONG_POLL_STEP_SECONDS)

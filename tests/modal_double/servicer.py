@@ -17,6 +17,7 @@ from grpclib.server import Stream
 from modal_proto import api_grpc, api_pb2
 
 from tests.modal_double.calls import Call, CallRpcs, Outcome
+from tests.modal_double.servers import Containers, ServerRpcs
 from tests.modal_double.state import App, Named, function_data
 from tests.modal_double.storage import StorageRpcs
 
@@ -46,16 +47,19 @@ _UnimplementedRpcs: type[api_grpc.ModalClientBase] = type(
 )
 
 
-class ModalDouble(StorageRpcs, CallRpcs, _UnimplementedRpcs):  # type: ignore[misc, valid-type]
-    """State a test may read: apps, functions (their api_pb2.Function definitions), images,
-    mounts (path -> sha256) and uploaded files (sha256 -> bytes), volumes, secrets, dicts, and
-    spawned calls (ended as scripted, see tests.modal_double.calls)."""
+class ModalDouble(ServerRpcs, StorageRpcs, CallRpcs, _UnimplementedRpcs):  # type: ignore[misc, valid-type]
+    """State a test may read: apps (and `publishes`, one name per deploy), functions (their
+    api_pb2.Function definitions), images, mounts (path -> sha256) and uploaded files
+    (sha256 -> bytes), volumes, secrets, dicts, calls (ended as scripted or answered by a body,
+    see tests.modal_double.calls) and Server URLs (run by attached `containers`, see
+    tests.modal_double.servers)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.unimplemented: list[str] = []
         self._ids = itertools.count(1)
         self.apps: dict[str, App] = {}
+        self.publishes: list[str] = []  # App names, one per deploy
         self.functions: dict[str, api_pb2.Function] = {}
         self.images: dict[str, api_pb2.Image] = {}
         self.mounts: dict[str, dict[str, str]] = {}
@@ -66,7 +70,10 @@ class ModalDouble(StorageRpcs, CallRpcs, _UnimplementedRpcs):  # type: ignore[mi
         self.blocks: dict[str, bytes] = {}
         self.block_url = ""  # set by tests.modal_double.server.serve
         self.calls: dict[str, Call] = {}
-        self.scripts: defaultdict[str, deque[Outcome]] = defaultdict(deque)
+        self.scripts: defaultdict[tuple[str, str], deque[Outcome]] = defaultdict(deque)
+        self.bodies: dict[tuple[str, str], Callable[..., Any]] = {}
+        self.containers: Containers | None = None  # see tests.modal_double.servers
+        self.urls: dict[str, str] = {}
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}-double{next(self._ids):06d}"
@@ -177,6 +184,8 @@ class ModalDouble(StorageRpcs, CallRpcs, _UnimplementedRpcs):  # type: ignore[mi
         app.state = request.app_state
         app.function_ids = dict(request.function_ids)
         app.class_ids = dict(request.class_ids)
+        self.publishes.append(app.name)
+        await self._serve(app)
         await stream.send_message(api_pb2.AppPublishResponse(deployed_at=time.time()))
 
     async def AppClientDisconnect(self, stream: Stream) -> None:

@@ -1,7 +1,8 @@
 """The gateway: everything the platform asks of Modal, behind one small protocol.
 
-ModalPlatform talks to Modal only through a Gateway: `ModalGateway` here, a fake in tests that
-runs the same container bodies in-process, so the platform is tested offline.
+ModalPlatform talks to Modal only through a Gateway: `ModalGateway` here. Tests drive it
+against a gRPC double of Modal's API (tests/modal_double); the seam remains for a fault no API
+can produce, such as an orchestrator killed while it waits on a call.
 """
 
 from __future__ import annotations

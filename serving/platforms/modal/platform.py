@@ -3,8 +3,7 @@
 Preparation (resolve, download, compile, verify) is serving.platforms.modal.prep: long jobs
 spawned on the deployed `<model>-weights` / `<model>-compile` Apps, their call ids recorded so a
 restarted orchestrator re-attaches instead of paying for a second 8-GPU job. Everything that
-talks to Modal sits behind the small `Gateway` protocol (serving.platforms.modal.gateway), so
-all of this is tested offline.
+talks to Modal sits behind the small `Gateway` protocol (serving.platforms.modal.gateway).
 
 Serving: one `<model>-<rev8>` App per release (apps.build_release_app) and one
 `<model>-router` App per model. Routing lives in the model's modal.Dict (`<model>-routes`, key

@@ -170,8 +170,15 @@ def test_a_v1_weights_volume_fails_the_deploy_with_what_to_do(
 ) -> None:
     modal_double.create_volume("glm51-weights", api_pb2.VOLUME_FS_VERSION_V1)
 
-    with pytest.raises(resources.VolumeVersionMismatch, match="modal volume delete glm51-weights"):
+    with pytest.raises(resources.VolumeVersionMismatch) as failure:
         ModalGateway().deploy(apps.build_weights_app(glm).app)
+
+    message = str(failure.value)
+    assert "\n" not in message
+    assert "'glm51-weights' is v1, but rollout needs v2" in message
+    assert "volumes.weights" in message and "`modal volume delete glm51-weights`" in message
+    # modal's own error, raised while the deploy hydrates the volume, is the cause.
+    assert isinstance(failure.value.__cause__, modal.exception.InvalidError)
 
 
 def test_an_rpc_the_double_lacks_fails_the_call_naming_it(modal_double: ModalDouble) -> None:

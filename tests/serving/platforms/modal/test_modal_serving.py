@@ -1,141 +1,79 @@
-"""ModalPlatform's deploy / set_traffic / retire / stats / running_releases against a FAKE
-gateway that runs the real release and router bodies on loopback (FakeServingGateway): a
-release App runs the FAKE engine under the real supervisor; the router App runs the real
-router polling a dict-backed FakeDict through the same `routes_poll` the container uses.
-conftest.py refuses any connection past loopback: a Modal call fails these tests."""
+"""ModalPlatform's deploy / set_traffic / retire / stats / running_releases through the real
+modal SDK against the TEST DOUBLE of Modal's API (tests/modal_double). The double runs the
+deployed Servers through tests/modal_containers.py: a release App runs the FAKE engine under the
+real supervisor, the router App runs the real router polling the model's routes Dict through the
+SDK; stopping an App runs its exit body. conftest.py refuses any connection past loopback."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import modal
 import pytest
+from modal_proto import api_pb2
 
 from serving.config.profile import Profile
 from serving.core.procs import wait_for
+from serving.platforms.modal import apps, resources, server_bodies
 from serving.platforms.modal import platform as modal_platform
-from serving.platforms.modal import resources, server_bodies
+from serving.platforms.modal.gateway import ModalGateway
 from serving.platforms.modal.platform import ModalPlatform
 from serving.router.table import RoutingTable
-from serving.supervisor.supervisor import Supervisor
-from tests.modal_fixtures import FakeDict, serving_profile
+from tests.modal_containers import ServingContainers, seed_verified_weights
+from tests.modal_double.servicer import ModalDouble
+from tests.modal_fixtures import serving_profile
 from tests.modal_serving_fixtures import (
     ADMIN_TOKEN,
     API_KEY,
     REV_A,
     REV_B,
-    start_fake_release,
+    STREAM_CHUNKS,
+    STREAM_INTERVAL_S,
     weights_of,
-    write_verified_weights,
 )
-from tests.server_fixtures import POLL_SECONDS
+from tests.server_fixtures import POLL_SECONDS, fake_command
 
-# --------------------------------------------------------------------------------------------
-# ModalPlatform serving against a FAKE gateway running the real bodies
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FakeApp:
-    url: str
-    stop: Callable[[], None]
-    supervisor: Supervisor | None = None
+ENVIRONMENT = "test"
+STOPPED = api_pb2.APP_STATE_STOPPED
+REV_C = "cccccccc" + "2" * 32
 
 
-@dataclass
-class FakeServingGateway:
-    """FAKE Modal for serving. Deploying a release App runs the release bodies (FAKE engine,
-    loopback port); deploying the router App runs the router body on loopback over the model's
-    FakeDict; stopping an App runs its exit body."""
-
-    profile: Profile
-    root: Path
-    apps: dict[str, FakeApp] = field(default_factory=dict)
-    dicts: dict[str, FakeDict] = field(default_factory=dict)
-    deployed: list[str] = field(default_factory=list)
-    stopped: list[str] = field(default_factory=list)
-    other_apps: list[str] = field(default_factory=list)
-
-    def deploy(self, app: Any) -> None:
-        name = str(app.name)
-        self.deployed.append(name)
-        if name == resources.router_app_name(self.profile):
-            routes = self.dict(resources.routes_dict_name(self.profile))
-            config = server_bodies.router_config(self.profile, routes)
-            router = server_bodies.start_router(config, host="127.0.0.1", port=0)
-            url = f"http://127.0.0.1:{router.port}"
-            self.apps[name] = FakeApp(url, lambda: server_bodies.stop_router(router))
-            return
-        revision = next(
-            path.name
-            for path in (self.root / "weights" / self.profile.hub.repo).iterdir()
-            if name == resources.release_app_name(self.profile, path.name)
-        )
-        supervisor, _, _ = start_fake_release(
-            self.profile, revision, self.root, api_key=server_bodies.container_api_key(self.profile)
-        )
-        server_bodies.resume_release(supervisor)
-        self.apps[name] = FakeApp(
-            supervisor.base_url, lambda: server_bodies.stop_release(supervisor, 5), supervisor
-        )
-
-    def deployed_apps(self) -> list[str]:
-        return [*self.apps, *self.other_apps]
-
-    def server_url(self, app_name: str, server_name: str) -> str | None:
-        app = self.apps.get(app_name)
-        return app.url if app else f"https://fake--{app_name}.modal.run"
-
-    def stop_app(self, app_name: str) -> None:
-        self.stopped.append(app_name)
-        app = self.apps.pop(app_name, None)
-        if app is not None:
-            app.stop()
-
-    def dict(self, name: str) -> FakeDict:
-        return self.dicts.setdefault(name, FakeDict())
-
-    def close(self) -> None:
-        for name in list(self.apps):
-            self.stop_app(name)
-
-    # Preparation is tested in test_modal_platform.py.
-    def spawn(self, app_name: str, function: str, *args: Any) -> str:
-        raise AssertionError("no preparation call while serving")
-
-    def call(self, app_name: str, function: str, *args: Any) -> Any:
-        raise AssertionError("no preparation call while serving")
-
-    def poll(self, call_id: str, timeout: float = 0) -> Any:
-        raise AssertionError("no preparation call while serving")
-
-    def read_volume_file(self, volume: str, path: str) -> bytes | None:
-        raise AssertionError("no preparation call while serving")
+def stdlib_fake_engine(port: int, name: str) -> Any:
+    """tests/engines/fake_engine.py: answers the snapshot endpoints, streams slowly."""
+    return fake_command("--port", str(port), "--stream-chunks", str(STREAM_CHUNKS),
+                        "--stream-interval", str(STREAM_INTERVAL_S))  # fmt: skip
 
 
 @pytest.fixture
 def serving(
-    tmp_path: Path, admin_token: str, api_key: str
-) -> Iterator[tuple[Profile, FakeServingGateway, ModalPlatform]]:
+    tmp_path: Path, modal_double: ModalDouble, admin_token: str, api_key: str
+) -> Iterator[tuple[Profile, ServingContainers, ModalPlatform]]:
     profile = serving_profile(snapshot=True, api_key=True)
-    for revision in (REV_A, REV_B):
-        write_verified_weights(tmp_path / "weights", profile, revision)
-    gateway = FakeServingGateway(profile, tmp_path)
-    platform = ModalPlatform(tmp_path / "home", environment="test", gateway=gateway)
+    modal_double.create_secret(resources.ROUTER_ADMIN_SECRET,
+                               {resources.ROUTER_ADMIN_TOKEN_ENV: admin_token}, ENVIRONMENT)
+    modal_double.create_secret(str(profile.secrets.api_key), {resources.API_KEY_ENV: api_key},
+                               ENVIRONMENT)  # fmt: skip
+    seed_verified_weights(modal_double, profile, [REV_A, REV_B], ENVIRONMENT)
+    engines = {REV_A: stdlib_fake_engine, REV_B: stdlib_fake_engine}
+    containers = ServingContainers(modal_double, profile, tmp_path / "containers", engines,
+                                   ENVIRONMENT)  # fmt: skip
+    modal_double.containers = containers
+    platform = ModalPlatform(tmp_path / "home", environment=ENVIRONMENT)
     try:
-        yield profile, gateway, platform
+        yield profile, containers, platform
     finally:
-        gateway.close()
+        containers.close()
 
 
-def dict_table(gateway: FakeServingGateway, profile: Profile) -> RoutingTable | None:
+def dict_table(profile: Profile) -> RoutingTable | None:
     """What the router container reads: the real poll function over the model's Dict."""
-    return server_bodies.routes_poll(gateway.dict(resources.routes_dict_name(profile)))()
+    routes = ModalGateway(ENVIRONMENT).dict(resources.routes_dict_name(profile))
+    return server_bodies.routes_poll(routes)()
 
 
 def chat(router: str, **extra: Any) -> httpx.Response:
@@ -148,23 +86,27 @@ def chat(router: str, **extra: Any) -> httpx.Response:
 
 
 def test_deploy_starts_the_router_then_the_release_at_weight_zero_and_is_idempotent(
-    serving: tuple[Profile, FakeServingGateway, ModalPlatform],
+    serving: tuple[Profile, ServingContainers, ModalPlatform], modal_double: ModalDouble
 ) -> None:
-    profile, gateway, platform = serving
+    profile, containers, platform = serving
 
     release = platform.deploy(profile, REV_A)
 
-    assert gateway.deployed == ["qwen3-8b-router", "qwen3-8b-aaaaaaaa"]
+    assert modal_double.publishes == ["qwen3-8b-router", "qwen3-8b-aaaaaaaa"]
+    assert containers.started == ["qwen3-8b-router", "qwen3-8b-aaaaaaaa"]
     assert release.id == "qwen3-8b-aaaaaaaa" and release.revision == REV_A
-    assert release.url == gateway.apps["qwen3-8b-aaaaaaaa"].url
-    table = dict_table(gateway, profile)
+    server = modal.Server.from_name(release.id, resources.SERVER_NAME,
+                                    environment_name=ENVIRONMENT)  # fmt: skip
+    assert release.url == server.get_url()  # the Server's URL, as Modal hands it out
+    table = dict_table(profile)
     assert weights_of(table, profile) == {"qwen3-8b-aaaaaaaa": 0}
     assert table is not None
     [backend] = table.models["qwen3-8b"]
     # The router reads the engine's key from its own environment: only the variable's name.
     assert backend.api_key_env == resources.API_KEY_ENV and backend.api_key is None
-    stored = gateway.dicts["qwen3-8b-routes"].data.values()
-    assert all(API_KEY not in str(value) for value in stored)
+    [routes_dict] = [d for (env, name), d in modal_double.dicts.items()
+                     if (env, name) == (ENVIRONMENT, "qwen3-8b-routes")]  # fmt: skip
+    assert all(API_KEY.encode() not in value for value in routes_dict.data.values())
     # Pushed to the router at once, too.
     routes = httpx.get(
         platform.router_url(profile) + "/admin/routes",
@@ -174,15 +116,16 @@ def test_deploy_starts_the_router_then_the_release_at_weight_zero_and_is_idempot
     assert [b["name"] for b in routes["models"]["qwen3-8b"]] == ["qwen3-8b-aaaaaaaa"]
 
     # A re-run converges: nothing redeployed (a redeploy would roll the serving containers).
-    again = ModalPlatform(platform.home, environment="test", gateway=gateway).deploy(profile, REV_A)
+    again = ModalPlatform(platform.home, environment=ENVIRONMENT).deploy(profile, REV_A)
     assert again == release
-    assert gateway.deployed == ["qwen3-8b-router", "qwen3-8b-aaaaaaaa"]
+    assert modal_double.publishes == ["qwen3-8b-router", "qwen3-8b-aaaaaaaa"]
+    assert containers.started == ["qwen3-8b-router", "qwen3-8b-aaaaaaaa"]
 
 
 def test_set_traffic_writes_the_table_the_router_reads_and_requests_follow_it(
-    serving: tuple[Profile, FakeServingGateway, ModalPlatform],
+    serving: tuple[Profile, ServingContainers, ModalPlatform],
 ) -> None:
-    profile, gateway, platform = serving
+    profile, _, platform = serving
     a = platform.deploy(profile, REV_A)
     b = platform.deploy(profile, REV_B)
     router = platform.router_url(profile)
@@ -191,7 +134,7 @@ def test_set_traffic_writes_the_table_the_router_reads_and_requests_follow_it(
     platform.set_traffic(profile, {a.id: 100})
 
     # Round trip through the real poll function of the router container.
-    table = dict_table(gateway, profile)
+    table = dict_table(profile)
     assert weights_of(table, profile) == {a.id: 100, b.id: 0}
     assert table is not None
     assert {x.name: x.url for x in table.models["qwen3-8b"]} == {a.id: a.url, b.id: b.url}
@@ -199,10 +142,10 @@ def test_set_traffic_writes_the_table_the_router_reads_and_requests_follow_it(
     assert served == {a.id}
     # A re-run of the deploy registers the release at 0 again: it keeps its traffic.
     assert platform.deploy(profile, REV_A) == a
-    assert weights_of(dict_table(gateway, profile), profile) == {a.id: 100, b.id: 0}
+    assert weights_of(dict_table(profile), profile) == {a.id: 100, b.id: 0}
 
     platform.set_traffic(profile, {b.id: 100, "qwen3-8b-deadbeef": 0})  # not running: left out
-    assert weights_of(dict_table(gateway, profile), profile) == {a.id: 0, b.id: 100}
+    assert weights_of(dict_table(profile), profile) == {a.id: 0, b.id: 100}
     assert {chat(router).headers["x-rollout-backend"] for _ in range(5)} == {b.id}
 
     backends = platform.stats(profile, since)["backends"]
@@ -212,11 +155,12 @@ def test_set_traffic_writes_the_table_the_router_reads_and_requests_follow_it(
 
 
 def test_retire_takes_the_release_out_waits_for_its_stream_then_stops_its_app(
-    serving: tuple[Profile, FakeServingGateway, ModalPlatform],
+    serving: tuple[Profile, ServingContainers, ModalPlatform],
+    modal_double: ModalDouble,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(modal_platform, "RETIRE_POLL_SECONDS", 0.1)
-    profile, gateway, platform = serving
+    profile, containers, platform = serving
     a = platform.deploy(profile, REV_A)
     b = platform.deploy(profile, REV_B)
     platform.set_traffic(profile, {a.id: 100})
@@ -231,16 +175,16 @@ def test_retire_takes_the_release_out_waits_for_its_stream_then_stops_its_app(
 
     assert wait_for(stream_in_flight_on_a, 10, POLL_SECONDS)
     platform.set_traffic(profile, {b.id: 100})
-    # What the router itself counts for the release when its App is stopped.
+    # What the router itself counts for the release when Modal stops its container.
     at_stop: list[dict[str, Any]] = []
-    stop_app = gateway.stop_app
+    stop_container = containers.stop
 
     def observed_stop(app_name: str) -> None:
         if app_name == a.id and not at_stop:
             at_stop.append(platform.stats(profile, time.time())["backends"][a.id])
-        stop_app(app_name)
+        stop_container(app_name)
 
-    monkeypatch.setattr(gateway, "stop_app", observed_stop)
+    monkeypatch.setattr(containers, "stop", observed_stop)
     began = time.monotonic()
 
     platform.retire(profile, a, drain_seconds=30)
@@ -251,34 +195,44 @@ def test_retire_takes_the_release_out_waits_for_its_stream_then_stops_its_app(
     stream.join(5)
     [response] = streamed
     assert response.status_code == 200 and response.text.rstrip().endswith("data: [DONE]")
-    assert gateway.stopped == [a.id]
-    assert weights_of(dict_table(gateway, profile), profile) == {b.id: 100}
+    assert containers.stopped == [a.id]
+    assert [app.state for app in modal_double.apps.values() if app.name == a.id] == [STOPPED]
+    assert weights_of(dict_table(profile), profile) == {b.id: 100}
     assert [r.id for r in platform.running_releases(profile)] == [b.id]
-    platform.retire(profile, a, drain_seconds=30)  # idempotent
-    assert gateway.stopped == [a.id, a.id]
+    platform.retire(profile, a, drain_seconds=30)  # idempotent: no App of that name runs
+    assert containers.stopped == [a.id]
 
 
 def test_running_releases_are_the_models_release_apps(
-    serving: tuple[Profile, FakeServingGateway, ModalPlatform],
+    serving: tuple[Profile, ServingContainers, ModalPlatform], modal_double: ModalDouble
 ) -> None:
-    profile, gateway, platform = serving
+    profile, _, platform = serving
     a = platform.deploy(profile, REV_A)
-    gateway.other_apps = [
-        "qwen3-8b-weights", "qwen3-8b-compile", "qwen3-8b-cccccccc",  # deployed by hand
-        "qwen3-8b-extra-dddddddd", "glm-5.1-aaaaaaaa", "qwen3-8b-aaaaaaa",
-    ]  # fmt: skip
+    # Deployed by hand: a release App of another revision (its Server gets a URL of Modal's
+    # shape, and runs nothing here), and Apps that are not the model's releases.
+    ModalGateway(ENVIRONMENT).deploy(apps.build_release_app(profile, REV_C).app)
+    for name in ("qwen3-8b-compile", "qwen3-8b-extra-dddddddd", "glm-5.1-aaaaaaaa",
+                 "qwen3-8b-aaaaaaa"):  # fmt: skip
+        modal.App.lookup(name, environment_name=ENVIRONMENT, create_if_missing=True)
 
     releases = {release.id: release for release in platform.running_releases(profile)}
 
     assert sorted(releases) == [a.id, "qwen3-8b-cccccccc"]
     assert releases[a.id] == a  # from the record written at deploy
     hand = releases["qwen3-8b-cccccccc"]
-    assert hand.revision == "cccccccc" and hand.url == "https://fake--qwen3-8b-cccccccc.modal.run"
+    by_modal = modal.Server.from_name("qwen3-8b-cccccccc", resources.SERVER_NAME,
+                                      environment_name=ENVIRONMENT).get_url()  # fmt: skip
+    assert hand.revision == "cccccccc" and hand.url == by_modal.rstrip("/")
+    assert by_modal.startswith("https://") and by_modal.endswith(".modal.run")
 
 
 def test_shutdown_stops_nothing_modal_apps_outlive_the_orchestrator(
-    serving: tuple[Profile, FakeServingGateway, ModalPlatform],
+    serving: tuple[Profile, ServingContainers, ModalPlatform], modal_double: ModalDouble
 ) -> None:
-    _, gateway, platform = serving
+    profile, containers, platform = serving
+    release = platform.deploy(profile, REV_A)
+
     platform.shutdown()
-    assert gateway.stopped == []
+
+    assert containers.stopped == []
+    assert modal_double.deployed(release.id, ENVIRONMENT).state == api_pb2.APP_STATE_DEPLOYED
