@@ -64,8 +64,10 @@ class _Connection(asyncio.Protocol):
         "_parser",
         "_paused",
         "_status",
+        "_timer",
         "_transport",
         "_until_close",
+        "_wait_due",
         "_waiter",
         "idle_since",
     )
@@ -75,6 +77,8 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[None] | None = None
+        self._wait_due = 0.0  # loop time at which the current wait times out
+        self._timer: asyncio.TimerHandle | None = None
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
@@ -102,6 +106,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._stop_timer()
         if self._headers_done and self._until_close and not self._complete:
             self._complete = True
             self._wake()
@@ -161,17 +166,40 @@ class _Connection(asyncio.Protocol):
         self._transport.write(request)
 
     async def wait(self, timeout: float) -> None:
-        """Wait for the next parser event, or fail after ``timeout`` seconds."""
+        """Wait for the next parser event, or fail after ``timeout`` seconds.
+
+        A stream waits once per token: rather than a timer per wait, one timer per
+        connection checks, when it fires, how long the current wait has lasted.
+        """
         if self._error is not None:
             raise self._error
+        now = self._loop.time()
+        self._wait_due = due = now + timeout
+        timer = self._timer
+        if timer is None or timer.when() > due:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(due, self._check_wait)
         waiter = self._waiter = self._loop.create_future()
-        timer = self._loop.call_later(timeout, self._fail,
-                                      UpstreamReadTimeout("upstream read timeout"))
         try:
             await waiter
         finally:
-            timer.cancel()
             self._waiter = None
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check_wait(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waits: the next wait arms the timer again
+        if self._loop.time() >= self._wait_due:
+            self._fail(UpstreamReadTimeout("upstream read timeout"))
+        else:
+            self._timer = self._loop.call_at(self._wait_due, self._check_wait)
 
     def take_chunk(self) -> bytes | None:
         if not self._chunks:
@@ -189,6 +217,7 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self._closed = True
+        self._stop_timer()
         if self._transport is not None:
             self._transport.close()
 
