@@ -55,7 +55,7 @@ MODEL = "bench-model"
 MS = 1000.0
 TOKEN_INTERVAL_S = 0.020  # 50 tokens/s per stream
 CHUNKS = 256
-LEVELS = (100, 400, 1000)
+LEVELS = (100, 250, 400, 700, 1000)  # the three, and two between for the "highest"
 QUICK_LEVELS = (100, 400)
 QUICK_CHUNKS = 128
 RAMP_S = 1.0  # streams of a level start evenly over this long
@@ -276,6 +276,7 @@ async def _hold_streams(port: int, streams: int, tokens: int) -> dict[str, Any]:
         "connect_failures": connect_failures, "chunks": sum(len(c.arrivals) for c in clients),
         "gap_p50": pct(gaps, 50), "gap_p99": pct(gaps, 99), "gap_max": gaps[-1] if gaps else 0,
         "ttfb_p50": pct(ttfb, 50), "ttfb_p99": pct(ttfb, 99),
+        "client_cpu": time.process_time(),
     }
 
 
@@ -301,17 +302,19 @@ class _Path:
     cpu: Cpu | None  # the proxy's own CPU (direct has none)
 
 
-def _measure(paths: list[_Path], levels: list[int], tokens: int
+def _measure(paths: list[_Path], backend: Cpu, levels: list[int], tokens: int
              ) -> dict[int, dict[str, dict[str, Any]]]:
     results: dict[int, dict[str, dict[str, Any]]] = {}
     for level in levels:
         results[level] = {}
         for path in paths:
-            before = path.cpu.seconds() if path.cpu else 0.0
+            before, backend_before = path.cpu.seconds() if path.cpu else 0.0, backend.seconds()
             r = _run_load(path.port, level, tokens)
+            per_10k = CPU_PER_CHUNKS / max(r["chunks"], 1)
             if path.cpu is not None:
-                r["cpu_per_10k"] = (path.cpu.seconds() - before) / max(r["chunks"], 1) \
-                    * CPU_PER_CHUNKS
+                r["cpu_per_10k"] = (path.cpu.seconds() - before) * per_10k
+            r["backend_cpu_per_10k"] = (backend.seconds() - backend_before) * per_10k
+            r["client_cpu_per_10k"] = r["client_cpu"] * per_10k
             results[level][path.name] = r
             time.sleep(SETTLE_S)
         _print_level(level, results[level])
@@ -331,6 +334,10 @@ def _print_level(level: int, by_path: dict[str, dict[str, Any]]) -> None:
         print(f"  {name:7s}{r['gap_p50'] * MS:9.2f}{r['gap_p99'] * MS:9.2f}{added[0]:>8s}"
               f"{added[1]:>8s}{r['ttfb_p50'] * MS:10.2f}{r['ttfb_p99'] * MS:10.2f}"
               f"{r['failed']:8d}{r['stalled']:8d}{cpu:>11s}")
+    # On 2 cores the backend and the clients compete with the proxy for the same CPU.
+    print("  the rest of the machine, CPU s/10k chunks (direct run): backend "
+          f"{direct['backend_cpu_per_10k']:.3f}, clients {direct['client_cpu_per_10k']:.3f}; "
+          f"load average {os.getloadavg()[0]:.1f}")
 
 
 def _added_p99_ms(by_path: dict[str, dict[str, Any]], name: str) -> float:
@@ -403,7 +410,7 @@ def _bench(args: argparse.Namespace) -> None:
           f"chunks/stream={tokens} every {TOKEN_INTERVAL_S * MS:.0f} ms workdir={workdir}")
     with (
         process([sys.executable, __file__, "--backend", "--port", str(backend_port)],
-                backend_port, workdir / "backend.log"),
+                backend_port, workdir / "backend.log") as backend_proc,
         process(router_command(sys.executable, router_port, state), router_port,
                 workdir / "router.log", env={ADMIN_TOKEN_ENV: token}) as router_proc,
     ):
@@ -411,13 +418,13 @@ def _bench(args: argparse.Namespace) -> None:
                  _Path("router", router_port, Cpu.of(router_proc))]
         if nginx is None:
             print("nginx not installed (apt-get install -y nginx): skipping the nginx path")
-            results = _measure(paths, levels, tokens)
+            results = _measure(paths, Cpu.of(backend_proc), levels, tokens)
         else:
             conf = nginx_conf(workdir, nginx_port, backend_port)
             with process([nginx, "-c", str(conf), "-p", str(workdir), "-g", "daemon off;"],
                          nginx_port, workdir / "nginx.log") as nginx_proc:
                 paths.append(_Path("nginx", nginx_port, Cpu.of(nginx_proc)))
-                results = _measure(paths, levels, tokens)
+                results = _measure(paths, Cpu.of(backend_proc), levels, tokens)
         _router_saw(router_port, token, sum(levels))
     _summary(results)
 
