@@ -59,10 +59,12 @@ def wait_http(port: int, path: str = "/health") -> None:
 
 @contextmanager
 def process(cmd: list[str], port: int, log: Path, ready_path: str = "/health",
-            env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+            env: dict[str, str] | None = None, repo: Path = REPO
+            ) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``cmd`` with ``repo``'s packages (another checkout: the code before a change)."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+        proc = subprocess.Popen(cmd, cwd=repo, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(repo), **(env or {})})
     try:
         wait_http(port, ready_path)
         yield proc

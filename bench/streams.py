@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -41,6 +42,7 @@ import httpx
 from harness import (
     ADMIN_TOKEN_ENV,
     LISTEN_BACKLOG,
+    REPO,
     Cpu,
     find_nginx,
     free_port,
@@ -69,6 +71,7 @@ TARGET_STALL_FREE_LEVEL = 1000
 TARGET_CPU_RATIO = 2.0
 HOLD_ADDED_P99_MS = 10.0
 
+BEFORE = "before"  # the path of --router-before
 SSE_END = b"0\r\n\r\n"  # the chunked body's last chunk
 
 
@@ -234,6 +237,7 @@ class _StreamClient(asyncio.Protocol):
 
 
 async def _hold_streams(port: int, streams: int, tokens: int) -> dict[str, Any]:
+    cpu_at_start = time.process_time()  # past the interpreter's start and imports
     loop = asyncio.get_running_loop()
     request = _request(port, tokens)
     clients: list[_StreamClient] = []
@@ -276,7 +280,7 @@ async def _hold_streams(port: int, streams: int, tokens: int) -> dict[str, Any]:
         "connect_failures": connect_failures, "chunks": sum(len(c.arrivals) for c in clients),
         "gap_p50": pct(gaps, 50), "gap_p99": pct(gaps, 99), "gap_max": gaps[-1] if gaps else 0,
         "ttfb_p50": pct(ttfb, 50), "ttfb_p99": pct(ttfb, 99),
-        "client_cpu": time.process_time(),
+        "client_cpu": time.process_time() - cpu_at_start,
     }
 
 
@@ -346,17 +350,20 @@ def _added_p99_ms(by_path: dict[str, dict[str, Any]], name: str) -> float:
 
 def _summary(results: dict[int, dict[str, dict[str, Any]]]) -> None:
     levels = sorted(results)
-    has_nginx = all("nginx" in r for r in results.values())
-    print("\n================ router (project) vs nginx (baseline) ================")
-    print(f"{'streams':>8s}{'router +p99 ms':>16s}{'nginx +p99 ms':>15s}{'router CPU/10k':>16s}"
-          f"{'nginx CPU/10k':>15s}{'CPU ratio':>11s}")
+    proxies = [name for name in results[levels[0]] if name != "direct"]
+    has_nginx = "nginx" in proxies
+    baselines = [name for name in proxies if name != "router"]
+    print("\n================ router (project) vs " + " and ".join(baselines or ["nothing"])
+          + " (baseline) ================")
+    print(f"{'streams':>8s}" + "".join(f"{name + ' +p99 ms':>16s}" for name in proxies)
+          + "".join(f"{name + ' CPU/10k':>16s}" for name in proxies)
+          + "".join(f"{'router/' + name + ' CPU':>19s}" for name in baselines))
     for level in levels:
         r = results[level]
-        router_cpu = r["router"]["cpu_per_10k"]
-        nginx_cpu = r["nginx"]["cpu_per_10k"] if has_nginx else float("nan")
-        print(f"{level:8d}{_added_p99_ms(r, 'router'):16.2f}"
-              f"{_added_p99_ms(r, 'nginx') if has_nginx else float('nan'):15.2f}"
-              f"{router_cpu:16.3f}{nginx_cpu:15.3f}{router_cpu / nginx_cpu:10.2f}x")
+        print(f"{level:8d}" + "".join(f"{_added_p99_ms(r, n):16.2f}" for n in proxies)
+              + "".join(f"{r[n]['cpu_per_10k']:16.3f}" for n in proxies)
+              + "".join(f"{r['router']['cpu_per_10k'] / r[n]['cpu_per_10k']:18.2f}x"
+                        for n in baselines))
     holding = [lv for lv in levels if _added_p99_ms(results[lv], "router") <= HOLD_ADDED_P99_MS
                and results[lv]["router"]["failed"] == 0]
     print(f"\nhighest level where the router adds <= {HOLD_ADDED_P99_MS:.0f} ms at p99: "
@@ -408,23 +415,27 @@ def _bench(args: argparse.Namespace) -> None:
     nginx = find_nginx()
     print(f"cores={os.cpu_count()} load={os.getloadavg()[0]:.2f} levels={levels} "
           f"chunks/stream={tokens} every {TOKEN_INTERVAL_S * MS:.0f} ms workdir={workdir}")
-    with (
-        process([sys.executable, __file__, "--backend", "--port", str(backend_port)],
-                backend_port, workdir / "backend.log") as backend_proc,
-        process(router_command(sys.executable, router_port, state), router_port,
-                workdir / "router.log", env={ADMIN_TOKEN_ENV: token}) as router_proc,
-    ):
-        paths = [_Path("direct", backend_port, None),
-                 _Path("router", router_port, Cpu.of(router_proc))]
+    with ExitStack() as running:
+        backend_proc = running.enter_context(process(
+            [sys.executable, __file__, "--backend", "--port", str(backend_port)], backend_port,
+            workdir / "backend.log"))
+        paths = [_Path("direct", backend_port, None)]
+        routers = {"router": REPO, **({BEFORE: args.router_before} if args.router_before else {})}
+        for name, repo in routers.items():
+            port = router_port if name == "router" else free_port()
+            proc = running.enter_context(process(
+                router_command(sys.executable, port, state), port, workdir / f"{name}.log",
+                env={ADMIN_TOKEN_ENV: token}, repo=repo))
+            paths.append(_Path(name, port, Cpu.of(proc)))
         if nginx is None:
             print("nginx not installed (apt-get install -y nginx): skipping the nginx path")
-            results = _measure(paths, Cpu.of(backend_proc), levels, tokens)
         else:
             conf = nginx_conf(workdir, nginx_port, backend_port)
-            with process([nginx, "-c", str(conf), "-p", str(workdir), "-g", "daemon off;"],
-                         nginx_port, workdir / "nginx.log") as nginx_proc:
-                paths.append(_Path("nginx", nginx_port, Cpu.of(nginx_proc)))
-                results = _measure(paths, Cpu.of(backend_proc), levels, tokens)
+            nginx_proc = running.enter_context(process(
+                [nginx, "-c", str(conf), "-p", str(workdir), "-g", "daemon off;"], nginx_port,
+                workdir / "nginx.log"))
+            paths.append(_Path("nginx", nginx_port, Cpu.of(nginx_proc)))
+        results = _measure(paths, Cpu.of(backend_proc), levels, tokens)
         _router_saw(router_port, token, sum(levels))
     _summary(results)
 
@@ -436,6 +447,9 @@ def main() -> None:
                         help=f"levels {QUICK_LEVELS}, {QUICK_CHUNKS} chunks per stream")
     parser.add_argument("--levels", help="comma-separated stream counts")
     parser.add_argument("--chunks", type=int, help="chunks per stream")
+    parser.add_argument("--router-before", type=Path, metavar="CHECKOUT",
+                        help="also run the router of another checkout (e.g. a worktree of the "
+                             "commit before a change), as the path 'before'")
     parser.add_argument("--backend", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
