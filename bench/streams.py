@@ -1,6 +1,7 @@
 """The router on token streams: added inter-token latency, against nginx, in one run.
 
     .venv/bin/python bench/streams.py [--quick] [--levels 100,400,1000] [--chunks 256]
+                                      [--router-before CHECKOUT]
 
 An LLM router mostly carries long SSE answers of one small chunk per token, so users feel
 it as added time between tokens and as the number of streams it holds before that grows.
@@ -11,7 +12,9 @@ tokens together), 256 chunks per answer, then ``data: [DONE]``.
 Load: at each level, that many streams start evenly over one second and are held to the
 end; each client (its own process, raw asyncio) stamps every chunk's arrival.
 Paths, one after another at each level: direct to the backend, through the router started
-as the product starts it, and through nginx (one worker, ``proxy_buffering off``).
+as the product starts it, and through nginx (one worker, ``proxy_buffering off``); with
+``--router-before``, also through the router of another checkout (before a change), e.g.
+``git archive <commit> serving | tar -x -C /tmp/before``.
 
 Per level: inter-token gap p50/p99 and what each path adds to direct's, time to first byte,
 streams that failed or stalled (> 1 s without a chunk), and CPU seconds per 10,000 chunks
