@@ -253,7 +253,7 @@ class _Connection(asyncio.Protocol):
 
 
 class UpstreamResponse:
-    """A response whose head has arrived; the body is read with ``next_chunk``."""
+    """A response whose head has arrived; the body is read with ``next_chunk`` or ``pipe``."""
 
     __slots__ = ("_conn", "_pool", "_read_timeout", "_released", "_stopped", "headers",
                  "status")
