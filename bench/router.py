@@ -20,30 +20,33 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-import httpx
-import psutil
+from harness import (
+    ADMIN_TOKEN_ENV,
+    Cpu,
+    find_nginx,
+    free_port,
+    install_uvloop,
+    nginx_conf,
+    pct,
+    process,
+    router_command,
+    wait_http,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = "bench-model"
-READY_TIMEOUT_S = 15.0
 WARMUP_CONNECTIONS = 8
 SSE_EVENTS = 10
 SSE_INTERVAL_S = 0.01
 STREAM_REQUESTS = 200
-NGINX_KEEPALIVE = 128
 TARGET_ADDED_P50_MS = 1.0
 TARGET_ADDED_P99_MS = 5.0
 TARGET_NGINX_RATIO = 0.30
@@ -58,15 +61,6 @@ REQUEST_BODY = json.dumps({"model": MODEL, "max_tokens": 8,
                            "messages": [{"role": "user", "content": "What is 2+2?"}]}).encode()
 STREAM_BODY = json.dumps({"model": MODEL, "stream": True, "max_tokens": 8,
                           "messages": [{"role": "user", "content": "What is 2+2?"}]}).encode()
-
-
-def _install_uvloop() -> bool:
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
 
 
 # ---------------------------------------------------------------------------------------
@@ -236,7 +230,7 @@ async def _closed_loop(port: int, clients: int, seconds: float) -> dict[str, Any
 
 
 def _load_main(args: argparse.Namespace) -> None:
-    _install_uvloop()
+    install_uvloop()
     if args.load == "open":
         result = asyncio.run(_open_loop(args.port, args.rate, args.seconds, REQUEST_BODY))
     elif args.load == "stream":
@@ -249,77 +243,6 @@ def _load_main(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------
 # Orchestration
 # ---------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_http(port: int, path: str = "/health") -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}{path}", timeout=0.5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing healthy on port {port}")
-
-
-@contextmanager
-def _process(cmd: list[str], port: int, log: Path, ready_path: str = "/health",
-             env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
-    try:
-        _wait_http(port, ready_path)
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-def _nginx_conf(workdir: Path, listen: int, upstream: int) -> Path:
-    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (workdir / sub).mkdir(exist_ok=True)
-    conf = workdir / "nginx.conf"
-    conf.write_text(f"""
-worker_processes 1;
-pid {workdir}/nginx.pid;
-error_log {workdir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 10000000;
-    client_body_temp_path {workdir}/client_body;
-    proxy_temp_path {workdir}/proxy;
-    fastcgi_temp_path {workdir}/fastcgi;
-    uwsgi_temp_path {workdir}/uwsgi;
-    scgi_temp_path {workdir}/scgi;
-    upstream backend {{
-        server 127.0.0.1:{upstream};
-        keepalive {NGINX_KEEPALIVE};
-        keepalive_requests 10000000;
-    }}
-    server {{
-        listen 127.0.0.1:{listen};
-        location / {{
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-        }}
-    }}
-}}
-""")
-    return conf
 
 
 def _run_load(port: int, mode: str, seconds: float, rate: float = 0, clients: int = 0
@@ -351,25 +274,6 @@ def _wrk(port: int, clients: int, seconds: float, workdir: Path) -> float | None
     return float(match.group(1)) if match else None
 
 
-def _pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
-
-
-@dataclass
-class _Cpu:
-    proc: psutil.Process
-
-    def seconds(self) -> float:
-        total = 0.0
-        for p in [self.proc, *self.proc.children(recursive=True)]:
-            times = p.cpu_times()
-            total += times.user + times.system
-        return total
-
-
 def _ms(x: float) -> str:
     return f"{x * 1000:7.2f}"
 
@@ -385,7 +289,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.backend:
-        _install_uvloop()
+        install_uvloop()
         asyncio.run(_serve_backend(args.port))
     elif args.load:
         _load_main(args)
@@ -395,30 +299,29 @@ def main() -> None:
 
 def _bench(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="router-bench-"))
-    backend_port, router_port, nginx_port = _free_port(), _free_port(), _free_port()
+    backend_port, router_port, nginx_port = free_port(), free_port(), free_port()
     state = workdir / "routes.json"
     state.write_text(json.dumps({"models": {MODEL: [
         {"name": "bench-backend", "url": f"http://127.0.0.1:{backend_port}", "weight": 100}]}}))
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
-                                      else None)
+    nginx = find_nginx()
     print(f"cores={os.cpu_count()} seconds/phase={args.seconds} rate={args.rate} req/s "
           f"clients={args.clients} workdir={workdir}")
     with (
-        _process([sys.executable, __file__, "--backend", "--port", str(backend_port)],
-                 backend_port, workdir / "backend.log"),
-        _process([sys.executable, "-m", "serving.router", "--port", str(router_port),
-                  "--state-file", str(state), "--log-level", "warning"],
-                 router_port, workdir / "router.log") as router_proc,
+        process([sys.executable, __file__, "--backend", "--port", str(backend_port)],
+                backend_port, workdir / "backend.log"),
+        process(router_command(sys.executable, router_port, state), router_port,
+                workdir / "router.log", env={ADMIN_TOKEN_ENV: secrets.token_hex(16)}
+                ) as router_proc,
     ):
-        _wait_http(router_port, "/v1/models")
+        wait_http(router_port, "/v1/models")
         targets = {"direct": backend_port, "router": router_port}
         if nginx is None:
             print("nginx not installed (apt-get install -y nginx): skipping the nginx column")
             _run_phases(args, targets, router_proc, None, workdir)
             return
-        conf = _nginx_conf(workdir, nginx_port, backend_port)
-        with _process([nginx, "-c", str(conf), "-p", str(workdir), "-g", "daemon off;"],
-                      nginx_port, workdir / "nginx.log") as nginx_proc:
+        conf = nginx_conf(workdir, nginx_port, backend_port)
+        with process([nginx, "-c", str(conf), "-p", str(workdir), "-g", "daemon off;"],
+                     nginx_port, workdir / "nginx.log") as nginx_proc:
             targets["nginx"] = nginx_port
             _run_phases(args, targets, router_proc, nginx_proc, workdir)
 
@@ -426,8 +329,8 @@ def _bench(args: argparse.Namespace) -> None:
 def _run_phases(args: argparse.Namespace, targets: dict[str, int],
                 router_proc: subprocess.Popen[bytes],
                 nginx_proc: subprocess.Popen[bytes] | None, workdir: Path) -> None:
-    router_cpu = _Cpu(psutil.Process(router_proc.pid))
-    nginx_cpu = _Cpu(psutil.Process(nginx_proc.pid)) if nginx_proc else None
+    router_cpu = Cpu.of(router_proc)
+    nginx_cpu = Cpu.of(nginx_proc) if nginx_proc else None
     cpu: dict[str, tuple[float, int]] = {}
 
     print(f"\n(a) open loop {args.rate:.0f} req/s for {args.seconds:.0f}s (latency from send)")
@@ -437,8 +340,8 @@ def _run_phases(args: argparse.Namespace, targets: dict[str, int],
         open_results[name] = r = _run_load(port, "open", args.seconds, rate=args.rate)
         if name == "router":
             cpu["open"] = (router_cpu.seconds() - c0, r["ok"])
-        print(f"  {name:7s} ok={r['ok']}/{r['requests']} p50={_ms(_pct(r['latency'], 50))} ms"
-              f" p99={_ms(_pct(r['latency'], 99))} ms")
+        print(f"  {name:7s} ok={r['ok']}/{r['requests']} p50={_ms(pct(r['latency'], 50))} ms"
+              f" p99={_ms(pct(r['latency'], 99))} ms")
 
     print(f"\n(b) closed loop, {args.clients} clients for {args.seconds:.0f}s")
     closed: dict[str, dict[str, Any]] = {}
@@ -463,8 +366,8 @@ def _run_phases(args: argparse.Namespace, targets: dict[str, int],
     streams = {name: _run_load(port, "stream", args.seconds, rate=stream_rate)
                for name, port in targets.items()}
     for name, r in streams.items():
-        print(f"  {name:7s} ttft p50={_ms(_pct(r['ttft'], 50))} ms p99="
-              f"{_ms(_pct(r['ttft'], 99))} ms  total p50={_ms(_pct(r['latency'], 50))} ms")
+        print(f"  {name:7s} ttft p50={_ms(pct(r['ttft'], 50))} ms p99="
+              f"{_ms(pct(r['ttft'], 99))} ms  total p50={_ms(pct(r['latency'], 50))} ms")
 
     _summary(open_results, closed, wrk_rps, streams, cpu, nginx_cpu_per_k)
 
@@ -481,14 +384,14 @@ def _summary(open_results: dict[str, dict[str, Any]], closed: dict[str, dict[str
                                        for k in ("direct", "router", "nginx")))
 
     for p in (50, 99):
-        row(f"(a) p{p} latency ms", {k: f"{_pct(v['latency'], p) * 1000:.2f}"
+        row(f"(a) p{p} latency ms", {k: f"{pct(v['latency'], p) * 1000:.2f}"
                                      for k, v in open_results.items()})
-        row(f"(a) p{p} added ms", {k: f"{(_pct(v['latency'], p) - _pct(d, p)) * 1000:.2f}"
+        row(f"(a) p{p} added ms", {k: f"{(pct(v['latency'], p) - pct(d, p)) * 1000:.2f}"
                                    for k, v in open_results.items() if k != "direct"})
     row("(b) req/s (python gen)", {k: f"{v['rps']:.0f}" for k, v in closed.items()})
     row("(b) req/s (wrk)", {k: f"{v:.0f}" for k, v in wrk_rps.items() if v is not None})
     for p in (50, 99):
-        row(f"(c) SSE TTFT p{p} ms", {k: f"{_pct(v['ttft'], p) * 1000:.2f}"
+        row(f"(c) SSE TTFT p{p} ms", {k: f"{pct(v['ttft'], p) * 1000:.2f}"
                                       for k, v in streams.items()})
     per_k = {phase: sec / max(n, 1) * 1000 for phase, (sec, n) in cpu.items()}
     row("(d) CPU s / 1000 req", {"router": f"{per_k.get('closed', float('nan')):.3f}",
@@ -497,8 +400,8 @@ def _summary(open_results: dict[str, dict[str, Any]], closed: dict[str, dict[str
     print(f"    (d) is measured in the closed loop; at the fixed {len(d) and 'open-loop'} rate "
           f"the router used {per_k.get('open', float('nan')):.3f} CPU s / 1000 req")
 
-    added50 = (_pct(open_results["router"]["latency"], 50) - _pct(d, 50)) * 1000
-    added99 = (_pct(open_results["router"]["latency"], 99) - _pct(d, 99)) * 1000
+    added50 = (pct(open_results["router"]["latency"], 50) - pct(d, 50)) * 1000
+    added99 = (pct(open_results["router"]["latency"], 99) - pct(d, 99)) * 1000
     print(f"\ntarget router added p50 <= {TARGET_ADDED_P50_MS} ms: {added50:.2f} ms "
           f"{'MET' if added50 <= TARGET_ADDED_P50_MS else 'MISSED'}")
     print(f"target router added p99 <= {TARGET_ADDED_P99_MS} ms: {added99:.2f} ms "

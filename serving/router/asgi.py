@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
+from types import CoroutineType
 from typing import Any
 
 Scope = MutableMapping[str, Any]
@@ -31,6 +33,51 @@ async def read_body(receive: Receive) -> bytes:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def send_now(send: Send, message: Message) -> Awaitable[None] | None:
+    """Run ``send(message)`` here and now, outside any task: None when it finished without
+    waiting, else an awaitable that finishes it.
+
+    uvicorn writes a body message to the socket at once and waits only while the client's
+    socket is full, so a stream relayed from a socket callback skips a task switch per chunk.
+    """
+    step = send(message)
+    if type(step) is not CoroutineType:  # an awaitable of another kind: awaited as usual
+        return step
+    try:
+        waits_on = step.send(None)
+    except StopIteration:
+        return None
+    except Exception as exc:  # raised where the caller awaits, as from a plain await
+        return _raise(exc)
+    return _finish(step, waits_on)
+
+
+async def _finish(step: Coroutine[Any, Any, None], waits_on: Any) -> None:
+    """Drive a coroutine that suspended outside any task, as a task would: wait until what
+    it yielded (a future, or None for a bare yield) is done, then resume it; a cancellation
+    of this wait is passed into it."""
+    while True:
+        try:
+            if waits_on is None:
+                await asyncio.sleep(0)
+            else:  # not awaited itself: the coroutine's own await of it is still pending
+                await asyncio.wait([waits_on])
+        except BaseException as exc:
+            try:
+                waits_on = step.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            waits_on = step.send(None)
+        except StopIteration:
+            return
+
+
+async def _raise(exc: Exception) -> None:
+    raise exc
 
 
 async def send_json(send: Send, status: int, payload: Any,

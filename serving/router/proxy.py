@@ -14,12 +14,12 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import certifi
 
-from serving.router.asgi import Receive, Scope, Send, send_error, send_unavailable
+from serving.router.asgi import Receive, Scope, Send, send_error, send_now, send_unavailable
 from serving.router.balancing import Target
 from serving.router.config import RouterConfig
 from serving.router.measurements import ErrorKind, Measurements, Record
@@ -76,6 +76,19 @@ class _Progress:
     """Whether the client response has started: after that, no retry and no error page."""
 
     response_started: bool = False
+
+
+@dataclass(slots=True)
+class _Relayed:
+    """What the relay of one answer saw, kept when it fails midway."""
+
+    t0: float
+    ttft_s: float | None = None
+    client_left: bool = False
+
+    def first_byte(self) -> None:
+        if self.ttft_s is None:
+            self.ttft_s = time.perf_counter() - self.t0
 
 
 @dataclass(slots=True)
@@ -194,31 +207,19 @@ class Forwarder:
         """Stream the backend response to the client and record the attempt."""
         status = response.status
         error: ErrorKind | None = ErrorKind.HTTP_5XX if status >= 500 else None
-        ttft: float | None = None
-        disconnected = False
+        relayed = _Relayed(t0)
         headers = [(k, v) for k, v in response.headers if k.lower() not in _RESPONSE_DROP]
         headers.append(target.backend_header)
         if is_retry:
             headers.append((RETRIED_HEADER, b"1"))
-        # A stream may run for minutes: stop reading the backend once the client left.
-        watcher = asyncio.create_task(_wait_disconnect(receive)) \
-            if _is_event_stream(response) else None
         broken: Exception | None = None
         try:
             progress.response_started = True
             await send({"type": "http.response.start", "status": status, "headers": headers})
-            more = True
-            while more and (chunk := await response.next_chunk()) is not None:
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-                # a fully buffered body (the common non-streamed case) goes in one message
-                more = not response.complete or watcher is not None
-                await send({"type": "http.response.body", "body": chunk, "more_body": more})
-                if watcher is not None and watcher.done():
-                    disconnected = True
-                    break
-            if more:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if _is_event_stream(response):
+                await _pipe_stream(response, relayed, receive, send)
+            else:
+                await _relay_body(response, relayed, send)
         except (UpstreamError, OSError) as exc:
             error = _classify(exc)
             broken = exc
@@ -226,12 +227,10 @@ class Forwarder:
             error = ErrorKind.TIMEOUT
             raise
         finally:
-            if watcher is not None:
-                watcher.cancel()
             response.close()
             self._measurements.finished(model, target.name, Record(
-                started, ttft, time.perf_counter() - t0, status, error, False, is_retry,
-                disconnected,
+                started, relayed.ttft_s, time.perf_counter() - t0, status, error, False,
+                is_retry, relayed.client_left,
             ))
         if broken is not None:
             raise UpstreamBrokenError(
@@ -270,6 +269,43 @@ class Forwarder:
             # Refused or dropped before an answer: the backend is down (its engine is being
             # restarted, most likely), and no other one could take the request.
             await send_unavailable(send, "backend unavailable")
+
+
+async def _relay_body(response: UpstreamResponse, relayed: _Relayed, send: Send) -> None:
+    """Relay a body that is not an event stream."""
+    more = True
+    while more and (chunk := await response.next_chunk()) is not None:
+        relayed.first_byte()
+        # a fully buffered body (the common non-streamed case) goes in one message
+        more = not response.complete
+        await send({"type": "http.response.body", "body": chunk, "more_body": more})
+    if more:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _pipe_stream(response: UpstreamResponse, relayed: _Relayed, receive: Receive,
+                       send: Send) -> None:
+    """Relay an event stream token by token, straight from the backend socket's callbacks
+    (no task switch per token). A stream may run for minutes: once the client left, the
+    backend is no longer read.
+    """
+
+    def push(chunk: bytes) -> Awaitable[None] | None:
+        relayed.first_byte()
+        return send_now(send, {"type": "http.response.body", "body": chunk, "more_body": True})
+
+    def client_left(_: asyncio.Task[None]) -> None:
+        response.stop()
+
+    watcher = asyncio.create_task(_wait_disconnect(receive))
+    watcher.add_done_callback(client_left)
+    try:
+        await response.pipe(push)
+    finally:
+        watcher.remove_done_callback(client_left)
+        watcher.cancel()
+    relayed.client_left = watcher.done() and not watcher.cancelled()
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _is_event_stream(response: UpstreamResponse) -> bool:

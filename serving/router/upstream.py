@@ -9,6 +9,9 @@ and never handed out, so there is no per-request liveness syscall.
 Supported: content-length, chunked and read-until-close bodies, streaming with
 backpressure (reading pauses while the consumer lags), TLS, a connect timeout, and a read
 timeout bounding the wait for the response head and every gap between body chunks.
+A body is read either by a task (``next_chunk``) or piped (``pipe``): each piece is handed
+to a sink straight from the socket's read callback, so a token stream costs no task switch
+per token.
 Not supported (not needed in front of OpenAI-compatible engines): HTTP/2, proxies,
 redirects, 1xx interim responses, request bodies streamed from the client.
 """
@@ -19,6 +22,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -26,6 +30,9 @@ import httptools
 
 # Pause reading a connection while this many body bytes wait for the consumer.
 HIGH_WATER_BYTES = 256 * 1024
+
+# Passes a body piece on: None when done, or an awaitable when the consumer must wait first.
+Sink = Callable[[bytes], Awaitable[None] | None]
 
 
 class UpstreamError(Exception):
@@ -52,6 +59,7 @@ class _Connection(asyncio.Protocol):
     """One keep-alive connection; carries at most one request at a time."""
 
     __slots__ = (
+        "_blocked",
         "_buffered",
         "_chunks",
         "_closed",
@@ -63,9 +71,13 @@ class _Connection(asyncio.Protocol):
         "_loop",
         "_parser",
         "_paused",
+        "_sink",
         "_status",
+        "_timeout",
+        "_timer",
         "_transport",
         "_until_close",
+        "_wait_due",
         "_waiter",
         "idle_since",
     )
@@ -75,6 +87,11 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[None] | None = None
+        self._timeout = 0.0
+        self._wait_due = 0.0  # loop time at which the current wait times out
+        self._timer: asyncio.TimerHandle | None = None
+        self._sink: Sink | None = None  # set while a pipe waits
+        self._blocked: Awaitable[None] | None = None  # what the sink must finish first
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
@@ -102,6 +119,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._stop_timer()
         if self._headers_done and self._until_close and not self._complete:
             self._complete = True
             self._wake()
@@ -124,11 +142,20 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            self._wait_due = self._loop.time() + self._timeout
+            blocked = sink(body)
+            if blocked is not None:  # the rest waits in the buffer, reading paused
+                self._sink = None
+                self._blocked = blocked
+                self._pause_reading()
+                self._wake()
+            return
         self._chunks.append(body)
         self._buffered += len(body)
-        if self._buffered > HIGH_WATER_BYTES and not self._paused and self._transport:
-            self._paused = True
-            self._transport.pause_reading()
+        if self._buffered > HIGH_WATER_BYTES:
+            self._pause_reading()
         self._wake()
 
     def on_message_complete(self) -> None:
@@ -136,6 +163,16 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     # -- used by UpstreamResponse / _OriginPool --------------------------------------------
+
+    def _pause_reading(self) -> None:
+        if not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -161,17 +198,40 @@ class _Connection(asyncio.Protocol):
         self._transport.write(request)
 
     async def wait(self, timeout: float) -> None:
-        """Wait for the next parser event, or fail after ``timeout`` seconds."""
+        """Wait for the next parser event, or fail after ``timeout`` seconds.
+
+        A stream waits once per token: rather than a timer per wait, one timer per
+        connection checks, when it fires, how long the current wait has lasted.
+        """
         if self._error is not None:
             raise self._error
+        self._timeout = timeout
+        self._wait_due = due = self._loop.time() + timeout
+        timer = self._timer
+        if timer is None or timer.when() > due:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(due, self._check_wait)
         waiter = self._waiter = self._loop.create_future()
-        timer = self._loop.call_later(timeout, self._fail,
-                                      UpstreamReadTimeout("upstream read timeout"))
         try:
             await waiter
         finally:
-            timer.cancel()
             self._waiter = None
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check_wait(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waits: the next wait arms the timer again
+        if self._loop.time() >= self._wait_due:
+            self._fail(UpstreamReadTimeout("upstream read timeout"))
+        else:
+            self._timer = self._loop.call_at(self._wait_due, self._check_wait)
 
     def take_chunk(self) -> bytes | None:
         if not self._chunks:
@@ -182,21 +242,21 @@ class _Connection(asyncio.Protocol):
             chunk = b"".join(self._chunks)
             self._chunks.clear()
         self._buffered = 0
-        if self._paused and self._transport is not None:
-            self._paused = False
-            self._transport.resume_reading()
+        self._resume_reading()
         return chunk
 
     def close(self) -> None:
         self._closed = True
+        self._stop_timer()
         if self._transport is not None:
             self._transport.close()
 
 
 class UpstreamResponse:
-    """A response whose head has arrived; the body is read with ``next_chunk``."""
+    """A response whose head has arrived; the body is read with ``next_chunk`` or ``pipe``."""
 
-    __slots__ = ("_conn", "_pool", "_read_timeout", "_released", "headers", "status")
+    __slots__ = ("_conn", "_pool", "_read_timeout", "_released", "_stopped", "headers",
+                 "status")
 
     def __init__(self, conn: _Connection, pool: _OriginPool, read_timeout: float) -> None:
         self.status = conn._status
@@ -205,6 +265,7 @@ class UpstreamResponse:
         self._pool = pool
         self._read_timeout = read_timeout
         self._released = False
+        self._stopped = False
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -227,6 +288,33 @@ class UpstreamResponse:
             if conn._complete:
                 return None
             await conn.wait(self._read_timeout)
+
+    async def pipe(self, sink: Sink) -> None:
+        """Hand the rest of the body to ``sink`` piece by piece as it arrives; return at its
+        end, or early once ``stop`` was called. Raises as ``next_chunk`` does."""
+        conn = self._conn
+        while True:
+            chunk = conn.take_chunk()  # what arrived before, or while the sink was blocked
+            blocked = sink(chunk) if chunk is not None else None
+            if blocked is not None:
+                await blocked
+                continue
+            if conn._complete or self._stopped:
+                return
+            conn._sink = sink
+            try:
+                await conn.wait(self._read_timeout)  # the end, a failure, a block or a stop
+            finally:
+                conn._sink = None
+            blocked, conn._blocked = conn._blocked, None
+            if blocked is not None:
+                await blocked
+                conn._resume_reading()
+
+    def stop(self) -> None:
+        """End a pipe early (the client left); the connection is then dropped, not reused."""
+        self._stopped = True
+        self._conn._wake()
 
     async def prefetch(self) -> None:
         """Read ahead until the whole body has arrived or the buffer reached its high-water

@@ -203,6 +203,33 @@ def test_weight_change_does_not_cut_an_inflight_stream(router: RouterProc,
     assert canary_stats["ttft_s"]["p50"] < canary_stats["latency_s"]["p50"] - 0.5
 
 
+def test_a_client_leaving_a_stream_stops_its_relay(router: RouterProc,
+                                                  engines: list[Proc]) -> None:
+    _reset(engines)
+    talker = engines[0]
+    configure_engine(talker, stream_chunks=20, chunk_interval_s=0.2)  # a 4 s answer
+    router.put_route("leave", [backend(talker, 100)])
+    since = time.time()
+
+    async def read_one_event_and_leave() -> None:
+        async with httpx.AsyncClient(timeout=10) as client, client.stream(
+            "POST", f"{router.url}/v1/chat/completions", json=chat_body("leave", stream=True),
+        ) as response:
+            assert (await anext(response.aiter_lines())).startswith("data: ")
+
+    t0 = time.perf_counter()
+    asyncio.run(read_one_event_and_leave())
+
+    def relay_ended() -> bool:
+        talked = router.stats("leave", since)["backends"][talker.name]
+        return bool(talked["in_flight"] == 0 and talked["client_disconnects"] == 1)
+
+    wait_until(relay_ended, 3.0, "the relay of the abandoned stream ended")
+    # long before the backend would have finished its answer
+    assert time.perf_counter() - t0 < 2.5
+    configure_engine(talker)
+
+
 def test_admin_api_requires_the_admin_token(router: RouterProc) -> None:
     url = f"{router.url}/admin/routes"
     assert httpx.get(url).status_code == 401
