@@ -187,6 +187,7 @@ class Result:
     status: int  # 0: the request failed without a response
     backend: str | None
     error: str | None = None
+    index: int = -1  # the request's place in run_load's order (its per-request headers)
 
 
 def chat_body(model: str, stream: bool = False) -> dict[str, Any]:
@@ -221,8 +222,10 @@ async def run_load(url: str, model: str, *, requests: int, concurrency: int,
                 if time.monotonic() > deadline or (stop is not None and stop.is_set()):
                     return
                 extra = per_request_headers[i] if per_request_headers else {}
-                results.append(await _one(client, f"{url}/v1/chat/completions",
-                                          chat_body(model), {**(headers or {}), **extra}))
+                result = await _one(client, f"{url}/v1/chat/completions", chat_body(model),
+                                    {**(headers or {}), **extra})
+                result.index = i
+                results.append(result)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return results

@@ -321,6 +321,10 @@ def test_first_byte_timeout_is_retried_elsewhere(router: RouterProc,
     configure_engine(slow)
 
 
+# Timers of two processes read the same clock, at slightly different moments.
+CLOCK_SLACK_SECONDS = 0.002
+
+
 def test_measurements_match_what_the_load_generator_saw(router: RouterProc,
                                                         engines: list[Proc]) -> None:
     _reset(engines)
@@ -344,13 +348,18 @@ def test_measurements_match_what_the_load_generator_saw(router: RouterProc,
         assert measured["requests"] == len(seen)
         assert measured["errors"]["http_5xx"] == errors == measured["client_errors"]
         assert measured["successes"] == len(seen) - errors
-        ok = [r.latency_s for r in seen if r.status == 200]
+        ok = [r for r in seen if r.status == 200]
         for p in (50, 90):
-            client_view = _nearest_rank(ok, p)
+            # The router's view lies between what the backend was told to take and what the
+            # client saw (which adds the router hop and the client's own overhead). A busy
+            # machine widens that bracket; it never moves the router outside it.
+            backend_floor = _nearest_rank(
+                [float(delays[r.index]["x-fake-delay-ms"]) / 1000 for r in ok], p
+            )
+            client_view = _nearest_rank([r.latency_s for r in ok], p)
             router_view = measured["latency_s"][f"p{p}"]
-            # the client also pays the router hop and its own overhead
-            assert abs(client_view - router_view) <= max(0.010, 0.15 * client_view), (
-                name, p, client_view, router_view)
+            assert backend_floor <= router_view <= client_view + CLOCK_SLACK_SECONDS, (
+                name, p, backend_floor, router_view, client_view)
     assert saw_errors > 0
 
 
