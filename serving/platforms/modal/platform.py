@@ -226,8 +226,10 @@ class ModalPlatform:
             releases.append(release)
         return releases
 
-    def ask(self, profile: Profile, release_id: str, chat: dict[str, Any]) -> dict[str, Any]:
-        return self._router_client(profile).ask(release_id, chat)
+    def ask(
+        self, profile: Profile, release_id: str, chat: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
+        return self._router_client(profile).ask(release_id, chat, timeout)
 
     def release_store(self) -> ReleaseStore:
         return DictReleaseStore(self.gateway.dict(resources.RELEASES_DICT_NAME))
