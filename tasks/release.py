@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from serving.config.loader import load_profile
 from serving.config.profile import Profile
 from serving.control import lifecycle
-from serving.control.router_client import RouterAdminError
+from serving.control.router_client import RouterAdminError, RouterUnreachable
 from serving.core.errors import one_line
 from serving.domain.analysis import (
     Analysis,
@@ -224,6 +224,8 @@ def _asker(platform: Platform, profile: Profile, release_id: str, seconds: float
     def ask(chat: dict[str, Any]) -> dict[str, Any]:
         try:
             return platform.ask(profile, release_id, chat, timeout=seconds)
+        except RouterUnreachable as exc:  # mostly a timeout: the release is slow, not gone
+            raise Unanswered(one_line(exc.__cause__ or exc)) from exc
         except RouterAdminError as exc:
             raise Unanswered(str(exc)) from exc
 
