@@ -5,9 +5,11 @@ or roll it back.
     → prep (download ‖ compile → verify, a subflow)
     → deploy canary at 0% (readiness + warmup probes) → canary steps → promote | roll back
 
-Decisions (a failed gate, an inconclusive window) roll back by themselves; an unexpected failure
-after the canary is deployed is undone by the transaction's rollback hook; cancellation and
-crashes by the flow's hooks; a SIGKILLed orchestrator by the next run's `reconcile`.
+Decisions (a failed gate, an inconclusive window, trouble measuring) roll back by themselves;
+an unexpected failure after the canary is deployed is undone by the transaction's rollback hook,
+and no task inside the transaction is retried by Prefect (the retry would find the canary
+retired); cancellation and crashes by the flow's hooks; a SIGKILLed orchestrator by the next
+run's `reconcile`.
 """
 
 from __future__ import annotations

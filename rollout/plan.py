@@ -57,6 +57,7 @@ class Plan(BaseModel):
     probes: list[ProbePlan]
     canary_steps: list[CanaryStep]
     gates: Gates
+    max_bake_seconds: float | None
     on_inconclusive: str
 
 
@@ -108,6 +109,7 @@ def build_plan(profile: Profile, revision: str | None = None) -> Plan:
         ],
         canary_steps=profile.canary.steps,
         gates=profile.canary.gates,
+        max_bake_seconds=profile.canary.max_bake_seconds,
         on_inconclusive=profile.canary.on_inconclusive,
     )
 
@@ -157,12 +159,15 @@ def render_text(plan: Plan) -> str:
     gates = plan.gates
     p50 = _ttft_limit(gates.max_ttft_p50_ratio, gates.max_ttft_p50_seconds)
     p99 = _ttft_limit(gates.max_ttft_p99_ratio, gates.max_ttft_p99_seconds)
-    lines.append(
+    longest = "twice its length" if plan.max_bake_seconds is None else f"{plan.max_bake_seconds:g}s"
+    lines += [
         f"gates     errors ≤ {gates.max_error_rate:.1%} and ≤ {gates.max_error_rate_ratio}x stable,"
         f" TTFT p50 ≤ {p50}, p99 ≤ {p99},"
-        f" golden ≥ {gates.min_golden_agreement:.0%}, ≥ {gates.min_requests} requests"
-        f" (else {plan.on_inconclusive})"
-    )
+        f" golden ≥ {gates.min_golden_agreement:.0%} (each answer ≤"
+        f" {gates.max_golden_answer_seconds:g}s)",
+        f"          ≥ {gates.min_requests} canary requests a step: its bake extends up to"
+        f" {longest} for them, else {plan.on_inconclusive}",
+    ]
     return "\n".join(lines)
 
 

@@ -62,9 +62,12 @@ class Platform(Protocol):
         (GET /admin/stats: {"backends": {release id: {...}}})."""
         ...
 
-    def ask(self, profile: Profile, release_id: str, chat: dict[str, Any]) -> dict[str, Any]:
-        """One chat completion from one release, through the router, which holds the
-        release's key (POST /admin/ask/<release id>); not measured, not retried."""
+    def ask(
+        self, profile: Profile, release_id: str, chat: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
+        """One chat completion from one release within `timeout` seconds, through the router,
+        which holds the release's key (POST /admin/ask/<release id>); not measured, not
+        retried."""
         ...
 
     def running_releases(self, profile: Profile) -> list[Release]:

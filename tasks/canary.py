@@ -68,6 +68,15 @@ class CanaryRun:
             set_weight(self.model, self.target, self.canary, self.stable, action.weight)
         elif action.kind == "bake":
             self._bake = bake(self.model, self.target, self.canary, action.weight, action.seconds)
+        elif action.kind == "extend_bake":
+            assert self._bake is not None
+            get_run_logger().info("%s at %d%%: baking %.0f s more: %s", self.model,
+                                  action.weight, action.seconds, action.reason)  # fmt: skip
+            more = bake(self.model, self.target, self.canary, action.weight, action.seconds)
+            # The window grows: the next analysis covers it all and supersedes the last one.
+            self._bake = self._bake.model_copy(update={"ended": more.ended,
+                                                       "crashed": more.crashed})  # fmt: skip
+            self.steps.pop()
         elif action.kind == "analyse":
             assert self._bake is not None
             analysis = analyse_canary(self.model, self.target, self.canary, self.stable,

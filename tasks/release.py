@@ -4,7 +4,9 @@ lifecycle (serving.control.lifecycle), to which these tasks add the flow run's i
 log and the events (`rollout.promoted`, `rollout.rolled-back`).
 
 Action tasks use NO_CACHE: baking twice with the same arguments (an extended bake) must bake
-twice, and setting the same weights again must set them again.
+twice, and setting the same weights again must set them again. The tasks a rollout runs inside
+its transaction have no Prefect retries: a failure reverts the canary at once, and a retry would
+then run against a retired release.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from functools import partial
+from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -25,8 +27,18 @@ from pydantic import BaseModel
 from serving.config.loader import load_profile
 from serving.config.profile import Profile
 from serving.control import lifecycle
+from serving.control.router_client import RouterAdminError, RouterUnreachable
 from serving.core.errors import one_line
-from serving.domain.analysis import Analysis, Window, analyse, golden_agreement
+from serving.domain.analysis import (
+    Analysis,
+    Ask,
+    Unanswered,
+    Window,
+    analyse,
+    enough_requests,
+    golden_agreement,
+    unmeasured,
+)
 from serving.domain.interruptions import crash_finding, interrupted, router_restart_finding
 from serving.domain.records import HistoryEntry, Outcome, ReleaseRecord
 from serving.domain.release import Release
@@ -35,6 +47,10 @@ from serving.platforms import get_platform
 
 # How often a bake looks for a crashed canary, so a crash ends the bake at once.
 CRASH_CHECK_SECONDS = 2.0
+# The router answers /admin/stats in milliseconds; a miss is a starved host or a router coming
+# back, worth a few more tries before the window is left unjudged.
+STATS_ATTEMPTS = 3
+STATS_RETRY_SECONDS = 5.0
 
 
 class Bake(BaseModel):
@@ -152,12 +168,23 @@ def bake(model: str, target: Target, canary: Release, weight: int, seconds: floa
                 stopped=stopped)  # fmt: skip
 
 
-@task(name="analyse", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+@task(name="analyse", cache_policy=NO_CACHE)
 def analyse_canary(model: str, target: Target, canary: Release, stable: Release | None,
                    window: Bake) -> Analysis:  # fmt: skip
-    """The gates on the router's measurements of this bake, canary vs stable."""
+    """The gates on the router's measurements of this bake, canary vs stable. Trouble
+    measuring (no stats, a golden prompt unanswered in time) is a finding of the analysis,
+    never a failure of the task."""
     profile, platform = _context(model, target)
-    stats = platform.stats(profile, since=window.started)
+    crashed = window.crashes > 0 or window.stopped
+    try:
+        stats = _stats(platform, profile, window.started)
+    except RouterAdminError as exc:
+        if not crashed:  # a crash needs no measurements to fail
+            analysis = unmeasured(one_line(exc))
+            get_run_logger().warning("%s at %d%%: %s — %s", model, window.weight,
+                                     analysis.verdict, analysis.reason)  # fmt: skip
+            return analysis
+        stats = {}
     backends = stats.get("backends", {})
     canary_window = Window.from_router_stats(backends.get(canary.id, {}))
     stable_window = (
@@ -171,18 +198,47 @@ def analyse_canary(model: str, target: Target, canary: Release, stable: Release 
         get_run_logger().warning("%s at %d%%: %s — %s", model, window.weight, verdict.verdict,
                                  verdict.reason)  # fmt: skip
         return verdict
+    gates = profile.canary.gates
     golden = None
-    if profile.canary.golden_prompts and stable is not None:
+    # Too few requests is inconclusive whatever the answers: spare the engines the prompts.
+    asking = bool(profile.canary.golden_prompts) and enough_requests(gates, canary_window)
+    if asking and stable is not None:
+        seconds = gates.max_golden_answer_seconds
         golden = golden_agreement(
             profile.canary.golden_prompts,
             model=profile.served_model_name,
-            canary=partial(platform.ask, profile, canary.id),
-            stable=partial(platform.ask, profile, stable.id),
+            canary=_asker(platform, profile, canary.id, seconds),
+            stable=_asker(platform, profile, stable.id, seconds),
         )
-    analysis = analyse(profile.canary.gates, canary_window, stable_window, golden)
+    analysis = analyse(gates, canary_window, stable_window, golden)
     get_run_logger().info("%s at %d%%: %s — %s", model, window.weight, analysis.verdict,
                           analysis.reason)  # fmt: skip
     return analysis
+
+
+def _stats(platform: Platform, profile: Profile, since: float) -> dict[str, Any]:
+    for attempt in range(1, STATS_ATTEMPTS):
+        try:
+            return platform.stats(profile, since=since)
+        except RouterAdminError as exc:
+            get_run_logger().warning("%s: router stats, attempt %d of %d: %s", profile.name,
+                                     attempt, STATS_ATTEMPTS, one_line(exc))  # fmt: skip
+            time.sleep(STATS_RETRY_SECONDS)
+    return platform.stats(profile, since=since)
+
+
+def _asker(platform: Platform, profile: Profile, release_id: str, seconds: float) -> Ask:
+    """Platform.ask bound to one release, a refusal or a timeout told as Unanswered."""
+
+    def ask(chat: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return platform.ask(profile, release_id, chat, timeout=seconds)
+        except RouterUnreachable as exc:  # mostly a timeout: the release is slow, not gone
+            raise Unanswered(one_line(exc.__cause__ or exc)) from exc
+        except RouterAdminError as exc:
+            raise Unanswered(str(exc)) from exc
+
+    return ask
 
 
 @task(name="promote", cache_policy=NO_CACHE)

@@ -3,7 +3,8 @@
 A tiny OpenAI-compatible HTTP server (``/v1/chat/completions``, ``/v1/completions``, streaming
 and not, ``/v1/models``, ``/health``). It exists only to inject faults a real engine cannot
 produce on demand: a delay before the first byte, a 5xx rate, dying abruptly after N
-requests, slow streams, failing health. Its answer is a canned string.
+requests, slow streams, failing health, a capacity that queues the requests beyond it (a
+saturated engine). Its answer is a canned string.
 
 Faults are set on the command line and replaced at runtime with ``PUT /fake/config`` (JSON,
 a ``FakeConfig``: fields left out are back to their defaults). A request may override the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -36,6 +38,9 @@ class FakeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     delay_s: float = Field(default=0.0, ge=0)  # before the first response byte
+    # Requests in their delay at once; the rest wait their turn, so a load above
+    # capacity / delay_s grows a queue without bound (a saturated engine).
+    capacity: int | None = Field(default=None, ge=1)
     error_rate: float = Field(default=0.0, ge=0, le=1)
     error_status: int = Field(default=500, ge=500, le=599)
     die_after: int | None = Field(default=None, ge=0)  # exit abruptly on request N+1
@@ -47,9 +52,13 @@ class FakeConfig(BaseModel):
 class FakeEngine:
     def __init__(self, name: str, config: FakeConfig, api_key: str | None) -> None:
         self.name = name
-        self.config = config
         self.api_key = api_key
         self.requests = 0
+        self._use(config)
+
+    def _use(self, config: FakeConfig) -> None:
+        self.config = config
+        self._slots = asyncio.Semaphore(config.capacity) if config.capacity else None
 
     def _fails(self, rate: float) -> bool:
         """Errors spread evenly (request 1/rate, 2/rate, ...), not drawn: a random draw can
@@ -71,7 +80,8 @@ class FakeEngine:
             os._exit(1)  # abrupt death: no response, connection reset
         body = json.loads(await request.body() or b"{}")
         delay_ms = request.headers.get("x-fake-delay-ms")
-        await asyncio.sleep(float(delay_ms) / 1000 if delay_ms else cfg.delay_s)
+        async with self._slots or contextlib.nullcontext():
+            await asyncio.sleep(float(delay_ms) / 1000 if delay_ms else cfg.delay_s)
         if self._fails(cfg.error_rate):
             return JSONResponse({"error": {"message": "injected failure"}},
                                 status_code=cfg.error_status)
@@ -104,7 +114,7 @@ class FakeEngine:
         return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model"}]})
 
     async def set_config(self, request: Request) -> Response:
-        self.config = FakeConfig.model_validate_json(await request.body() or b"{}")
+        self._use(FakeConfig.model_validate_json(await request.body() or b"{}"))
         return JSONResponse(self.config.model_dump())
 
     def app(self) -> Starlette:

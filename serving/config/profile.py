@@ -189,6 +189,9 @@ class Gates(_Strict):
     max_ttft_p99_seconds: float | None = Field(None, gt=0)
     min_golden_agreement: float = Field(0.9, ge=0, le=1)
     min_requests: int = Field(20, ge=1, description="fewer canary requests = inconclusive")
+    # Golden prompts are asked after a bake, of warm releases: one unanswered this long is a
+    # finding (canary silent: the gate fails; stable silent: inconclusive), never a hang.
+    max_golden_answer_seconds: float = Field(60.0, gt=0)
 
 
 class CanaryStep(_Strict):
@@ -205,6 +208,10 @@ class GoldenPrompt(_Strict):
 class Canary(_Strict):
     steps: list[CanaryStep] = Field(min_length=1)
     gates: Gates = Field(default_factory=Gates)
+    # A bake with fewer than min_requests canary requests goes on, the same window growing,
+    # until they have arrived or the bake reaches this; only then is it inconclusive.
+    # None: twice each step's bake (one extension).
+    max_bake_seconds: float | None = Field(None, gt=0)
     on_inconclusive: Literal["pause", "rollback"] = "rollback"
     golden_prompts: list[GoldenPrompt] = Field(default_factory=list)
     retire_grace_seconds: float = Field(5 * MINUTES, ge=0)
@@ -218,6 +225,22 @@ class Canary(_Strict):
         if weights != sorted(weights):
             raise ValueError(f"canary weights must not decrease: {weights}")
         return steps
+
+    @model_validator(mode="after")
+    def _bake_fits_its_limit(self) -> Canary:
+        longest = max(step.bake_seconds for step in self.steps)
+        if self.max_bake_seconds is not None and self.max_bake_seconds < longest:
+            raise ValueError(
+                f"max_bake_seconds {self.max_bake_seconds:g} is shorter than a step's bake"
+                f" ({longest:g} s)"
+            )
+        return self
+
+    def bake_limit(self, step: CanaryStep) -> float:
+        """How long `step` may bake while waiting for min_requests."""
+        if self.max_bake_seconds is None:
+            return 2 * step.bake_seconds
+        return self.max_bake_seconds
 
 
 class Volumes(_Strict):

@@ -17,7 +17,6 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from serving.core.constants import ASK_TIMEOUT_SECONDS
 from serving.router.table import RoutingTable
 
 # Two CPU engines under load can starve a local router for seconds; an admin call waits it out.
@@ -96,11 +95,10 @@ class RouterClient:
             params["until"] = until
         return dict(self._checked("GET", "/admin/stats", params=params).json())
 
-    def ask(self, backend: str, chat: dict[str, Any]) -> dict[str, Any]:
+    def ask(self, backend: str, chat: dict[str, Any], timeout: float) -> dict[str, Any]:
         """One chat completion from one named backend, sent by the router with that backend's
         key: not measured, not retried elsewhere."""
-        response = self._checked("POST", f"/admin/ask/{backend}", json=chat,
-                                 timeout=ASK_TIMEOUT_SECONDS)  # fmt: skip
+        response = self._checked("POST", f"/admin/ask/{backend}", json=chat, timeout=timeout)
         return dict(response.json())
 
     def in_flight(self, model: str, backend: str) -> int:

@@ -3,7 +3,12 @@ golden prompts asked of both, turned into a verdict with the numbers behind it.
 
     pass          every gate holds
     fail          a gate is broken: roll back
-    inconclusive  too few canary requests in the window to judge
+    inconclusive  a gate cannot be judged: too few canary requests in the window, no
+                  measurements from the router, stable silent on a golden prompt
+
+Trouble measuring is a finding, never an exception: a release that does not answer a golden
+prompt in time is judged by it (canary silent: the golden gate fails; stable silent: nothing to
+compare with), and a router that gives no measurements leaves the window unjudged.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pydantic import BaseModel, Field
 from serving.config.profile import Gates, GoldenPrompt
 
 Verdict = Literal["pass", "fail", "inconclusive"]
+Side = Literal["canary", "stable"]
 
 
 class Window(BaseModel):
@@ -45,11 +51,27 @@ class GateResult(BaseModel):
     observed: float | None
     limit: float
     detail: str
+    # Not passed and not broken either: the window cannot be judged on this gate.
+    inconclusive: bool = False
+
+
+class Unanswered(Exception):
+    """A release gave no answer to a golden prompt: timed out, refused, or unreachable."""
+
+
+class Silence(BaseModel):
+    """Who gave no answer to which golden prompt (1-based), and why."""
+
+    releases: list[Side]
+    prompt: int
+    why: str
 
 
 class GoldenResult(BaseModel):
     agreement: float = Field(ge=0, le=1)
     answers: list[tuple[str, str]] = Field(description="(canary, stable) per prompt")
+    # The asking stops at the first prompt a release leaves unanswered.
+    silence: Silence | None = None
 
 
 class Analysis(BaseModel):
@@ -61,22 +83,39 @@ class Analysis(BaseModel):
 
     @property
     def reason(self) -> str:
-        broken = [gate.detail for gate in self.gates if not gate.passed]
-        if self.verdict == "inconclusive":
-            return broken[0] if broken else "too few requests"
-        return "; ".join(broken) if broken else "all gates held"
+        unjudged = self.verdict == "inconclusive"
+        told = [g.detail for g in self.gates if not g.passed and g.inconclusive == unjudged]
+        return "; ".join(told) if told else "all gates held"
+
+    @property
+    def short_of_requests(self) -> bool:
+        """Inconclusive only for want of canary requests: more bake time can fix it."""
+        return [g.gate for g in self.gates if not g.passed] == ["min_requests"]
+
+
+def enough_requests(gates: Gates, canary: Window) -> bool:
+    return canary.requests >= gates.min_requests
+
+
+def unmeasured(why: str) -> Analysis:
+    """The router gave no measurements of the window: nothing to judge, nothing to blame."""
+    missing = GateResult(gate="measurements", passed=False, observed=None, limit=1,
+                         detail=f"no measurements from the router: {why}",
+                         inconclusive=True)  # fmt: skip
+    return Analysis(verdict="inconclusive", canary=Window(), stable=None, gates=[missing])
 
 
 def analyse(
     gates: Gates, canary: Window, stable: Window | None, golden: GoldenResult | None = None
 ) -> Analysis:
-    if canary.requests < gates.min_requests:
+    if not enough_requests(gates, canary):
         enough = GateResult(
             gate="min_requests",
             passed=False,
             observed=canary.requests,
             limit=gates.min_requests,
             detail=f"only {canary.requests} canary requests (need {gates.min_requests})",
+            inconclusive=True,
         )
         return Analysis(
             verdict="inconclusive", canary=canary, stable=stable, gates=[enough], golden=golden
@@ -106,19 +145,36 @@ def analyse(
         if slo is not None and ours is not None:
             results.append(_at_most(name, ours, slo, f"canary {name[:8]} seconds"))
     if golden is not None:
-        passed = golden.agreement >= gates.min_golden_agreement
-        results.append(
-            GateResult(
-                gate="golden_agreement",
-                passed=passed,
-                observed=golden.agreement,
-                limit=gates.min_golden_agreement,
-                detail=f"golden agreement {golden.agreement:.0%}"
-                f" ({'≥' if passed else '<'} {gates.min_golden_agreement:.0%})",
-            )
-        )
-    verdict: Verdict = "pass" if all(result.passed for result in results) else "fail"
-    return Analysis(verdict=verdict, canary=canary, stable=stable, gates=results, golden=golden)
+        results.append(_golden_gate(gates, golden))
+    return Analysis(verdict=_verdict(results), canary=canary, stable=stable, gates=results,
+                    golden=golden)  # fmt: skip
+
+
+def _verdict(results: list[GateResult]) -> Verdict:
+    """A broken gate fails the canary even when another cannot be judged."""
+    if any(not result.passed and not result.inconclusive for result in results):
+        return "fail"
+    return "pass" if all(result.passed for result in results) else "inconclusive"
+
+
+def _golden_gate(gates: Gates, golden: GoldenResult) -> GateResult:
+    limit = gates.min_golden_agreement
+    if golden.silence is not None:
+        silent = golden.silence
+        who = " and ".join(silent.releases)
+        detail = (f"{who} did not answer golden prompt {silent.prompt} within"
+                  f" {gates.max_golden_answer_seconds:g} s: {silent.why}")  # fmt: skip
+        # Stable silent too: the host is overloaded, not the canary broken.
+        return GateResult(gate="golden_agreement", passed=False, observed=None, limit=limit,
+                          detail=detail, inconclusive="stable" in silent.releases)  # fmt: skip
+    passed = golden.agreement >= limit
+    return GateResult(
+        gate="golden_agreement",
+        passed=passed,
+        observed=golden.agreement,
+        limit=limit,
+        detail=f"golden agreement {golden.agreement:.0%} ({'≥' if passed else '<'} {limit:.0%})",
+    )
 
 
 def _get(window: Window | None, field: str) -> float | None:
@@ -136,7 +192,8 @@ def _at_most(gate: str, observed: float, limit: float, what: str) -> GateResult:
     )
 
 
-# One chat completion request → its response (Platform.ask bound to one release).
+# One chat completion request → its response (Platform.ask bound to one release); raises
+# Unanswered when the release gives none.
 Ask = Callable[[dict[str, Any]], dict[str, Any]]
 
 
@@ -144,22 +201,38 @@ def golden_agreement(
     prompts: list[GoldenPrompt], *, model: str, canary: Ask, stable: Ask
 ) -> GoldenResult:
     """Ask both releases the same prompts at temperature 0; agreement is the share of
-    identical answers (after trimming whitespace and case)."""
-    answers = []
-    for prompt in prompts:
+    identical answers (after trimming whitespace and case). Both are asked each prompt, so a
+    silence names every release that kept it; the asking stops there."""
+    answers: list[tuple[str, str]] = []
+    for number, prompt in enumerate(prompts, start=1):
         chat = {
             "model": model,
             "messages": [message.model_dump() for message in prompt.messages],
             "max_tokens": prompt.max_tokens,
             "temperature": 0,
         }
-        answers.append((_content(canary(chat)), _content(stable(chat))))
+        replies: dict[Side, str | Unanswered] = {
+            "canary": _answer(canary, chat), "stable": _answer(stable, chat)
+        }  # fmt: skip
+        silent = {who: reply for who, reply in replies.items() if isinstance(reply, Unanswered)}
+        if silent:
+            why = "; ".join(dict.fromkeys(str(error) for error in silent.values()))
+            silence = Silence(releases=list(silent), prompt=number, why=why)
+            return GoldenResult(agreement=0.0, answers=answers, silence=silence)
+        answers.append((str(replies["canary"]), str(replies["stable"])))
     same = sum(_normal(ours) == _normal(theirs) for ours, theirs in answers)
     return GoldenResult(agreement=same / len(answers) if answers else 1.0, answers=answers)
 
 
-def _content(completion: dict[str, Any]) -> str:
-    return completion["choices"][0]["message"].get("content") or ""
+def _answer(ask: Ask, chat: dict[str, Any]) -> str | Unanswered:
+    try:
+        completion = ask(chat)
+    except Unanswered as silent:
+        return silent
+    try:
+        return completion["choices"][0]["message"].get("content") or ""
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return Unanswered("its answer is not a chat completion")
 
 
 def _normal(answer: str) -> str:

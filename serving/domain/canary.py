@@ -5,9 +5,15 @@ Analysis after `analyse`, a bool after `await_approval`, None otherwise). The fl
 actions; all the decisions are here, in the order a reader would expect:
 
     for each step:  [approval?] → set weight → bake → analyse
-                    inconclusive → bake once more → analyse → still inconclusive: pause or roll back
+                    inconclusive → extend the bake (the same window grows) → analyse, until
+                        it is judged or the bake reaches the profile's max_bake_seconds
+                    still inconclusive → pause or roll back (on_inconclusive)
                     fail → roll back
     all steps held → promote
+
+An extension waits as long as the canary's request rate so far needs to reach min_requests
+(with a margin); with no rate to go by, or when something other than the request count left the
+window unjudged (no measurements, stable silent), it waits one more step bake.
 
 The first release of a model has nothing to compare against: it goes straight to 100% (the
 warmup probes have already passed) and is promoted.
@@ -20,12 +26,17 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from serving.config.profile import Canary
+from serving.config.profile import Canary, CanaryStep
 from serving.domain.analysis import Analysis
+
+# Traffic is bursty: an extension sized to the bare average would often fall just short.
+EXTENSION_MARGIN = 1.25
 
 
 class Action(BaseModel):
-    kind: Literal["set_weight", "bake", "analyse", "await_approval", "promote", "rollback"]
+    kind: Literal[
+        "set_weight", "bake", "extend_bake", "analyse", "await_approval", "promote", "rollback"
+    ]
     weight: int | None = None
     seconds: float | None = None
     reason: str = ""
@@ -49,12 +60,12 @@ def canary_machine(canary: Canary, *, has_stable: bool) -> Machine:
         yield Action(kind="set_weight", weight=step.weight)
         if step.bake_seconds == 0:
             continue
-        analysis = yield from _bake_and_analyse(step.weight, step.bake_seconds)
+        analysis, baked = yield from _bake_until_judged(canary, step)
         if analysis.verdict == "fail":
             yield Action(kind="rollback", reason=f"at {step.weight}%: {analysis.reason}")
             return
         if analysis.verdict == "inconclusive":
-            why = f"at {step.weight}% after an extended bake: {analysis.reason}"
+            why = f"at {step.weight}% after a {baked:.0f} s bake: {analysis.reason}"
             if canary.on_inconclusive == "rollback":
                 yield Action(kind="rollback", reason=f"inconclusive {why}")
                 return
@@ -65,12 +76,29 @@ def canary_machine(canary: Canary, *, has_stable: bool) -> Machine:
     yield Action(kind="promote", reason="every step held")
 
 
-def _bake_and_analyse(weight: int, seconds: float) -> Generator[Action, Outcome, Analysis]:
-    """Bake and analyse; an inconclusive window (too few requests) earns one more bake."""
-    for _ in range(2):
-        yield Action(kind="bake", weight=weight, seconds=seconds)
-        analysis = yield Action(kind="analyse", weight=weight)
+def _bake_until_judged(
+    canary: Canary, step: CanaryStep
+) -> Generator[Action, Outcome, tuple[Analysis, float]]:
+    """Bake and analyse; extend an inconclusive window while the step's bake limit allows.
+    Returns the last analysis and the seconds baked."""
+    limit = canary.bake_limit(step)
+    baked = step.bake_seconds
+    yield Action(kind="bake", weight=step.weight, seconds=baked)
+    while True:
+        analysis = yield Action(kind="analyse", weight=step.weight)
         assert isinstance(analysis, Analysis), "analyse must be answered with an Analysis"
-        if analysis.verdict != "inconclusive":
-            break
-    return analysis
+        if analysis.verdict != "inconclusive" or baked >= limit:
+            return analysis, baked
+        more = min(limit - baked, _extension(analysis, canary.gates.min_requests, baked, step))
+        yield Action(kind="extend_bake", weight=step.weight, seconds=more,
+                     reason=analysis.reason)  # fmt: skip
+        baked += more
+
+
+def _extension(analysis: Analysis, min_requests: int, baked: float, step: CanaryStep) -> float:
+    """Seconds more the window needs: what the canary's rate so far takes to reach
+    min_requests, or one more step bake when there is no rate to go by."""
+    arrived = analysis.canary.requests
+    if not analysis.short_of_requests or arrived == 0:
+        return step.bake_seconds
+    return EXTENSION_MARGIN * baked * (min_requests - arrived) / arrived

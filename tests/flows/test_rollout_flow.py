@@ -7,22 +7,26 @@ Revisions of `test-org/tiny-chat` in the mirror:
     v2  same weights, another generation_config: answers like v1 (a healthy canary)
     v3  tiny model, seed 1: different weights, different answers (golden prompts disagree)
 Canaries with a 5xx rate, a slow first token or a crash are the FAKE engine, injected through
-ROLLOUT_FAULT_ENGINES: no real engine produces those on demand.
+ROLLOUT_FAULT_ENGINES: no real engine produces those on demand. So are both releases where the
+test needs engines of a known capacity (saturated, or serving a thin trickle).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
@@ -31,6 +35,8 @@ from prefect.client.schemas.filters import (
     ArtifactFilterKey,
     DeploymentFilter,
     DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterId,
 )
 
 from dev.load import ChatLoad
@@ -44,12 +50,15 @@ from serving.core.procs import free_port
 from serving.domain.release import release_id
 from serving.engines.engine import FAULT_ENGINES_ENV
 from serving.platforms.local.platform import LocalPlatform
+from tasks.release import analyse_canary, bake, deploy_canary, promote, rollback, set_weight
 from tests.local_fixtures import processes_under
 from tests.server_fixtures import build_tiny_model
 
 REPO = "test-org/tiny-chat"
 MODEL = "tiny-chat"
 QUIET_MODEL = "tiny-chat-no-golden"  # the fault canaries: golden prompts would fail them anyway
+OVERLOADED_MODEL = "tiny-chat-overloaded"  # golden answers within 1 s, no time to extend a bake
+THIN_MODEL = "tiny-chat-thin"  # 6 canary requests a step, a 2 s bake that may grow to 15 s
 FAKE_ENGINE = REPO_ROOT / "tests" / "fake_engine.py"
 ROOT = REPO_ROOT
 
@@ -103,9 +112,21 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "golden_prompts": ["capital", "arithmetic"],
         "retire_grace_seconds": 3,
     }  # fmt: skip
-    for name, golden in ((MODEL, ["capital", "arithmetic"]), (QUIET_MODEL, [])):
-        profile = {**base, "name": name, "served_model_name": name,
-                   "canary": {**base["canary"], "golden_prompts": golden}}  # fmt: skip
+    short = [{"weight": 50, "bake_seconds": 2}, {"weight": 100, "bake_seconds": 0}]
+    # FAKE engines of a chosen capacity on both sides: latency ratios are not the point, and
+    # what they have in flight at a retirement need not finish
+    loose = {"max_ttft_p50_ratio": 100, "max_ttft_p99_ratio": 100}
+    fakes = {**base["canary"], "steps": short, "retire_grace_seconds": 0}
+    canaries = {
+        MODEL: base["canary"],
+        QUIET_MODEL: {**base["canary"], "golden_prompts": []},
+        OVERLOADED_MODEL: {**fakes, "max_bake_seconds": 2, "golden_prompts": ["capital"],
+                           "gates": {**loose, "min_requests": 1, "max_golden_answer_seconds": 1}},
+        THIN_MODEL: {**fakes, "max_bake_seconds": 15, "golden_prompts": [],
+                     "gates": {**loose, "min_requests": 6}},
+    }  # fmt: skip
+    for name, canary in canaries.items():
+        profile = {**base, "name": name, "served_model_name": name, "canary": canary}
         (directory / f"{name}.yaml").write_text(yaml.safe_dump(profile))
     return directory
 
@@ -137,12 +158,15 @@ def history(model: str = MODEL) -> list[tuple[str, str]]:
     return [(entry.outcome, entry.reason) for entry in record.history]
 
 
-def inject_fake_canary(monkeypatch: pytest.MonkeyPatch, model: str, revision: str,
-                       **faults: object) -> None:  # fmt: skip
-    release = release_id(load_profile(model), revision)
-    argv = [sys.executable, str(FAKE_ENGINE), "--port", "{port}", "--name", release,
-            "--config", json.dumps(faults)]  # fmt: skip
-    monkeypatch.setenv(FAULT_ENGINES_ENV, json.dumps({release: argv}))
+def inject_fake_engines(monkeypatch: pytest.MonkeyPatch, model: str,
+                        faults: dict[str, dict[str, object]]) -> None:  # fmt: skip
+    """The releases of these revisions are the FAKE engine, with these faults."""
+    engines = {}
+    for revision, config in faults.items():
+        release = release_id(load_profile(model), revision)
+        engines[release] = [sys.executable, str(FAKE_ENGINE), "--port", "{port}",
+                            "--name", release, "--config", json.dumps(config)]  # fmt: skip
+    monkeypatch.setenv(FAULT_ENGINES_ENV, json.dumps(engines))
 
 
 def test_first_rollout_then_a_canary_promotes_with_no_failed_request(
@@ -223,7 +247,7 @@ def test_faulty_canary_is_rolled_back_and_stable_keeps_serving(
     reason: str,
 ) -> None:
     rollout(QUIET_MODEL, "v1")
-    inject_fake_canary(monkeypatch, QUIET_MODEL, revisions["v2"], **faults)
+    inject_fake_engines(monkeypatch, QUIET_MODEL, {revisions["v2"]: faults})
     with ChatLoad(router(QUIET_MODEL), QUIET_MODEL, workers=3, limit_s=120) as load:
         started = time.time()
         report = rollout(QUIET_MODEL, "v2")
@@ -396,3 +420,83 @@ def test_abort_rolls_back_a_running_canary_and_status_shows_it(
     assert running.returncode == 1 and "rolled-back" in output
     assert history()[-1] == ("rolled-back", "aborted (rollout abort)")
     assert_stable_alone(revisions["v1"])
+
+
+@contextmanager
+def open_loop(router_url: str, model: str, per_second: float) -> Iterator[None]:
+    """Chats sent at a fixed rate whatever the answers (an open loop, as real clients are):
+    engines that serve fewer grow queues without bound."""
+    stop = threading.Event()
+    body = {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+
+    async def send(client: httpx.AsyncClient) -> None:
+        with suppress(httpx.HTTPError):
+            await client.post(f"{router_url}/v1/chat/completions", json=body)
+
+    async def load() -> None:
+        async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=None),
+                                     trust_env=False) as client:  # fmt: skip
+            sent = []
+            while not stop.is_set():
+                sent.append(asyncio.create_task(send(client)))
+                await asyncio.sleep(1 / per_second)
+            for request in sent:
+                request.cancel()
+            await asyncio.gather(*sent, return_exceptions=True)
+
+    thread = threading.Thread(target=asyncio.run, args=(load(),))
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_overloaded_engines_end_the_gate_in_a_decision_and_nothing_runs_after_the_revert(
+    home: Path, revisions: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both engines serve one request a second; clients send six: the golden prompt waits in
+    their queues past its limit. Before: the analyse task raised, the transaction's hook
+    retired the canary, Prefect retried analyse against it, and the flow run failed."""
+    saturated = {"delay_s": 1.0, "capacity": 1}
+    inject_fake_engines(monkeypatch, OVERLOADED_MODEL,
+                        {revisions["v1"]: saturated, revisions["v2"]: saturated})  # fmt: skip
+    rollout(OVERLOADED_MODEL, "v1")
+    with open_loop(router(OVERLOADED_MODEL), OVERLOADED_MODEL, per_second=6):
+        state = rollout(OVERLOADED_MODEL, "v2", return_state=True)
+    assert state.is_completed(), state.message
+    report = state.result()
+    assert report.decision == "rolled-back"
+    assert "did not answer golden prompt 1 within 1 s" in report.reason, report.reason
+    outcome, why = history(OVERLOADED_MODEL)[-1]
+    assert (outcome, why) == ("rolled-back", report.reason)  # by decision, not by the hook
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))  # fmt: skip
+    assert runs and all(run.state is not None and run.state.is_completed() for run in runs)
+    assert [run.name for run in runs if run.run_count != 1] == []  # no Prefect retry
+    last = max(runs, key=lambda run: run.start_time or 0)
+    assert last.name.startswith("rollback")
+
+
+def test_no_task_inside_the_transaction_is_retried_by_prefect() -> None:
+    """Its rollback hook retires the canary on the first failure: a retry would run after."""
+    inside = (deploy_canary, set_weight, bake, analyse_canary, promote, rollback)
+    assert {task.name: task.retries for task in inside} == {task.name: 0 for task in inside}
+
+
+def test_thin_traffic_extends_the_bake_until_enough_requests_arrive(
+    home: Path, revisions: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One client of engines that take 0.4 s a chat: at most 5 requests in a 2 s bake, about
+    half of them to the canary. Before: two separate 2 s windows, both short of 6, rolled the
+    canary back as inconclusive."""
+    slow = {"delay_s": 0.4}
+    inject_fake_engines(monkeypatch, THIN_MODEL, {revisions["v1"]: slow, revisions["v2"]: slow})
+    rollout(THIN_MODEL, "v1")
+    with ChatLoad(router(THIN_MODEL), THIN_MODEL, workers=1, limit_s=120):
+        report = rollout(THIN_MODEL, "v2")
+    assert report.decision == "promoted", report.reason
+    [step] = report.steps  # the extended window's analysis supersedes the short one's
+    assert step.analysis.canary.requests >= 6 and step.seconds > 2 * 2

@@ -46,6 +46,13 @@ def test_pinned_revision_shows_in_paths_and_app_names() -> None:
     assert any(arg.endswith(f"/{sha}") for arg in plan["serve"]["argv"])
 
 
+def test_plan_shows_how_long_a_thin_bake_may_go_on() -> None:
+    demo = build_plan(load_profile("smollm2-135m"))
+    assert demo.max_bake_seconds == 120
+    assert "8 canary requests a step: its bake extends up to 120s for them" in render_text(demo)
+    assert "extends up to twice its length" in render_text(build_plan(load_profile("glm-5.1")))
+
+
 def test_text_plan_is_readable() -> None:
     result = run("plan", "qwen3-8b")
     assert result.returncode == 0

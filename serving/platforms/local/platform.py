@@ -272,8 +272,10 @@ class LocalPlatform:
         # An unanswered query is an error, never an empty window: empty reads as "no traffic".
         return self._router().client().stats(profile.served_model_name, since)
 
-    def ask(self, profile: Profile, release_id: str, chat: dict[str, Any]) -> dict[str, Any]:
-        return self._router().client().ask(release_id, chat)
+    def ask(
+        self, profile: Profile, release_id: str, chat: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
+        return self._router().client().ask(release_id, chat, timeout)
 
     def running_releases(self, profile: Profile) -> list[Release]:
         """Releases whose supervisor runs: serving, or restarting a crashed engine (a release

@@ -234,8 +234,10 @@ class ModalPlatform:
         # requests the dying container held.
         return 0
 
-    def ask(self, profile: Profile, release_id: str, chat: dict[str, Any]) -> dict[str, Any]:
-        return self._router_client(profile).ask(release_id, chat)
+    def ask(
+        self, profile: Profile, release_id: str, chat: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
+        return self._router_client(profile).ask(release_id, chat, timeout)
 
     def release_store(self) -> ReleaseStore:
         return VolumeReleaseStore(

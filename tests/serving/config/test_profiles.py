@@ -123,6 +123,10 @@ BAD_PROFILES = [
         _set("engine", "flags", "tp-size", value=8),
         "engine.flags: 'tp-size' is set by the rollout from resources.tp",
     ),
+    (
+        _set("canary", "max_bake_seconds", value=1),
+        "canary: max_bake_seconds 1 is shorter than a step's bake",
+    ),
     (_set("hub", "revision", value="abc1234"), "hub.revision: revision 'abc1234' looks like"),
     (_set("hub", "colour", value="blue"), "hub.colour: Extra inputs are not permitted"),
     (_set("probes", value=["chat", "smell"]), "probes.1: no shared probes 'smell'"),

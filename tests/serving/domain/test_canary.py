@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from serving.config.profile import Canary, CanaryStep, Gates
-from serving.domain.analysis import Analysis, GoldenResult, Window, analyse
-from serving.domain.canary import Action, Outcome, canary_machine
+from serving.config.profile import Canary, CanaryStep, ChatMessage, Gates, GoldenPrompt
+from serving.domain.analysis import (
+    Analysis,
+    Ask,
+    GoldenResult,
+    Side,
+    Silence,
+    Unanswered,
+    Window,
+    analyse,
+    golden_agreement,
+    unmeasured,
+)
+from serving.domain.canary import Action, Machine, Outcome, canary_machine
 from serving.domain.records import HistoryEntry, ReleaseRecord, now
 from serving.domain.release import Release
 from serving.platforms.local.stores import FileReleaseStore
@@ -24,18 +36,33 @@ def canary(**overrides: object) -> Canary:
     return Canary(steps=steps, gates=GATES, **overrides)  # type: ignore[arg-type]
 
 
-def drive(machine: object, outcomes: list[Outcome]) -> list[str]:
+def actions(machine: Machine, outcomes: list[Outcome]) -> list[Action]:
     """Run the machine, answering analyse/approval actions from `outcomes` in order."""
     answers = iter(outcomes)
-    trace: list[str] = []
-    action: Action = next(machine)  # type: ignore[call-overload]
+    seen: list[Action] = []
+    action = next(machine)
     while True:
-        trace.append(f"{action.kind}:{action.weight}" if action.weight is not None else action.kind)
+        seen.append(action)
         reply = next(answers) if action.kind in ("analyse", "await_approval") else None
         try:
-            action = machine.send(reply)  # type: ignore[attr-defined]
+            action = machine.send(reply)
         except StopIteration:
-            return trace
+            return seen
+
+
+def drive(machine: Machine, outcomes: list[Outcome]) -> list[str]:
+    """The actions as `kind:weight`."""
+    return [f"{a.kind}:{a.weight}" if a.weight is not None else a.kind
+            for a in actions(machine, outcomes)]  # fmt: skip
+
+
+def steps_of(profile: Canary, outcomes: list[Outcome]) -> list[Action]:
+    return actions(canary_machine(profile, has_stable=True), outcomes)
+
+
+def baked(trace: list[Action], weight: int) -> list[float | None]:
+    """The seconds of each bake and extension at `weight`."""
+    return [a.seconds for a in trace if a.kind in ("bake", "extend_bake") and a.weight == weight]
 
 
 def verdict(window: Window) -> Analysis:
@@ -58,19 +85,49 @@ def test_failed_gate_rolls_back_at_once() -> None:
     assert trace == ["set_weight:10", "bake:10", "analyse:10", "rollback"]
 
 
-def test_inconclusive_extends_once_then_pauses_or_rolls_back() -> None:
+def test_thin_traffic_extends_the_bake_up_to_max_then_applies_the_policy() -> None:
+    quiet = verdict(Window(requests=3))  # of 10 needed
+    trace = steps_of(canary(max_bake_seconds=20), [quiet] * 3)
+    # 3 requests in 5 s: 7 more need 11.7 s at that rate, 14.6 s with the margin; then the
+    # last 0.4 s up to the limit
+    assert baked(trace, 10) == [5, pytest.approx(14.583, abs=0.01), pytest.approx(0.417, abs=0.01)]
+    assert [a.kind for a in trace][-2:] == ["analyse", "rollback"]
+    assert trace[-1].reason == (
+        "inconclusive at 10% after a 20 s bake: only 3 canary requests (need 10)"
+    )
+    paused = steps_of(canary(max_bake_seconds=20, on_inconclusive="pause"), [quiet] * 3 + [False])
+    assert [a.kind for a in paused][-2:] == ["await_approval", "rollback"]
+
+
+def test_an_extension_ends_as_soon_as_the_window_is_judged() -> None:
+    half = verdict(Window(requests=5))
+    trace = steps_of(canary(max_bake_seconds=60), [half, verdict(HEALTHY), verdict(HEALTHY)])
+    assert baked(trace, 10) == [5, pytest.approx(1.25 * 5)]  # the rate doubles the window
+    assert baked(trace, 50) == [5]
+    assert trace[-1].kind == "promote"
+
+
+def test_an_empty_window_or_no_measurements_wait_one_more_step_bake() -> None:
+    for unjudged in (verdict(Window(requests=0)), unmeasured("RouterUnreachable: ReadTimeout")):
+        trace = steps_of(canary(max_bake_seconds=60),
+                         [unjudged, verdict(HEALTHY), verdict(HEALTHY)])  # fmt: skip
+        assert baked(trace, 10) == [5, 5]
+        assert trace[-1].kind == "promote"
+
+
+def test_no_extension_when_the_limit_is_the_bake_itself() -> None:
+    trace = drive(canary_machine(canary(max_bake_seconds=5), has_stable=True),
+                  [verdict(Window(requests=3))])  # fmt: skip
+    assert trace == ["set_weight:10", "bake:10", "analyse:10", "rollback"]
+
+
+def test_by_default_an_inconclusive_bake_is_extended_once() -> None:
     quiet = verdict(Window(requests=3))
-    paused = drive(canary_machine(canary(on_inconclusive="pause"), has_stable=True),
-                   [quiet, quiet, True, verdict(HEALTHY)])  # fmt: skip
-    assert paused[:6] == ["set_weight:10", "bake:10", "analyse:10", "bake:10", "analyse:10",
-                          "await_approval"]  # fmt: skip
-    assert paused[-1] == "promote"
-    rolled = drive(canary_machine(canary(on_inconclusive="rollback"), has_stable=True),
-                   [quiet, quiet])  # fmt: skip
-    assert rolled[-1] == "rollback"
-    recovered = drive(canary_machine(canary(), has_stable=True),
-                      [quiet, verdict(HEALTHY), verdict(HEALTHY)])  # fmt: skip
-    assert recovered[-1] == "promote" and recovered.count("bake:10") == 2
+    trace = steps_of(canary(), [quiet, quiet])
+    assert baked(trace, 10) == [5, 5]  # up to twice the step's bake
+    assert trace[-1].kind == "rollback"
+    recovered = steps_of(canary(), [quiet, verdict(HEALTHY), verdict(HEALTHY)])
+    assert baked(recovered, 10) == [5, 5] and recovered[-1].kind == "promote"
 
 
 def test_approval_step_waits_for_a_human() -> None:
@@ -120,6 +177,62 @@ def test_golden_disagreement_fails() -> None:
     analysis = analyse(GATES.model_copy(update={"min_golden_agreement": 0.9}), HEALTHY, STABLE,
                        golden)  # fmt: skip
     assert analysis.verdict == "fail" and "golden agreement 50%" in analysis.reason
+
+
+CAPITAL = GoldenPrompt(messages=[ChatMessage(role="user", content="Capital of France?")])
+
+
+def test_golden_prompts_stop_at_the_first_silence_and_name_who_kept_it() -> None:
+    asked: list[str] = []
+
+    def answers(who: str, content: str | None) -> Ask:
+        def ask(chat: dict[str, Any]) -> dict[str, Any]:
+            asked.append(who)
+            if content is None:
+                raise Unanswered("ReadTimeout")
+            return {"choices": [{"message": {"content": content}}]}
+
+        return ask
+
+    result = golden_agreement([CAPITAL, CAPITAL], model="m", canary=answers("canary", "Paris"),
+                              stable=answers("stable", None))  # fmt: skip
+    assert result.silence == Silence(releases=["stable"], prompt=1, why="ReadTimeout")
+    assert asked == ["canary", "stable"]  # both asked the first prompt, nobody the second
+    both = golden_agreement([CAPITAL], model="m", canary=answers("canary", None),
+                            stable=answers("stable", None))  # fmt: skip
+    assert both.silence is not None and both.silence.releases == ["canary", "stable"]
+    malformed = golden_agreement([CAPITAL], model="m", canary=lambda chat: {"error": "x"},
+                                 stable=answers("stable", "Paris"))  # fmt: skip
+    assert malformed.silence is not None and malformed.silence.releases == ["canary"]
+
+
+@pytest.mark.parametrize(
+    ("releases", "expected"),
+    [(["canary"], "fail"), (["stable"], "inconclusive"), (["canary", "stable"], "inconclusive")],
+)
+def test_a_release_silent_on_a_golden_prompt_is_a_finding(
+    releases: list[Side], expected: str
+) -> None:
+    silence = Silence(releases=releases, prompt=1, why="ReadTimeout")
+    golden = GoldenResult(agreement=0.0, answers=[], silence=silence)
+    analysis = analyse(GATES, HEALTHY, STABLE, golden)
+    assert analysis.verdict == expected
+    who = " and ".join(releases)
+    assert analysis.reason == f"{who} did not answer golden prompt 1 within 60 s: ReadTimeout"
+
+
+def test_a_broken_gate_fails_even_when_stable_is_silent() -> None:
+    broken = Window(requests=50, errors=10, error_rate=0.2, ttft_p50=0.1, ttft_p99=0.3)
+    silence = Silence(releases=["stable"], prompt=1, why="ReadTimeout")
+    analysis = analyse(GATES, broken, STABLE, GoldenResult(agreement=0, answers=[],
+                                                           silence=silence))  # fmt: skip
+    assert analysis.verdict == "fail" and analysis.reason.startswith("canary error rate 0.2")
+
+
+def test_no_measurements_leave_the_window_unjudged() -> None:
+    analysis = unmeasured("RouterUnreachable: router at http://127.0.0.1:1 does not answer")
+    assert analysis.verdict == "inconclusive" and not analysis.short_of_requests
+    assert analysis.reason.startswith("no measurements from the router: RouterUnreachable")
 
 
 def test_release_record_is_atomic_and_remembers_the_last_failure(tmp_path: Path) -> None:

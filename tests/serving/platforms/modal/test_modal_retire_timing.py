@@ -129,7 +129,7 @@ def test_ask_goes_through_the_router_admin_api_to_the_named_release(
     modal = MockModal(router, apps=["qwen3-8b-router"])
     chat = {"model": "qwen3-8b", "messages": [{"role": "user", "content": "capital?"}]}
 
-    answer = modal.platform(tmp_path, FakeClock()).ask(profile, "qwen3-8b-aaaaaaaa", chat)
+    answer = modal.platform(tmp_path, FakeClock()).ask(profile, "qwen3-8b-aaaaaaaa", chat, 5.0)
 
     assert answer["choices"][0]["message"]["content"] == "Paris"
     [request] = seen
