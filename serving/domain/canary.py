@@ -5,6 +5,8 @@ Analysis after `analyse`, a bool after `await_approval`, None otherwise). The fl
 actions; all the decisions are here, in the order a reader would expect:
 
     for each step:  [approval?] → set weight → bake → analyse
+                    (a shadow step: the weight the canary has, plus shadow copies, baked for
+                    the shadow's seconds, analysed on the copies; the next step ends them)
                     inconclusive → bake once more → analyse → still inconclusive: pause or roll back
                     fail → roll back
     all steps held → promote
@@ -20,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from serving.config.profile import Canary
+from serving.config.profile import Canary, Shadow
 from serving.domain.analysis import Analysis
 
 
@@ -29,6 +31,7 @@ class Action(BaseModel):
     weight: int | None = None
     seconds: float | None = None
     reason: str = ""
+    shadow: Shadow | None = None  # set_weight, bake, analyse of a shadow step
 
 
 Outcome = Analysis | bool | None
@@ -40,21 +43,25 @@ def canary_machine(canary: Canary, *, has_stable: bool) -> Machine:
         yield Action(kind="set_weight", weight=100)
         yield Action(kind="promote", reason="first release of the model: nothing to compare")
         return
+    weight = 0
     for step in canary.steps:
+        weight = step.weight if step.weight is not None else weight
+        where = f"the shadow step at {weight}%" if step.shadow else f"{weight}%"
         if step.approval:
-            approved = yield Action(kind="await_approval", reason=f"before {step.weight}%")
+            approved = yield Action(kind="await_approval", reason=f"before {where}")
             if not approved:
-                yield Action(kind="rollback", reason=f"not approved before {step.weight}%")
+                yield Action(kind="rollback", reason=f"not approved before {where}")
                 return
-        yield Action(kind="set_weight", weight=step.weight)
-        if step.bake_seconds == 0:
+        yield Action(kind="set_weight", weight=weight, shadow=step.shadow)
+        seconds = step.shadow.seconds if step.shadow else step.bake_seconds
+        if not seconds:
             continue
-        analysis = yield from _bake_and_analyse(step.weight, step.bake_seconds)
+        analysis = yield from _bake_and_analyse(weight, seconds, step.shadow)
         if analysis.verdict == "fail":
-            yield Action(kind="rollback", reason=f"at {step.weight}%: {analysis.reason}")
+            yield Action(kind="rollback", reason=f"at {where}: {analysis.reason}")
             return
         if analysis.verdict == "inconclusive":
-            why = f"at {step.weight}% after an extended bake: {analysis.reason}"
+            why = f"at {where} after an extended bake: {analysis.reason}"
             if canary.on_inconclusive == "rollback":
                 yield Action(kind="rollback", reason=f"inconclusive {why}")
                 return
@@ -65,11 +72,13 @@ def canary_machine(canary: Canary, *, has_stable: bool) -> Machine:
     yield Action(kind="promote", reason="every step held")
 
 
-def _bake_and_analyse(weight: int, seconds: float) -> Generator[Action, Outcome, Analysis]:
+def _bake_and_analyse(
+    weight: int, seconds: float, shadow: Shadow | None
+) -> Generator[Action, Outcome, Analysis]:
     """Bake and analyse; an inconclusive window (too few requests) earns one more bake."""
     for _ in range(2):
-        yield Action(kind="bake", weight=weight, seconds=seconds)
-        analysis = yield Action(kind="analyse", weight=weight)
+        yield Action(kind="bake", weight=weight, seconds=seconds, shadow=shadow)
+        analysis = yield Action(kind="analyse", weight=weight, shadow=shadow)
         assert isinstance(analysis, Analysis), "analyse must be answered with an Analysis"
         if analysis.verdict != "inconclusive":
             break

@@ -23,6 +23,7 @@ from serving.router.asgi import Receive, Scope, Send, send_error, send_unavailab
 from serving.router.balancing import Target
 from serving.router.config import RouterConfig
 from serving.router.measurements import ErrorKind, Measurements, Record
+from serving.router.shadow import Tap
 from serving.router.upstream import (
     PoolLimits,
     UpstreamClient,
@@ -76,6 +77,7 @@ class _Progress:
     """Whether the client response has started: after that, no retry and no error page."""
 
     response_started: bool = False
+    tap: Tap | None = None  # keeps the answer for a shadow copy (serving.router.shadow)
 
 
 @dataclass(slots=True)
@@ -115,9 +117,9 @@ class Forwarder:
         self._reroute = reroute
 
     async def forward(self, model: str, target: Target, scope: Scope, body: bytes,
-                      receive: Receive, send: Send) -> None:
+                      receive: Receive, send: Send, tap: Tap | None = None) -> None:
         request = _UpstreamRequest.from_scope(scope, body)
-        progress = _Progress()
+        progress = _Progress(tap=tap)
         try:
             async with asyncio.timeout(self._total_timeout_s):
                 started, t0 = time.time(), time.perf_counter()
@@ -204,6 +206,7 @@ class Forwarder:
         watcher = asyncio.create_task(_wait_disconnect(receive)) \
             if _is_event_stream(response) else None
         broken: Exception | None = None
+        tap = progress.tap
         try:
             progress.response_started = True
             await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -211,6 +214,8 @@ class Forwarder:
             while more and (chunk := await response.next_chunk()) is not None:
                 if ttft is None:
                     ttft = time.perf_counter() - t0
+                if tap is not None:
+                    tap.chunks.append(chunk)
                 # a fully buffered body (the common non-streamed case) goes in one message
                 more = not response.complete or watcher is not None
                 await send({"type": "http.response.body", "body": chunk, "more_body": more})
@@ -219,6 +224,8 @@ class Forwarder:
                     break
             if more:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if tap is not None and not disconnected:
+                tap.finish(target.name, status, streamed=watcher is not None)
         except (UpstreamError, OSError) as exc:
             error = _classify(exc)
             broken = exc
