@@ -10,6 +10,7 @@ import pytest
 
 from rollout.plan import build_plan, render_text
 from serving.config.loader import available_models, load_profile
+from serving.config.profile import CanaryStep, Shadow
 
 ROLLOUT = [sys.executable, "-m", "rollout.cli"]
 
@@ -44,6 +45,17 @@ def test_pinned_revision_shows_in_paths_and_app_names() -> None:
     assert plan["revision"]["policy"] == "pinned"
     assert f"glm-4.7-{sha[:8]}" in plan["apps"]
     assert any(arg.endswith(f"/{sha}") for arg in plan["serve"]["argv"])
+
+
+def test_plan_shows_a_shadow_step() -> None:
+    profile = load_profile("smollm2-135m")
+    steps = [CanaryStep(shadow=Shadow(percent=10, seconds=60)), *profile.canary.steps]
+    shadowed = profile.model_copy(
+        update={"canary": profile.canary.model_copy(update={"steps": steps})}
+    )
+    text = render_text(build_plan(shadowed))
+    assert "canary    shadow 10% of stable's requests for 60s (≤ 8 in flight) → 25% for 30s" in text
+    assert "shadow ≥ 95% agreement" in text
 
 
 def test_text_plan_is_readable() -> None:
