@@ -5,16 +5,21 @@
 Topology (127.0.0.1, one process each): the router (`python -m serving.router`), a stable and
 a canary engine (the FAKE engine of tests/, answering after `--delay-ms` like a generation
 would, without burning the CPU the router needs), and this load generator. Stable has all the
-weight; the canary 0%. Rounds alternate the two routing tables so drift on a shared machine
-hits both alike:
+weight; the canary 0%. Rounds alternate three phases so drift on a shared machine hits all
+alike:
 
     baseline   no shadow
-    shadow     the canary gets a copy of 100% of stable's requests (8 in flight at most)
+    direct     no shadow; the load generator itself sends each request again to the canary
+               once stable answered (8 in flight at most): the canary's work on this host
+    shadow     the router copies 100% of stable's requests to the canary (8 in flight at most)
 
 The router sends a copy only after the client has stable's whole answer, so what stable's
-clients can pay is the router's own work for copies (a JSON parse, a send, a comparison) on
-its one event loop. Printed: stable's client-side latency p50/p99 per phase, the shadow /
-baseline ratio and the added milliseconds, and how many copies the router compared.
+clients can pay is the router's own work for copies (a JSON parse, a send, a comparison) on its
+one event loop, and here, where all share two cores, the canary engine's CPU (on Modal it has
+GPUs of its own). `direct` puts the canary's work on the host without the router's. Printed:
+stable's client-side latency p50/p99 per phase, the ratios and added milliseconds, the router's
+CPU milliseconds per client request in each phase (its own cost of copying, whatever the host's
+load), and how many copies the router compared.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_ENGINE = REPO / "tests" / "fake_engine.py"
@@ -52,7 +58,8 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _process(argv: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[str]:
+def _process(argv: list[str], port: int,
+             env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen([sys.executable, *argv], cwd=REPO, env={**os.environ, **(env or {}),
                                "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
@@ -68,7 +75,7 @@ def _process(argv: list[str], port: int, env: dict[str, str] | None = None) -> I
             if time.monotonic() > deadline or process.poll() is not None:
                 raise RuntimeError(f"{argv[0]} did not start")
             time.sleep(0.05)
-        yield url
+        yield url, process.pid
     finally:
         process.terminate()
         process.wait(10)
@@ -79,12 +86,23 @@ def _engine(name: str, delay_ms: float) -> list[str]:
     return [str(FAKE_ENGINE), "--name", name, "--config", config, "--port"]
 
 
-async def _phase(router: str, requests: int, clients: int) -> list[float]:
-    """Closed loop: `clients` workers send `requests` in all; each latency in seconds."""
+async def _phase(router: str, requests: int, clients: int,
+                 copy_to: str | None = None) -> list[float]:  # fmt: skip
+    """Closed loop: `clients` workers send `requests` in all; each latency in seconds. With
+    `copy_to`, each answered request is also sent there, off the worker's path, as the router
+    would copy it."""
     latencies: list[float] = []
     remaining = iter(range(requests))
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    copies: set[asyncio.Task[httpx.Response]] = set()
+    in_flight = asyncio.Semaphore(int(SHADOW["max_in_flight"]))
+    limits = httpx.Limits(max_connections=clients * 2, max_keepalive_connections=clients * 2)
     async with httpx.AsyncClient(timeout=30, limits=limits, trust_env=False) as client:
+
+        async def copy(url: str) -> httpx.Response:
+            try:
+                return await client.post(f"{url}/v1/chat/completions", json=BODY)
+            finally:
+                in_flight.release()
 
         async def worker() -> None:
             for _ in remaining:
@@ -92,8 +110,14 @@ async def _phase(router: str, requests: int, clients: int) -> list[float]:
                 response = await client.post(f"{router}/v1/chat/completions", json=BODY)
                 response.raise_for_status()
                 latencies.append(time.perf_counter() - t0)
+                if copy_to is not None and not in_flight.locked():
+                    await in_flight.acquire()
+                    task = asyncio.create_task(copy(copy_to))
+                    copies.add(task)
+                    task.add_done_callback(copies.discard)
 
         await asyncio.gather(*(worker() for _ in range(clients)))
+        await asyncio.gather(*copies)
     return latencies
 
 
@@ -115,10 +139,14 @@ def main() -> None:
     router_argv = ["-m", "serving.router", "--port", str(router_port),
                    "--admin-token-env", "BENCH_ADMIN_TOKEN"]  # fmt: skip
     with (
-        _process([*_engine("stable", args.delay_ms), str(stable_port)], stable_port) as stable,
-        _process([*_engine("canary", args.delay_ms), str(canary_port)], canary_port) as canary,
-        _process(router_argv, router_port, {"BENCH_ADMIN_TOKEN": token}) as router,
+        _process([*_engine("stable", args.delay_ms), str(stable_port)],
+                 stable_port) as (stable, _),
+        _process([*_engine("canary", args.delay_ms), str(canary_port)],
+                 canary_port) as (canary, _),
+        _process(router_argv, router_port, {"BENCH_ADMIN_TOKEN": token}) as (router, pid),
     ):
+        router_cpu = psutil.Process(pid)
+
         def route(shadow: dict[str, Any] | None) -> None:
             backends = [{"name": "stable", "url": stable, "weight": 100},
                         {"name": "canary", "url": canary, "weight": 0, "shadow": shadow}]
@@ -126,12 +154,17 @@ def main() -> None:
                       timeout=10, trust_env=False).raise_for_status()  # fmt: skip
 
         started = time.time()
+        route(None)
         asyncio.run(_phase(router, args.clients * 4, args.clients))  # warm the connections
-        phases: dict[str, list[float]] = {"baseline": [], "shadow": []}
+        phases: dict[str, list[float]] = {"baseline": [], "direct": [], "shadow": []}
+        cpu_s = dict.fromkeys(phases, 0.0)
         for _ in range(args.rounds):
-            for name, shadow in (("baseline", None), ("shadow", SHADOW)):
+            for name, shadow, copy_to in (("baseline", None, None), ("direct", None, canary),
+                                          ("shadow", SHADOW, None)):  # fmt: skip
                 route(shadow)
-                phases[name] += asyncio.run(_phase(router, args.requests, args.clients))
+                before = sum(router_cpu.cpu_times()[:2])
+                phases[name] += asyncio.run(_phase(router, args.requests, args.clients, copy_to))
+                cpu_s[name] += sum(router_cpu.cpu_times()[:2]) - before
         time.sleep(1)  # the last copies finish
         stats = httpx.get(f"{router}/admin/stats", params={"model": MODEL, "since": started},
                           headers=admin, timeout=10, trust_env=False).json()  # fmt: skip
@@ -141,11 +174,13 @@ def main() -> None:
           f"{args.rounds} alternating rounds of {args.requests} requests per phase")
     for name, values in phases.items():
         print(f"  {name:8}  n={len(values):5}  p50 {_nearest_rank(values, 50) * 1000:7.2f} ms"
-              f"  p99 {_nearest_rank(values, 99) * 1000:7.2f} ms")
+              f"  p99 {_nearest_rank(values, 99) * 1000:7.2f} ms"
+              f"  router CPU {cpu_s[name] / len(values) * 1000:.3f} ms/request")
     for p in (50, 99):
-        base, shadowed = (_nearest_rank(phases[n], p) for n in ("baseline", "shadow"))
-        print(f"  p{p}: shadow / baseline = {shadowed / base:.3f}"
-              f"  (added {(shadowed - base) * 1000:+.2f} ms)")
+        base, direct, shadowed = (_nearest_rank(phases[n], p) for n in phases)
+        print(f"  p{p}: shadow / baseline = {shadowed / base:.3f} ({(shadowed - base) * 1000:+.2f}"
+              f" ms); direct / baseline = {direct / base:.3f} ({(direct - base) * 1000:+.2f} ms);"
+              f" shadow / direct = {shadowed / direct:.3f} ({(shadowed - direct) * 1000:+.2f} ms)")
     print(f"  copies: {copies['copies']} sent, {copies['compared']} compared, "
           f"{copies['skipped']} skipped at the cap, {copies['errors']} failed; agreement "
           f"{copies['agreement']}; client requests the canary served: {canary_served}")

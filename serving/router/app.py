@@ -3,7 +3,8 @@
 The router is a raw ASGI app (measured faster than starlette on the proxy hot path) that
 splits OpenAI-compatible traffic between backends (releases) by integer weight, routing on
 the ``model`` field of the JSON body (``balancing``); forwards, retries and relays through
-``proxy``; measures every attempt and exports Prometheus ``/metrics``; and serves an admin API
+``proxy``; measures every attempt and exports Prometheus ``/metrics``; copies a share of chat
+requests to a shadow canary and compares its answers (``shadow``); and serves an admin API
 (``admin``). It can poll an external routing source (a Modal Dict, a JSON state file) through
 a plain callable -- this package imports neither prefect nor modal.
 
