@@ -29,15 +29,17 @@ class Result:
 
 class ChatLoad:
     """`workers` threads sending non-streamed chats to `router_url` until stopped, or for at
-    most `limit_s` seconds."""
+    most `limit_s` seconds; at `temperature` if given (0: deterministic requests, the ones a
+    shadow step judges)."""
 
     def __init__(self, router_url: str, model: str, *, workers: int,
                  limit_s: float | None = None, prompts: tuple[str, ...] = DEFAULT_PROMPTS,
-                 max_tokens: int = 8) -> None:  # fmt: skip
+                 max_tokens: int = 8, temperature: float | None = None) -> None:  # fmt: skip
         self.url = f"{router_url}/v1/chat/completions"
         self.model = model
         self.prompts = prompts
         self.max_tokens = max_tokens
+        self.sampling = {} if temperature is None else {"temperature": temperature}
         self.results: list[Result] = []
         self._lock = threading.Lock()  # the workers append while the caller reads
         self._stop = threading.Event()
@@ -86,7 +88,7 @@ class ChatLoad:
 
     def _one(self, client: httpx.Client, prompt: str) -> Result:
         started = time.time()
-        body = {"model": self.model, "max_tokens": self.max_tokens,
+        body = {"model": self.model, "max_tokens": self.max_tokens, **self.sampling,
                 "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
         try:
             response = client.post(self.url, json=body)

@@ -153,8 +153,7 @@ def render_text(plan: Plan) -> str:
         contains = f" containing {probe.contains!r}" if probe.contains else ""
         lines.append(f"          - {probe.name}: expect {probe.expect}{contains}")
     lines.append("canary    " + " → ".join(
-        f"{s.weight}% for {s.bake_seconds:.0f}s" + (" (approval)" if s.approval else "")
-        for s in plan.canary_steps
+        _step(s) + (" (approval)" if s.approval else "") for s in plan.canary_steps
     ))  # fmt: skip
     gates = plan.gates
     p50 = _ttft_limit(gates.max_ttft_p50_ratio, gates.max_ttft_p50_seconds)
@@ -164,11 +163,19 @@ def render_text(plan: Plan) -> str:
         f"gates     errors ≤ {gates.max_error_rate:.1%} and ≤ {gates.max_error_rate_ratio}x stable,"
         f" TTFT p50 ≤ {p50}, p99 ≤ {p99},"
         f" golden ≥ {gates.min_golden_agreement:.0%} (each answer ≤"
-        f" {gates.max_golden_answer_seconds:g}s)",
+        f" {gates.max_golden_answer_seconds:g}s),"
+        f" shadow ≥ {gates.min_shadow_agreement:.0%} agreement",
         f"          ≥ {gates.min_requests} canary requests a step: its bake extends up to"
         f" {longest} for them, else {plan.on_inconclusive}",
     ]
     return "\n".join(lines)
+
+
+def _step(step: CanaryStep) -> str:
+    if step.shadow is None:
+        return f"{step.weight}% for {step.bake_seconds:.0f}s"
+    return (f"shadow {step.shadow.percent:g}% of stable's requests for "
+            f"{step.shadow.seconds:.0f}s (≤ {step.shadow.max_in_flight} in flight)")
 
 
 def _ttft_limit(ratio: float, seconds: float | None) -> str:

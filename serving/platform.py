@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Protocol
 
-from serving.config.profile import Profile
+from serving.config.profile import Profile, Shadow
 from serving.domain.records import ReleaseStore
 from serving.domain.release import Release, VerifyResult
 from serving.engines.deepgemm import CompileResult
@@ -47,8 +47,12 @@ class Platform(Protocol):
         """Start a release at 0% traffic; returns once it is ready and passed its probes."""
         ...
 
-    def set_traffic(self, profile: Profile, weights: dict[str, int]) -> None:
-        """Route `weights` (release id → percent) for the model; applies to new requests."""
+    def set_traffic(
+        self, profile: Profile, weights: dict[str, int], shadow: dict[str, Shadow] | None = None
+    ) -> None:
+        """Route `weights` (release id → percent) for the model, and copies of stable's chat
+        requests to the releases of `shadow` (release id → shadow step); applies to new
+        requests, and ends any shadow not named."""
         ...
 
     def retire(self, profile: Profile, release: Release, drain_seconds: float) -> None:

@@ -65,7 +65,8 @@ class CanaryRun:
 
     def _perform(self, action: Action) -> Outcome:
         if action.kind == "set_weight":
-            set_weight(self.model, self.target, self.canary, self.stable, action.weight)
+            set_weight(self.model, self.target, self.canary, self.stable, action.weight,
+                       action.shadow)  # fmt: skip
         elif action.kind == "bake":
             self._bake = bake(self.model, self.target, self.canary, action.weight, action.seconds)
         elif action.kind == "extend_bake":
@@ -74,13 +75,15 @@ class CanaryRun:
                                   action.weight, action.seconds, action.reason)  # fmt: skip
             more = bake(self.model, self.target, self.canary, action.weight, action.seconds)
             # The window grows: the next analysis covers it all and supersedes the last one.
-            self._bake = self._bake.model_copy(update={"ended": more.ended,
-                                                       "crashed": more.crashed})  # fmt: skip
+            self._bake = self._bake.model_copy(update={
+                "ended": more.ended, "crashes": self._bake.crashes + more.crashes,
+                "stopped": more.stopped,
+            })  # fmt: skip
             self.steps.pop()
         elif action.kind == "analyse":
             assert self._bake is not None
             analysis = analyse_canary(self.model, self.target, self.canary, self.stable,
-                                      self._bake)  # fmt: skip
+                                      self._bake, shadow=action.shadow is not None)  # fmt: skip
             seconds = self._bake.ended - self._bake.started
             self.steps.append(StepRecord(weight=self._bake.weight, seconds=seconds,
                                          analysis=analysis))  # fmt: skip

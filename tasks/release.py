@@ -25,7 +25,7 @@ from prefect.transactions import Transaction, get_transaction
 from pydantic import BaseModel
 
 from serving.config.loader import load_profile
-from serving.config.profile import Profile
+from serving.config.profile import Profile, Shadow
 from serving.control import lifecycle
 from serving.control.router_client import RouterAdminError, RouterUnreachable
 from serving.core.errors import one_line
@@ -35,6 +35,7 @@ from serving.domain.analysis import (
     Unanswered,
     Window,
     analyse,
+    analyse_shadow,
     enough_requests,
     golden_agreement,
     unmeasured,
@@ -44,6 +45,7 @@ from serving.domain.records import HistoryEntry, Outcome, ReleaseRecord
 from serving.domain.release import Release
 from serving.platform import Platform, Target
 from serving.platforms import get_platform
+from serving.router.comparison import ShadowStats
 
 # How often a bake looks for a crashed canary, so a crash ends the bake at once.
 CRASH_CHECK_SECONDS = 2.0
@@ -143,13 +145,16 @@ def _revert_on_failure(transaction: Transaction) -> None:
 
 @task(name="set-weight", cache_policy=NO_CACHE)
 def set_weight(model: str, target: Target, canary: Release, stable: Release | None,
-               weight: int) -> None:  # fmt: skip
+               weight: int, shadow: Shadow | None = None) -> None:  # fmt: skip
+    """The canary at `weight`, stable at the rest; with `shadow`, the canary also gets copies
+    of stable's chat requests (and without, any it got end)."""
     profile, platform = _context(model, target)
     weights = {canary.id: weight}
     if stable is not None:
         weights[stable.id] = 100 - weight
-    platform.set_traffic(profile, weights)
-    get_run_logger().info("%s: canary %s at %d%%", model, canary.id, weight)
+    platform.set_traffic(profile, weights, {canary.id: shadow} if shadow else None)
+    copies = f", shadow copies of {shadow.percent:g}% of stable's requests" if shadow else ""
+    get_run_logger().info("%s: canary %s at %d%%%s", model, canary.id, weight, copies)
 
 
 @task(name="bake", cache_policy=NO_CACHE)
@@ -170,8 +175,9 @@ def bake(model: str, target: Target, canary: Release, weight: int, seconds: floa
 
 @task(name="analyse", cache_policy=NO_CACHE)
 def analyse_canary(model: str, target: Target, canary: Release, stable: Release | None,
-                   window: Bake) -> Analysis:  # fmt: skip
-    """The gates on the router's measurements of this bake, canary vs stable. Trouble
+                   window: Bake, shadow: bool = False) -> Analysis:  # fmt: skip
+    """The gates on the router's measurements of this bake, canary vs stable; of a shadow
+    step, on the router's comparisons of the canary's answers to copies of stable's. Trouble
     measuring (no stats, a golden prompt unanswered in time) is a finding of the analysis,
     never a failure of the task."""
     profile, platform = _context(model, target)
@@ -199,6 +205,12 @@ def analyse_canary(model: str, target: Target, canary: Release, stable: Release 
                                  verdict.reason)  # fmt: skip
         return verdict
     gates = profile.canary.gates
+    if shadow:
+        copies = ShadowStats.model_validate(stats.get("shadow", {}).get(canary.id, {}))
+        analysis = analyse_shadow(gates, copies, canary_window)
+        get_run_logger().info("%s shadow at %d%%: %s — %s", model, window.weight,
+                              analysis.verdict, analysis.reason)  # fmt: skip
+        return analysis
     golden = None
     # Too few requests is inconclusive whatever the answers: spare the engines the prompts.
     asking = bool(profile.canary.golden_prompts) and enough_requests(gates, canary_window)

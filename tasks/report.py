@@ -1,4 +1,5 @@
-"""The rollout report: a Prefect markdown artifact with stages, canary steps and the decision."""
+"""The rollout report: a Prefect markdown artifact with stages, canary steps and the decision;
+for a shadow step, the agreement of the canary's answers and its worst disagreements."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
 from serving.domain.analysis import Window
+from serving.router.comparison import ShadowStats
 from tasks.canary import StepRecord
 
 Decision = Literal["promoted", "rolled-back", "no-op", "failed"]
@@ -49,11 +51,15 @@ class RolloutReport(BaseModel):
             ]
             for step in self.steps:
                 analysis = step.analysis
+                weight = f"shadow {step.weight}%" if analysis.shadow else f"{step.weight}%"
                 lines.append(
-                    f"| {step.weight}% | {step.seconds:.0f} | {analysis.verdict} "
+                    f"| {weight} | {step.seconds:.0f} | {analysis.verdict} "
                     f"| {_window(analysis.canary)} | {_window(analysis.stable)} "
                     f"| {analysis.reason} |"
                 )
+            for step in self.steps:
+                if step.analysis.shadow is not None:
+                    lines += ["", *_shadow(step.weight, step.analysis.shadow)]
         return "\n".join(lines)
 
 
@@ -63,6 +69,35 @@ def _window(window: Window | None) -> str:
     p50 = f"{window.ttft_p50 * 1000:.0f} ms" if window.ttft_p50 is not None else "—"
     p99 = f"{window.ttft_p99 * 1000:.0f} ms" if window.ttft_p99 is not None else "—"
     return f"{window.requests} / {window.errors} / {p50} / {p99}"
+
+
+def _shadow(weight: int, shadow: ShadowStats) -> list[str]:
+    """A shadow step's copies and its worst disagreements (texts masked by the router)."""
+    lines = [
+        f"**Shadow at {weight}%**: {shadow.copies} copies ({shadow.errors} failed, "
+        f"{shadow.skipped} skipped at the in-flight cap); agreement {_share(shadow.agreement)} "
+        f"over {shadow.deterministic} deterministic requests; tool calls "
+        f"{_share(shadow.tool_agreement)} of {shadow.tool_calls}; JSON "
+        f"{_share(shadow.json_agreement)} of {shadow.json_requests}; finish reasons "
+        f"{_share(shadow.finish_reason_agreement)}; mean length ratio "
+        f"{'—' if shadow.length_ratio_mean is None else f'{shadow.length_ratio_mean:.2f}'}",
+    ]
+    if shadow.worst:
+        lines += ["", "| prompt | stable | canary | first differing token |", "|---|---|---|---:|"]
+        lines += [
+            f"| {_cell(c.prompt)} | {_cell(c.stable)} | {_cell(c.canary)} "
+            f"| {'—' if c.first_difference is None else c.first_difference} |"
+            for c in shadow.worst
+        ]
+    return lines
+
+
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0%}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def publish(report: RolloutReport) -> None:

@@ -4,7 +4,8 @@ A tiny OpenAI-compatible HTTP server (``/v1/chat/completions``, ``/v1/completion
 and not, ``/v1/models``, ``/health``). It exists only to inject faults a real engine cannot
 produce on demand: a delay before the first byte, a 5xx rate, dying abruptly after N
 requests, slow streams, failing health, a capacity that queues the requests beyond it (a
-saturated engine). Its answer is a canned string.
+saturated engine). Its answer is a canned string (`answer`: another one, for a canary whose
+answers differ).
 
 Faults are set on the command line and replaced at runtime with ``PUT /fake/config`` (JSON,
 a ``FakeConfig``: fields left out are back to their defaults). A request may override the
@@ -20,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -47,6 +49,7 @@ class FakeConfig(BaseModel):
     stream_chunks: int = Field(default=5, ge=1)
     chunk_interval_s: float = Field(default=0.0, ge=0)
     healthy: bool = True
+    answer: str = ANSWER
 
 
 class FakeEngine:
@@ -89,20 +92,22 @@ class FakeEngine:
         model = body.get("model", "fake")
         headers = {"x-fake-engine": self.name}
         if body.get("stream"):
-            return StreamingResponse(self._stream(ANSWER, model, chat),
+            return StreamingResponse(self._stream(cfg.answer, model, chat),
                                      media_type="text/event-stream", headers=headers)
-        return JSONResponse(_completion(ANSWER, model, chat, self.name), headers=headers)
+        return JSONResponse(_completion(cfg.answer, model, chat, self.name), headers=headers)
 
     async def _stream(self, answer: str, model: str, chat: bool) -> AsyncIterator[bytes]:
-        words = answer.split(" ")
+        # The pieces keep their spaces: joined, they are the non-streamed answer.
+        words = re.findall(r"\S+\s*", answer)
         n = self.config.stream_chunks
-        pieces = [" ".join(words[i * len(words) // n:(i + 1) * len(words) // n]) for i in range(n)]
+        pieces = ["".join(words[i * len(words) // n:(i + 1) * len(words) // n]) for i in range(n)]
         for i, piece in enumerate(pieces):
             if i and self.config.chunk_interval_s:
                 await asyncio.sleep(self.config.chunk_interval_s)
             delta = {"delta": {"content": piece}} if chat else {"text": piece}
+            finish = "stop" if i == n - 1 else None
             event = {"id": "fake", "object": "chunk", "model": model,
-                     "choices": [{"index": 0, **delta, "finish_reason": None}]}
+                     "choices": [{"index": 0, **delta, "finish_reason": finish}]}
             yield f"data: {json.dumps(event)}\n\n".encode()
         yield b"data: [DONE]\n\n"
 

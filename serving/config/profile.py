@@ -188,16 +188,49 @@ class Gates(_Strict):
     max_ttft_p50_seconds: float | None = Field(None, gt=0)
     max_ttft_p99_seconds: float | None = Field(None, gt=0)
     min_golden_agreement: float = Field(0.9, ge=0, le=1)
-    min_requests: int = Field(20, ge=1, description="fewer canary requests = inconclusive")
+    min_shadow_agreement: float = Field(
+        0.95, ge=0, le=1, description="a shadow step: share of deterministic copies agreeing"
+    )
+    min_requests: int = Field(
+        20, ge=1, description="fewer canary requests (a shadow step: deterministic copies) = "
+        "inconclusive"
+    )
     # Golden prompts are asked after a bake, of warm releases: one unanswered this long is a
     # finding (canary silent: the gate fails; stable silent: inconclusive), never a hang.
     max_golden_answer_seconds: float = Field(60.0, gt=0)
 
 
+class Shadow(_Strict):
+    """Copies of live chat requests answered by stable, sent to the canary and compared."""
+
+    percent: float = Field(gt=0, le=100, description="share of stable's chat requests copied")
+    seconds: float = Field(gt=0)
+    max_in_flight: int = Field(8, ge=1, description="copies in flight at most; more are skipped")
+
+
 class CanaryStep(_Strict):
-    weight: int = Field(ge=0, le=100, description="percent of traffic on the canary")
-    bake_seconds: float = Field(ge=0)
+    """A weighted step {weight, bake_seconds}, or a shadow step {shadow: {percent, seconds}}
+    that keeps the canary's weight (0% before any weighted step) and judges its answers to
+    copies of stable's requests."""
+
+    weight: int | None = Field(None, ge=0, le=100, description="percent of traffic on the canary")
+    bake_seconds: float | None = Field(None, ge=0)
+    shadow: Shadow | None = None
     approval: bool = Field(False, description="pause for a human before this step")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> CanaryStep:
+        weighted = self.weight is not None and self.bake_seconds is not None
+        if self.shadow is not None and (self.weight is not None or self.bake_seconds is not None):
+            raise ValueError("a shadow step keeps the canary's weight: no weight or bake_seconds")
+        if self.shadow is None and not weighted:
+            raise ValueError("a step needs weight and bake_seconds, or shadow")
+        return self
+
+    @property
+    def seconds(self) -> float:
+        """How long the step bakes before it is judged."""
+        return self.shadow.seconds if self.shadow is not None else self.bake_seconds or 0.0
 
 
 class GoldenPrompt(_Strict):
@@ -220,15 +253,16 @@ class Canary(_Strict):
     @classmethod
     def _ends_at_full_traffic(cls, steps: list[CanaryStep]) -> list[CanaryStep]:
         if steps[-1].weight != 100:
-            raise ValueError(f"the last canary step must reach weight 100, not {steps[-1].weight}")
-        weights = [step.weight for step in steps]
+            last = "a shadow step" if steps[-1].shadow else steps[-1].weight
+            raise ValueError(f"the last canary step must reach weight 100, not {last}")
+        weights = [step.weight for step in steps if step.shadow is None]
         if weights != sorted(weights):
             raise ValueError(f"canary weights must not decrease: {weights}")
         return steps
 
     @model_validator(mode="after")
     def _bake_fits_its_limit(self) -> Canary:
-        longest = max(step.bake_seconds for step in self.steps)
+        longest = max(step.seconds for step in self.steps)
         if self.max_bake_seconds is not None and self.max_bake_seconds < longest:
             raise ValueError(
                 f"max_bake_seconds {self.max_bake_seconds:g} is shorter than a step's bake"
@@ -239,7 +273,7 @@ class Canary(_Strict):
     def bake_limit(self, step: CanaryStep) -> float:
         """How long `step` may bake while waiting for min_requests."""
         if self.max_bake_seconds is None:
-            return 2 * step.bake_seconds
+            return 2 * step.seconds
         return self.max_bake_seconds
 
 

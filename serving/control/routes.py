@@ -26,7 +26,7 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Protocol
 
-from serving.config.profile import Profile
+from serving.config.profile import Profile, Shadow
 from serving.control.router_client import (
     PushAnswer,
     RouterAdminError,
@@ -35,7 +35,7 @@ from serving.control.router_client import (
 )
 from serving.domain.release import Release
 from serving.domain.traffic import traffic_plan
-from serving.router.table import Backend, RoutingTable
+from serving.router.table import Backend, RoutingTable, ShadowCopy
 
 logger = logging.getLogger(__name__)
 
@@ -83,18 +83,29 @@ def rewrite(
     return following
 
 
-def release_backend(release: Release, weight: int, key_env: str | None) -> Backend:
+def release_backend(
+    release: Release, weight: int, key_env: str | None, shadow: Shadow | None = None
+) -> Backend:
     """A release as the router's backend. The router reads the engine's key from its own
     environment: the store holds the variable's name (`key_env`), never the key."""
-    return Backend(name=release.id, url=release.url, weight=weight, api_key_env=key_env)
+    copies = (
+        ShadowCopy(percent=shadow.percent, max_in_flight=shadow.max_in_flight) if shadow else None
+    )
+    return Backend(name=release.id, url=release.url, weight=weight, api_key_env=key_env,
+                   shadow=copies)  # fmt: skip
 
 
 def traffic_backends(
-    profile: Profile, weights: dict[str, int], running: list[Release], key_env: str | None
+    profile: Profile,
+    weights: dict[str, int],
+    running: list[Release],
+    key_env: str | None,
+    shadow: dict[str, Shadow] | None = None,
 ) -> list[Backend]:
-    """The backends of a traffic step: every running release, at its weight of `weights`."""
+    """The backends of a traffic step: every running release, at its weight of `weights`, with
+    its shadow copies of `shadow` (release id → shadow step), if any; no other has one."""
     return [
-        release_backend(release, weight, key_env)
+        release_backend(release, weight, key_env, (shadow or {}).get(release.id))
         for release, weight in traffic_plan(profile, weights, running)
     ]
 

@@ -1,8 +1,9 @@
-"""Secret values masked out of text that leaves a process: engine and compile output, and the
-error messages built from it."""
+"""Secret values masked out of text that leaves a process: engine and compile output, the error
+messages built from it, and the prompts and answers the router shows of shadow traffic."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 REDACTED = "[REDACTED]"
@@ -27,3 +28,17 @@ class Redactor:
 
 def secrets_in_env(env: dict[str, str]) -> list[str]:
     return [env[name] for name in SECRET_ENV_VARS if env.get(name)]
+
+
+# Shapes of credentials a user may paste into a prompt, masked in text the router shows (shadow
+# disagreements) although it never knew their values: OpenAI-style keys, Hugging Face, GitHub
+# and AWS tokens, JWTs, and whatever follows "Bearer".
+CREDENTIAL_SHAPES = re.compile(
+    r"\b(?:sk-[A-Za-z0-9_-]{16,}|hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}"
+    r"|AKIA[0-9A-Z]{16}|eyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]{8,})"
+    r"|(?i:bearer)\s+[\w.~+/-]{8,}=*"
+)
+
+
+def mask_credentials(text: str) -> str:
+    return CREDENTIAL_SHAPES.sub(REDACTED, text)

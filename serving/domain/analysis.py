@@ -1,5 +1,6 @@
 """Canary analysis: the router's measurements of canary vs stable over the same window, and the
-golden prompts asked of both, turned into a verdict with the numbers behind it.
+golden prompts asked of both, turned into a verdict with the numbers behind it. A shadow step is
+judged on the router's comparisons of the canary's answers to copies of stable's requests.
 
     pass          every gate holds
     fail          a gate is broken: roll back
@@ -19,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from serving.config.profile import Gates, GoldenPrompt
+from serving.router.comparison import ShadowStats
 
 Verdict = Literal["pass", "fail", "inconclusive"]
 Side = Literal["canary", "stable"]
@@ -80,6 +82,7 @@ class Analysis(BaseModel):
     stable: Window | None
     gates: list[GateResult]
     golden: GoldenResult | None = None
+    shadow: ShadowStats | None = None
 
     @property
     def reason(self) -> str:
@@ -175,6 +178,36 @@ def _golden_gate(gates: Gates, golden: GoldenResult) -> GateResult:
         limit=limit,
         detail=f"golden agreement {golden.agreement:.0%} ({'≥' if passed else '<'} {limit:.0%})",
     )
+
+
+def analyse_shadow(gates: Gates, shadow: ShadowStats, canary: Window) -> Analysis:
+    """A shadow step. Failed copies are held to `max_error_rate` on their own (they never reach
+    the canary's client-facing error rate); agreement is judged over the deterministic copies,
+    the only ones whose answers must match."""
+    judged: list[GateResult] = []
+    if shadow.copies >= gates.min_requests:
+        judged.append(_at_most("shadow_error_rate", shadow.error_rate, gates.max_error_rate,
+                               "shadow copy error rate"))  # fmt: skip
+    if shadow.deterministic >= gates.min_requests and shadow.agreement is not None:
+        passed = shadow.agreement >= gates.min_shadow_agreement
+        judged.append(GateResult(
+            gate="shadow_agreement", passed=passed, observed=shadow.agreement,
+            limit=gates.min_shadow_agreement,
+            detail=f"shadow agreement {shadow.agreement:.0%} over {shadow.deterministic} "
+                   f"deterministic requests ({'≥' if passed else '<'} "
+                   f"{gates.min_shadow_agreement:.0%})",
+        ))  # fmt: skip
+    elif all(gate.passed for gate in judged):
+        enough = GateResult(
+            gate="min_requests", passed=False, observed=shadow.deterministic,
+            limit=gates.min_requests,
+            detail=f"only {shadow.deterministic} deterministic shadow copies compared "
+                   f"(need {gates.min_requests})",
+        )  # fmt: skip
+        return Analysis(verdict="inconclusive", canary=canary, stable=None,
+                        gates=[enough, *judged], shadow=shadow)  # fmt: skip
+    verdict: Verdict = "pass" if all(gate.passed for gate in judged) else "fail"
+    return Analysis(verdict=verdict, canary=canary, stable=None, gates=judged, shadow=shadow)
 
 
 def _get(window: Window | None, field: str) -> float | None:

@@ -5,6 +5,8 @@ Analysis after `analyse`, a bool after `await_approval`, None otherwise). The fl
 actions; all the decisions are here, in the order a reader would expect:
 
     for each step:  [approval?] → set weight → bake → analyse
+                    (a shadow step: the weight the canary has, plus shadow copies, judged on
+                    the copies; the next step ends them)
                     inconclusive → extend the bake (the same window grows) → analyse, until
                         it is judged or the bake reaches the profile's max_bake_seconds
                     still inconclusive → pause or roll back (on_inconclusive)
@@ -26,7 +28,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from serving.config.profile import Canary, CanaryStep
+from serving.config.profile import Canary, CanaryStep, Shadow
 from serving.domain.analysis import Analysis
 
 # Traffic is bursty: an extension sized to the bare average would often fall just short.
@@ -40,6 +42,7 @@ class Action(BaseModel):
     weight: int | None = None
     seconds: float | None = None
     reason: str = ""
+    shadow: Shadow | None = None  # set_weight, bake, analyse of a shadow step
 
 
 Outcome = Analysis | bool | None
@@ -51,21 +54,24 @@ def canary_machine(canary: Canary, *, has_stable: bool) -> Machine:
         yield Action(kind="set_weight", weight=100)
         yield Action(kind="promote", reason="first release of the model: nothing to compare")
         return
+    weight = 0
     for step in canary.steps:
+        weight = step.weight if step.weight is not None else weight
+        where = f"the shadow step at {weight}%" if step.shadow else f"{weight}%"
         if step.approval:
-            approved = yield Action(kind="await_approval", reason=f"before {step.weight}%")
+            approved = yield Action(kind="await_approval", reason=f"before {where}")
             if not approved:
-                yield Action(kind="rollback", reason=f"not approved before {step.weight}%")
+                yield Action(kind="rollback", reason=f"not approved before {where}")
                 return
-        yield Action(kind="set_weight", weight=step.weight)
-        if step.bake_seconds == 0:
+        yield Action(kind="set_weight", weight=weight, shadow=step.shadow)
+        if not step.seconds:
             continue
-        analysis, baked = yield from _bake_until_judged(canary, step)
+        analysis, baked = yield from _bake_until_judged(canary, step, weight)
         if analysis.verdict == "fail":
-            yield Action(kind="rollback", reason=f"at {step.weight}%: {analysis.reason}")
+            yield Action(kind="rollback", reason=f"at {where}: {analysis.reason}")
             return
         if analysis.verdict == "inconclusive":
-            why = f"at {step.weight}% after a {baked:.0f} s bake: {analysis.reason}"
+            why = f"at {where} after a {baked:.0f} s bake: {analysis.reason}"
             if canary.on_inconclusive == "rollback":
                 yield Action(kind="rollback", reason=f"inconclusive {why}")
                 return
@@ -77,21 +83,22 @@ def canary_machine(canary: Canary, *, has_stable: bool) -> Machine:
 
 
 def _bake_until_judged(
-    canary: Canary, step: CanaryStep
+    canary: Canary, step: CanaryStep, weight: int
 ) -> Generator[Action, Outcome, tuple[Analysis, float]]:
     """Bake and analyse; extend an inconclusive window while the step's bake limit allows.
     Returns the last analysis and the seconds baked."""
     limit = canary.bake_limit(step)
-    baked = step.bake_seconds
-    yield Action(kind="bake", weight=step.weight, seconds=baked)
+    baked = step.seconds
+    shadow: Shadow | None = step.shadow
+    yield Action(kind="bake", weight=weight, seconds=baked, shadow=shadow)
     while True:
-        analysis = yield Action(kind="analyse", weight=step.weight)
+        analysis = yield Action(kind="analyse", weight=weight, shadow=shadow)
         assert isinstance(analysis, Analysis), "analyse must be answered with an Analysis"
         if analysis.verdict != "inconclusive" or baked >= limit:
             return analysis, baked
         more = min(limit - baked, _extension(analysis, canary.gates.min_requests, baked, step))
-        yield Action(kind="extend_bake", weight=step.weight, seconds=more,
-                     reason=analysis.reason)  # fmt: skip
+        yield Action(kind="extend_bake", weight=weight, seconds=more, reason=analysis.reason,
+                     shadow=shadow)  # fmt: skip
         baked += more
 
 
@@ -100,5 +107,5 @@ def _extension(analysis: Analysis, min_requests: int, baked: float, step: Canary
     min_requests, or one more step bake when there is no rate to go by."""
     arrived = analysis.canary.requests
     if not analysis.short_of_requests or arrived == 0:
-        return step.bake_seconds
+        return step.seconds
     return EXTENSION_MARGIN * baked * (min_requests - arrived) / arrived

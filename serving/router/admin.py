@@ -4,7 +4,8 @@
     PUT    /admin/routes            the control plane's whole table; 409 if its generation is older
     PUT    /admin/routes/<model>    an operator's backends for one model
     DELETE /admin/routes/<model>    stop routing a model
-    GET    /admin/stats             per-backend measurements (?since ?until ?window ?model)
+    GET    /admin/stats             per-backend measurements (?since ?until ?window ?model),
+                                    and each shadow canary's comparisons (`shadow`)
     GET    /admin/health            every backend's /health
     POST   /admin/ask/<backend>     one chat completion from one named backend (golden prompts)
 """
@@ -32,6 +33,7 @@ from serving.router.asgi import (
 )
 from serving.router.balancing import CHAT_PATH, ModelRoute, Target, resolve_model
 from serving.router.measurements import Measurements
+from serving.router.shadow import Shadower
 from serving.router.table import Backend, RoutingTable
 from serving.router.upstream import UpstreamClient, UpstreamError
 
@@ -65,10 +67,11 @@ class Routing(Protocol):
 class AdminApi:
     """Raw ASGI handler of every /admin path."""
 
-    def __init__(self, router: Routing, measurements: Measurements, auth: bytes | None,
-                 retention_s: float) -> None:
+    def __init__(self, router: Routing, measurements: Measurements, shadow: Shadower,
+                 auth: bytes | None, retention_s: float) -> None:
         self._router = router
         self._measurements = measurements
+        self._shadow = shadow
         self._auth = auth
         self._retention_s = retention_s
 
@@ -167,6 +170,8 @@ class AdminApi:
         for name, backend in stats["backends"].items():
             backend["weight"] = weights.get(name)  # None: no longer in the table
         stats["weights"] = weights
+        stats["shadow"] = {name: summary.model_dump()
+                           for name, summary in self._shadow.stats(model, since, until).items()}
         return stats
 
     async def _probe_backends(self) -> dict[str, Any]:

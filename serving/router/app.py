@@ -3,7 +3,8 @@
 The router is a raw ASGI app (measured faster than starlette on the proxy hot path) that
 splits OpenAI-compatible traffic between backends (releases) by integer weight, routing on
 the ``model`` field of the JSON body (``balancing``); forwards, retries and relays through
-``proxy``; measures every attempt and exports Prometheus ``/metrics``; and serves an admin API
+``proxy``; measures every attempt and exports Prometheus ``/metrics``; copies a share of chat
+requests to a shadow canary and compares its answers (``shadow``); and serves an admin API
 (``admin``). It can poll an external routing source (a Modal Dict, a JSON state file) through
 a plain callable -- this package imports neither prefect nor modal.
 
@@ -42,6 +43,7 @@ from serving.router.balancing import ModelRoute, Target, build_routes, resolve_m
 from serving.router.config import RouterConfig
 from serving.router.measurements import Measurements
 from serving.router.proxy import Forwarder, open_client
+from serving.router.shadow import Shadower
 from serving.router.table import Backend, RoutingTable, _check_unique
 from serving.router.upstream import UpstreamClient
 
@@ -64,8 +66,10 @@ class RouterApp:
         self._last_polled: RoutingTable | None = None
         self._forwarder: Forwarder | None = None
         self._poller: asyncio.Task[None] | None = None
+        tokens = [t.get_secret_value() for t in (config.admin_token, config.client_api_key) if t]
+        self._shadow = Shadower(self.upstream, tokens, config.retention_s, config.total_timeout_s)
         self._admin = AdminApi(
-            self, self.measurements,
+            self, self.measurements, self._shadow,
             bearer(config.admin_token.get_secret_value()) if config.admin_token else None,
             config.retention_s,
         )
@@ -90,6 +94,7 @@ class RouterApp:
                         table.generation, source, self._table.generation)  # fmt: skip
             return False
         self._routes = build_routes(table)
+        self._shadow.install(table, self._routes)
         self._table = table
         self._table_version += 1
         self._table_updated_at = time.time()
@@ -152,6 +157,7 @@ class RouterApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
+        await self._shadow.aclose()
         if self._forwarder is not None:
             await self._forwarder.client.aclose()
             self._forwarder = None
@@ -254,7 +260,10 @@ class RouterApp:
             await self.startup()
             forwarder = self._forwarder
             assert forwarder is not None
-        await forwarder.forward(model, target, scope, body, receive, send)
+        tap = self._shadow.tap(model, scope, target)
+        await forwarder.forward(model, target, scope, body, receive, send, tap)
+        if tap is not None:
+            self._shadow.copy(model, body, tap)
 
 
 def _keep_previous_key(new: Backend, old: Backend | None) -> Backend:

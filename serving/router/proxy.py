@@ -23,6 +23,7 @@ from serving.router.asgi import Receive, Scope, Send, send_error, send_now, send
 from serving.router.balancing import Target
 from serving.router.config import RouterConfig
 from serving.router.measurements import ErrorKind, Measurements, Record
+from serving.router.shadow import Tap
 from serving.router.upstream import (
     PoolLimits,
     UpstreamClient,
@@ -76,6 +77,7 @@ class _Progress:
     """Whether the client response has started: after that, no retry and no error page."""
 
     response_started: bool = False
+    tap: Tap | None = None  # keeps the answer for a shadow copy (serving.router.shadow)
 
 
 @dataclass(slots=True)
@@ -128,9 +130,9 @@ class Forwarder:
         self._reroute = reroute
 
     async def forward(self, model: str, target: Target, scope: Scope, body: bytes,
-                      receive: Receive, send: Send) -> None:
+                      receive: Receive, send: Send, tap: Tap | None = None) -> None:
         request = _UpstreamRequest.from_scope(scope, body)
-        progress = _Progress()
+        progress = _Progress(tap=tap)
         try:
             async with asyncio.timeout(self._total_timeout_s):
                 started, t0 = time.time(), time.perf_counter()
@@ -213,13 +215,17 @@ class Forwarder:
         if is_retry:
             headers.append((RETRIED_HEADER, b"1"))
         broken: Exception | None = None
+        tap = progress.tap
         try:
             progress.response_started = True
             await send({"type": "http.response.start", "status": status, "headers": headers})
-            if _is_event_stream(response):
-                await _pipe_stream(response, relayed, receive, send)
+            streamed = _is_event_stream(response)
+            if streamed:
+                await _pipe_stream(response, relayed, receive, send, tap)
             else:
-                await _relay_body(response, relayed, send)
+                await _relay_body(response, relayed, send, tap)
+            if tap is not None and not relayed.client_left:
+                tap.finish(target.name, status, streamed=streamed)
         except (UpstreamError, OSError) as exc:
             error = _classify(exc)
             broken = exc
@@ -271,11 +277,14 @@ class Forwarder:
             await send_unavailable(send, "backend unavailable")
 
 
-async def _relay_body(response: UpstreamResponse, relayed: _Relayed, send: Send) -> None:
-    """Relay a body that is not an event stream."""
+async def _relay_body(response: UpstreamResponse, relayed: _Relayed, send: Send,
+                      tap: Tap | None) -> None:  # fmt: skip
+    """Relay a body that is not an event stream (and keep it for a shadow copy's tap)."""
     more = True
     while more and (chunk := await response.next_chunk()) is not None:
         relayed.first_byte()
+        if tap is not None:
+            tap.chunks.append(chunk)
         # a fully buffered body (the common non-streamed case) goes in one message
         more = not response.complete
         await send({"type": "http.response.body", "body": chunk, "more_body": more})
@@ -284,7 +293,7 @@ async def _relay_body(response: UpstreamResponse, relayed: _Relayed, send: Send)
 
 
 async def _pipe_stream(response: UpstreamResponse, relayed: _Relayed, receive: Receive,
-                       send: Send) -> None:
+                       send: Send, tap: Tap | None) -> None:
     """Relay an event stream token by token, straight from the backend socket's callbacks
     (no task switch per token). A stream may run for minutes: once the client left, the
     backend is no longer read.
@@ -292,6 +301,8 @@ async def _pipe_stream(response: UpstreamResponse, relayed: _Relayed, receive: R
 
     def push(chunk: bytes) -> Awaitable[None] | None:
         relayed.first_byte()
+        if tap is not None:
+            tap.chunks.append(chunk)
         return send_now(send, {"type": "http.response.body", "body": chunk, "more_body": True})
 
     def client_left(_: asyncio.Task[None]) -> None:

@@ -15,6 +15,17 @@ from pydantic import (
 )
 
 MAX_WEIGHT = 100
+MAX_PERCENT = 100
+
+
+class ShadowCopy(BaseModel):
+    """A backend's shadow: copies of `percent` of its model's chat requests answered by another
+    backend, compared and dropped (serving.router.shadow); at most `max_in_flight` at once."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    percent: float = Field(gt=0, le=MAX_PERCENT)
+    max_in_flight: int = Field(ge=1)
 
 
 class Backend(BaseModel):
@@ -29,6 +40,7 @@ class Backend(BaseModel):
     api_key: SecretStr | None = None
     # Alternative to api_key for files on disk: name of an env var holding the key.
     api_key_env: str | None = None
+    shadow: ShadowCopy | None = None
 
     @field_validator("url")
     @classmethod
@@ -50,6 +62,7 @@ class Backend(BaseModel):
             "url": self.url,
             "weight": self.weight,
             "has_api_key": self.api_key is not None or bool(self.api_key_env),
+            "shadow": self.shadow.model_dump() if self.shadow is not None else None,
         }
 
 
@@ -94,4 +107,6 @@ def _check_unique(model: str, backends: list[Backend]) -> None:
     names = [b.name for b in backends]
     if len(names) != len(set(names)):
         raise ValueError(f"duplicate backend names for model {model!r}")
+    if sum(b.shadow is not None for b in backends) > 1:
+        raise ValueError(f"more than one shadow backend for model {model!r}")
 

@@ -59,6 +59,7 @@ MODEL = "tiny-chat"
 QUIET_MODEL = "tiny-chat-no-golden"  # the fault canaries: golden prompts would fail them anyway
 OVERLOADED_MODEL = "tiny-chat-overloaded"  # golden answers within 1 s, no time to extend a bake
 THIN_MODEL = "tiny-chat-thin"  # 6 canary requests a step, a 2 s bake that may grow to 15 s
+SHADOW_MODEL = "tiny-chat-shadow"  # a shadow step at 0%, then 100%: no golden prompts
 FAKE_ENGINE = REPO_ROOT / "tests" / "fake_engine.py"
 ROOT = REPO_ROOT
 
@@ -124,6 +125,8 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            "gates": {**loose, "min_requests": 1, "max_golden_answer_seconds": 1}},
         THIN_MODEL: {**fakes, "max_bake_seconds": 15, "golden_prompts": [],
                      "gates": {**loose, "min_requests": 6}},
+        SHADOW_MODEL: {**base["canary"], "golden_prompts": [], "steps": [
+            {"shadow": {"percent": 100, "seconds": 4}}, {"weight": 100, "bake_seconds": 0}]},
     }  # fmt: skip
     for name, canary in canaries.items():
         profile = {**base, "name": name, "served_model_name": name, "canary": canary}
@@ -228,6 +231,37 @@ def test_canary_with_different_answers_is_rolled_back(
     assert history()[-1][0] == "rolled-back"
     running = LocalPlatform.from_env().running_releases(load_profile(MODEL))
     assert [release.revision for release in running] == [revisions["v1"]]
+
+
+def test_shadow_step_rolls_back_a_different_canary_before_it_serves_anyone(
+    home: Path, revisions: dict[str, str]
+) -> None:
+    """v3 (other weights) at 0% gets copies of stable's deterministic requests, disagrees and is
+    rolled back having answered no user; v2 (v1's weights) agrees and is promoted."""
+    rollout(SHADOW_MODEL, "v1")
+    stable = release_id(load_profile(SHADOW_MODEL), revisions["v1"])
+    with ChatLoad(router(SHADOW_MODEL), SHADOW_MODEL, workers=2, limit_s=180,
+                  temperature=0) as load:  # fmt: skip
+        started = time.time()
+        different = rollout(SHADOW_MODEL, "v3")
+        between = time.time()
+        identical = rollout(SHADOW_MODEL, "v2")
+    assert different.decision == "rolled-back", different.reason
+    assert "at the shadow step at 0%: shadow agreement" in different.reason
+    served = load.since(started, between)
+    assert served and {(r.status, r.backend) for r in served} == {(200, stable)}
+    judged = different.steps[-1].analysis
+    assert judged.canary.requests == 0  # no user request reached the canary
+    assert judged.shadow is not None and judged.shadow.agreement is not None
+    assert judged.shadow.agreement < 0.95 and len(judged.shadow.worst) == 3
+    assert identical.decision == "promoted", identical.reason
+    agreed = identical.steps[-1].analysis
+    assert agreed.shadow is not None and agreed.shadow.agreement == 1.0, agreed.shadow
+    assert agreed.shadow.deterministic >= 4 and agreed.canary.requests == 0
+    assert "**Shadow at 0%**" in different.markdown()
+    print(f"shadow agreement: different canary {judged.shadow.agreement:.2f} over "
+          f"{judged.shadow.deterministic}, identical {agreed.shadow.agreement:.2f} over "
+          f"{agreed.shadow.deterministic}")
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import pytest
 
 from rollout.plan import build_plan, render_text
 from serving.config.loader import available_models, load_profile
+from serving.config.profile import CanaryStep, Shadow
 
 ROLLOUT = [sys.executable, "-m", "rollout.cli"]
 
@@ -51,6 +52,17 @@ def test_plan_shows_how_long_a_thin_bake_may_go_on() -> None:
     assert demo.max_bake_seconds == 120
     assert "8 canary requests a step: its bake extends up to 120s for them" in render_text(demo)
     assert "extends up to twice its length" in render_text(build_plan(load_profile("glm-5.1")))
+
+
+def test_plan_shows_a_shadow_step() -> None:
+    profile = load_profile("smollm2-135m")
+    steps = [CanaryStep(shadow=Shadow(percent=10, seconds=60)), *profile.canary.steps]
+    shadowed = profile.model_copy(
+        update={"canary": profile.canary.model_copy(update={"steps": steps})}
+    )
+    text = render_text(build_plan(shadowed))
+    assert "canary    shadow 10% of stable's requests for 60s (≤ 8 in flight) → 25% for 30s" in text
+    assert "shadow ≥ 95% agreement" in text
 
 
 def test_text_plan_is_readable() -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 from serving.config.layout import SENTINEL_NAME, compile_model_dir, deepgemm_dir, weights_dir
 from serving.config.loader import models_dir
-from serving.config.profile import Profile
+from serving.config.profile import Profile, Shadow
 from serving.control.drain import drain
 from serving.control.router_client import RouterAdminError
 from serving.control.routes import release_backend, traffic_backends
@@ -240,13 +240,15 @@ class LocalPlatform:
         logger.info("%s: ready at %s (0%% traffic)", rid, release.url)
         return release
 
-    def set_traffic(self, profile: Profile, weights: dict[str, int]) -> None:
+    def set_traffic(
+        self, profile: Profile, weights: dict[str, int], shadow: dict[str, Shadow] | None = None
+    ) -> None:
         """Route `weights` (release id → percent) for the model, to the running releases; a
         running release not named gets 0. Written to the state file and pushed to the router,
         whose answer is checked (serving.control.routes). In-flight requests keep their
         backend."""
         backends = traffic_backends(
-            profile, weights, self.running_releases(profile), profile.secrets.api_key
+            profile, weights, self.running_releases(profile), profile.secrets.api_key, shadow
         )
         router = self._router()
         router.ensure_running()

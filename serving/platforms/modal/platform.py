@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from serving.config.profile import Profile
+from serving.config.profile import Profile, Shadow
 from serving.control.drain import drain
 from serving.control.router_client import RouterClient, RouterUnreachable
 from serving.control.routes import ModelRoutes, release_backend, traffic_backends
@@ -164,13 +164,15 @@ class ModalPlatform:
         log.info("%s: ready at %s (0%% traffic)", rid, url)
         return release
 
-    def set_traffic(self, profile: Profile, weights: dict[str, int]) -> None:
+    def set_traffic(
+        self, profile: Profile, weights: dict[str, int], shadow: dict[str, Shadow] | None = None
+    ) -> None:
         """Route `weights` (release id → percent) to the model's running releases; a running
         release not named gets 0, one not running is left out (a rollback must still zero a
         dead canary). Written to the model's Dict (the router's source, read every second)
         and pushed to the router's admin API so it applies at once."""
         backends = traffic_backends(
-            profile, weights, self.running_releases(profile), _key_env(profile)
+            profile, weights, self.running_releases(profile), _key_env(profile), shadow
         )
         self._model_routes(profile).set(backends)
 

@@ -108,6 +108,21 @@ BAD_PROFILES = [
         "canary.steps: the last canary step must reach weight 100, not 10",
     ),
     (
+        _set("canary", "steps", value=[{"weight": 100, "bake_seconds": 0},
+                                       {"shadow": {"percent": 10, "seconds": 60}}]),
+        "canary.steps: the last canary step must reach weight 100, not a shadow step",
+    ),
+    (
+        _set("canary", "steps", value=[{"shadow": {"percent": 10, "seconds": 60}, "weight": 0},
+                                       {"weight": 100, "bake_seconds": 0}]),
+        "canary.steps.0: a shadow step keeps the canary's weight: no weight or bake_seconds",
+    ),
+    (
+        _set("canary", "steps", value=[{"shadow": {"percent": 0, "seconds": 60}},
+                                       {"weight": 100, "bake_seconds": 0}]),
+        "canary.steps.0.shadow.percent: Input should be greater than 0",
+    ),
+    (
         _set("engine", "flags", "nsa-decode-backend", value="trtllm"),
         "engine.flags.nsa-decode-backend: SGLang 0.5.23 has no flag --nsa-decode-backend",
     ),
