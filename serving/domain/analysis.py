@@ -203,6 +203,7 @@ def analyse_shadow(gates: Gates, shadow: ShadowStats, canary: Window) -> Analysi
             limit=gates.min_requests,
             detail=f"only {shadow.deterministic} deterministic shadow copies compared "
                    f"(need {gates.min_requests})",
+            inconclusive=True,
         )  # fmt: skip
         return Analysis(verdict="inconclusive", canary=canary, stable=None,
                         gates=[enough, *judged], shadow=shadow)  # fmt: skip
