@@ -3,6 +3,7 @@ modal.Dict, and qwen3-8b made servable by the FAKE engine."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -120,3 +121,16 @@ def no_gpu_check() -> None:
 
 def metadata_requests(mirror: Any) -> list[str]:
     return [r.path for r in mirror.requests if r.path.startswith("/api/models/")]
+
+
+def remote_wait_for_timeout() -> TimeoutError:
+    """What a remote body's `asyncio.wait_for` raises: a bare TimeoutError, like Modal's own."""
+
+    async def too_slow() -> None:
+        await asyncio.wait_for(asyncio.sleep(1), timeout=0)
+
+    try:
+        asyncio.run(too_slow())
+    except TimeoutError as exc:
+        return exc
+    raise AssertionError("wait_for did not time out")

@@ -17,6 +17,7 @@ from grpclib.server import Stream
 from modal_proto import api_grpc, api_pb2
 
 from tests.modal_double.calls import Call, CallRpcs, Outcome
+from tests.modal_double.faults import Faults
 from tests.modal_double.servers import Containers, ServerRpcs
 from tests.modal_double.state import App, Named, function_data
 from tests.modal_double.storage import StorageRpcs
@@ -47,12 +48,13 @@ _UnimplementedRpcs: type[api_grpc.ModalClientBase] = type(
 )
 
 
-class ModalDouble(ServerRpcs, StorageRpcs, CallRpcs, _UnimplementedRpcs):  # type: ignore[misc, valid-type]
+class ModalDouble(Faults, ServerRpcs, StorageRpcs, CallRpcs, _UnimplementedRpcs):  # type: ignore[misc, valid-type]
     """State a test may read: apps (and `publishes`, one name per deploy), functions (their
     api_pb2.Function definitions), images, mounts (path -> sha256) and uploaded files
     (sha256 -> bytes), volumes, secrets, dicts, calls (ended as scripted or answered by a body,
     see tests.modal_double.calls) and Server URLs (run by attached `containers`, see
-    tests.modal_double.servers)."""
+    tests.modal_double.servers). `fail_next` injects gRPC faults per RPC, and `requests`
+    counts the RPCs reached (tests.modal_double.faults)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -17,8 +17,6 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -30,23 +28,14 @@ from serving.config.layout import (
     weights_dir,
 )
 from serving.config.profile import Profile
-from serving.core.errors import one_line
 from serving.domain.release import VerifyResult
 from serving.engines.deepgemm import CompileResult, marker_path, parse_marker
 from serving.engines.sglang import deepgemm_cache_key
 from serving.platforms.modal import resources
 from serving.platforms.modal.apps import build_compile_app, build_weights_app
-from serving.platforms.modal.calls import (
-    CallKey,
-    CallRecord,
-    CallState,
-    CallStore,
-    ModalCallError,
-    Poll,
-    Stage,
-    attach_or_spawn,
-)
+from serving.platforms.modal.calls import CallKey, CallStore, Stage
 from serving.platforms.modal.gateway import Gateway
+from serving.platforms.modal.spawned import SpawnedCalls, Started
 from serving.weights.download import accept_sentinel, plan_shards
 from serving.weights.hub import (
     fetch_model_config,
@@ -69,14 +58,6 @@ SHARD_MIN_FILES = 16
 SHARD_MIN_BYTES = 200 * GB
 BYTES_PER_SHARD = 100 * GiB
 MAX_SHARDS = 16
-# A long-poll on one call: the server answers as soon as the call finishes, so this only
-# bounds how often a "still waiting" line is logged.
-WAIT_POLL_SECONDS = 60.0
-# Modal's API unreachable while waiting on a call: ask again after 5 s, 10 s, ... up to 2 min.
-UNKNOWN_BACKOFF_FIRST_SECONDS = 5.0
-UNKNOWN_BACKOFF_MAX_SECONDS = 120.0
-# Several calls (shards) are polled in turn, each without waiting, then the loop sleeps.
-SHARDS_POLL_INTERVAL = 10.0
 
 
 def shard_count(
@@ -92,13 +73,6 @@ def shard_count(
     if len(files) <= min_files and total <= min_bytes:
         return 1
     return max(2, min(max_shards, len(files), math.ceil(total / bytes_per_shard)))
-
-
-@dataclass(frozen=True)
-class _Started:
-    key: CallKey
-    call_id: str | None
-    result: Any = None
 
 
 class Preparation:
@@ -123,11 +97,11 @@ class Preparation:
         # The Hub endpoint of the orchestrator's own cheap calls (resolve, file list, config).
         self.endpoint = endpoint
         self.calls = CallStore(self.home / "state" / CALLS_FILE)
+        self.spawned = SpawnedCalls(self.calls, gateway, sleep=sleep)
         self.shard_min_files = shard_min_files
         self.shard_min_bytes = shard_min_bytes
         self.bytes_per_shard = bytes_per_shard
         self.max_shards = max_shards
-        self._sleep = sleep
         self._deployed: set[str] = set()
         self._deploy_lock = threading.Lock()
 
@@ -162,7 +136,7 @@ class Preparation:
         if count == 1:
             key = self._key("download", profile, revision)
             started = self._start(key, profile, "weights", resources.DOWNLOAD_FUNCTION, revision)
-            result = DownloadResult.model_validate(self._finish(started, "download"))
+            result = DownloadResult.model_validate(self.spawned.finish(started, "download"))
             report.update(total)
             return result
 
@@ -184,7 +158,7 @@ class Preparation:
                     sum(sizes[path] for path in paths),
                 )
             )
-        results = self._finish_all(started_shards, report)
+        results = self.spawned.finish_all(started_shards, report.update)
         merged = self.gateway.call(app_name, resources.MERGE_FUNCTION, revision, results, files)
         report.update(total)
         return DownloadResult.model_validate(merged)
@@ -205,7 +179,7 @@ class Preparation:
             )
         call_key = self._key("compile", profile, revision, key)
         started = self._start(call_key, profile, "compile", resources.COMPILE_FUNCTION, revision)
-        return CompileResult.model_validate(self._finish(started, "compile"))
+        return CompileResult.model_validate(self.spawned.finish(started, "compile"))
 
     def verify(self, profile: Profile, revision: str) -> VerifyResult:
         # Not spawned: re-hashing the volume is minutes, and a fresh verification is the point
@@ -216,8 +190,6 @@ class Preparation:
             resources.weights_app_name(profile), resources.VERIFY_FUNCTION, revision
         )
         return VerifyResult.model_validate(result)
-
-
 
     # -- calls --------------------------------------------------------------------------------
 
@@ -237,93 +209,10 @@ class Preparation:
         app_kind: Literal["weights", "compile"],
         function: str,
         *args: Any,
-    ) -> _Started:
-        """Attach to the recorded call, take its result, or spawn one and record it."""
-        record = self.calls.get(key)
-        decision = attach_or_spawn(record, self.gateway.poll)
-        log.info("%s %s@%s: %s", key.stage, key.model, key.revision[:8], decision.reason)
-        if decision.action == "attach":
-            return _Started(key, decision.call_id)
-        if decision.action == "use-result":
-            return _Started(key, None, decision.result)
-        app_name = self._ensure_deployed(profile, app_kind)
-        call_id = self.gateway.spawn(app_name, function, *args)
-        # Recorded at once: from here a restarted orchestrator re-attaches. (A crash between
-        # the spawn and this write is the one window in which a retry starts a second call.)
-        self.calls.put(
-            CallRecord(
-                key=key,
-                call_id=call_id,
-                app=app_name,
-                function=function,
-                spawned_at=datetime.now(UTC),
-            )
+    ) -> Started:
+        return self.spawned.start(
+            key, lambda: self._ensure_deployed(profile, app_kind), function, *args
         )
-        log.info("%s %s@%s: spawned call %s", key.stage, key.model, key.revision[:8], call_id)
-        return _Started(key, call_id)
-
-    def _finish(self, started: _Started, what: str) -> Any:
-        """Wait for one call (long-polling) and return its result."""
-        if started.call_id is None:
-            return started.result
-        began = time.monotonic()
-        unanswered = 0
-        while True:
-            poll = self.gateway.poll(started.call_id, WAIT_POLL_SECONDS)
-            if poll.state is CallState.UNKNOWN:
-                # Modal's API did not answer: the call goes on regardless. Back off, ask again.
-                unanswered += 1
-                delay = min(UNKNOWN_BACKOFF_FIRST_SECONDS * 2 ** (unanswered - 1),
-                            UNKNOWN_BACKOFF_MAX_SECONDS)  # fmt: skip
-                log.warning("%s: call %s could not be read (%s); asking again in %.0f s", what,
-                            started.call_id, one_line(poll.error), delay)  # fmt: skip
-                self._sleep(delay)
-                continue
-            unanswered = 0
-            if poll.state is not CallState.RUNNING:
-                return self._outcome(started, poll, what)
-            log.info("%s: waiting for call %s (%.0f min)", what, started.call_id,
-                     (time.monotonic() - began) / 60)  # fmt: skip
-
-    def _finish_all(
-        self, started: Sequence[tuple[_Started, int]], report: _DownloadProgress
-    ) -> list[Any]:
-        """Wait for several calls (the shards), reporting bytes as each one finishes. The first
-        failure is raised at once; the other calls run on and are re-attached on retry."""
-        results: dict[int, Any] = {}
-        done_bytes = 0
-        for index, (item, size) in enumerate(started):
-            if item.call_id is None:
-                results[index] = item.result
-                done_bytes += size
-        report.update(done_bytes)
-        while len(results) < len(started):
-            progressed = False
-            for index, (item, size) in enumerate(started):
-                if index in results:
-                    continue
-                assert item.call_id is not None
-                poll = self.gateway.poll(item.call_id, 0)
-                if poll.state in (CallState.RUNNING, CallState.UNKNOWN):
-                    continue  # unknown: the next round asks again, after the interval
-                results[index] = self._outcome(item, poll, f"download shard {item.key.detail}")
-                done_bytes += size
-                progressed = True
-            if progressed:
-                report.update(done_bytes)
-            elif len(results) < len(started):
-                self._sleep(SHARDS_POLL_INTERVAL)
-        return [results[index] for index in range(len(started))]
-
-    def _outcome(self, started: _Started, poll: Poll, what: str) -> Any:
-        if poll.state is CallState.SUCCEEDED:
-            return poll.result
-        if poll.state is CallState.EXPIRED:
-            raise ModalCallError(f"{what}: the output of call {started.call_id} has expired")
-        # The record stays: the next attempt probes it, sees the failure and spawns anew.
-        raise ModalCallError(
-            f"{what}: call {started.call_id} failed: {one_line(poll.error)}"
-        ) from poll.error
 
     def _ensure_deployed(self, profile: Profile, app_kind: Literal["weights", "compile"]) -> str:
         """Deploy the App once per process: the first spawn deploys the code and profiles of

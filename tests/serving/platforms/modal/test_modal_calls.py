@@ -27,6 +27,7 @@ from serving.platforms.modal.calls import (
     probe_call,
 )
 from serving.weights.models import WeightsError
+from tests.modal_fixtures import remote_wait_for_timeout
 
 TOKEN = "hf_test_SECRET_token_value_0987654321"
 MISSING_SHA = "f" * 40
@@ -210,19 +211,6 @@ class ModalStillRunning:
 
         invocation.pop_function_call_outputs = no_output_yet  # type: ignore[method-assign]
         return asyncio.run(invocation.poll_function(timeout=timeout))
-
-
-def remote_wait_for_timeout() -> TimeoutError:
-    """What a remote body's `asyncio.wait_for` raises: a bare TimeoutError, like Modal's own."""
-
-    async def too_slow() -> None:
-        await asyncio.wait_for(asyncio.sleep(1), timeout=0)
-
-    try:
-        asyncio.run(too_slow())
-    except TimeoutError as exc:
-        return exc
-    raise AssertionError("wait_for did not time out")
 
 
 def test_modal_s_still_running_is_read_from_where_modal_raises_it() -> None:
