@@ -4,8 +4,8 @@ With no PREFECT_API_URL, the baseline is what `rollout prep` did before: the flo
 directly, so Prefect starts its temporary server (a uvicorn subprocess). The project is
 `rollout prep` itself. Each round starts one, times it until its first Hub call reaches the
 mirror (resolve: the first work), SIGKILLs that one process as `kill -9` would, and counts the
-processes it started that are still alive a few seconds later. Nothing may answer on the
-`make serve` port meanwhile (the CLI would use that server).
+processes it started that are still alive a few seconds later. The CLI looks for `make serve`
+on a port where nothing listens, so a server someone runs on 4200 does not stand in.
 
     .venv/bin/python bench/cli_start.py
 """
@@ -50,7 +50,9 @@ def main() -> None:
     from dev.demo_model import make_synthetic_repo
     from dev.mirror import run_mirror
     from dev.mirror_store import KiB, MirrorStore
+    from rollout.orchestration import SERVE_PORT_ENV
     from serving.config.loader import load_profile
+    from serving.core.procs import free_port
 
     scratch = Path(tempfile.mkdtemp(prefix="rollout-bench-cli-"))
     store = MirrorStore(scratch / "mirror")
@@ -65,6 +67,7 @@ def main() -> None:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "HF_HOME": str(scratch / "hf"),
         "PYTHONPATH": str(ROOT),
+        SERVE_PORT_ENV: str(free_port()),
     }
     rounds: dict[str, list[Round]] = {name: [] for name in MODES}
     with run_mirror(store) as mirror:
