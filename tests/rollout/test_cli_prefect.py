@@ -11,7 +11,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -37,10 +36,16 @@ GONE_SECONDS = 10.0
 POLL_SECONDS = 0.05
 
 
+@pytest.fixture(scope="module")
+def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shared by the in-process servers here: the database is migrated once, as a user's is."""
+    return tmp_path_factory.mktemp("prefect-home")
+
+
 @pytest.fixture
 def cli_env(
-    tmp_path: Path, mirror: MirrorServer, synthetic_repo: SyntheticRepo
-) -> Iterator[dict[str, str]]:
+    tmp_path: Path, prefect_home: Path, mirror: MirrorServer, synthetic_repo: SyntheticRepo
+) -> dict[str, str]:
     """The demo model's profile on the mirror's synthetic repo; no Prefect API set, and no
     `make serve` server where the CLI looks for one."""
     models = tmp_path / "models"
@@ -53,11 +58,11 @@ def cli_env(
     env |= {
         "ROLLOUT_MODELS_DIR": str(models),
         "ROLLOUT_HOME": str(tmp_path / "home"),
-        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_HOME": str(prefect_home),
         SERVE_PORT_ENV: str(free_port()),
         "PYTHONPATH": str(REPO_ROOT),
     }
-    yield env
+    return env
 
 
 def _prep_unknown_revision(env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], str]:
