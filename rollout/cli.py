@@ -14,20 +14,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
+from rollout.orchestration import NoPrefectApi, connect
 from rollout.plan import build_plan, render_text
 from serving.config.loader import load_profile
 from serving.config.profile import Profile, ProfileError, check_revision
 from serving.control import lifecycle
-from serving.core.errors import one_line
+from serving.core.errors import EXPECTED_FAILURE_RECORD, one_line
 from serving.domain.release import Release
 from serving.platforms import get_platform
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 ABORT_REASON = "aborted (rollout abort)"
+# The CLI prints its own summary: Prefect's INFO lines stay in the flow runs' logs, unless the
+# caller's environment asks for them here too (=INFO).
+CONSOLE_LEVEL = {"PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING"}
+# How Prefect's last line for each task and flow run begins.
+PREFECT_RUN_END = "Finished in state "
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,11 +98,38 @@ def _checked(args: argparse.Namespace) -> Profile:
     return profile
 
 
+def _orchestrated() -> None:
+    """A Prefect API for the flow runs, before the flows (and so Prefect) are imported."""
+    for key, value in CONSOLE_LEVEL.items():
+        os.environ.setdefault(key, value)
+    try:
+        connect()
+    except NoPrefectApi as exc:
+        fail(str(exc))
+
+
+class _ToldByTheCli(logging.Filter):
+    """The CLI tells how a run ended, and why, in one line: on the console, Prefect's line for
+    each run's end and an expected failure's are not said again. A bug's traceback shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        expected = getattr(record, EXPECTED_FAILURE_RECORD, False)
+        return not (expected or record.getMessage().startswith(PREFECT_RUN_END))
+
+
+def _console_told_by_cli() -> None:
+    """Once the flows are imported, and with them Prefect's console handler."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_ToldByTheCli())
+
+
 def prep_command(args: argparse.Namespace) -> None:
     profile = _checked(args)
-    # Imported only now: starting Prefect costs seconds, and bad input must fail before it.
+    _orchestrated()
+    # Imported only now: importing Prefect costs seconds, and bad input must fail before it.
     from flows.prep import prep
 
+    _console_told_by_cli()
     try:
         report = prep(profile.name, args.revision, args.target)
     except Exception as exc:  # the flow's logs have the details; the caller gets one line
@@ -115,8 +149,10 @@ def run_command(args: argparse.Namespace) -> None:
     profile = _checked(args)
     if args.keep_serving:
         os.environ["ROLLOUT_KEEP_SERVING"] = "1"
+    _orchestrated()
     from flows.rollout import rollout
 
+    _console_told_by_cli()
     try:
         report = rollout(profile.name, args.revision, args.target, args.approve)
     except Exception as exc:

@@ -19,6 +19,7 @@ from prefect.states import State
 from prefect.tasks import exponential_backoff
 
 from serving.config.loader import load_profile
+from serving.core.errors import ExpectedFailure
 from serving.domain.release import VerifyResult
 from serving.engines.deepgemm import CompileResult, unavailable_reason
 from serving.platform import Target
@@ -32,7 +33,7 @@ PROVEN_FOR = timedelta(days=1)
 CACHED_STATE_NAME = "Cached"
 
 
-class VerifyFailed(RuntimeError):
+class VerifyFailed(ExpectedFailure):
     """Weights, kernels or the serve command did not prove out: nothing may be deployed."""
 
 

@@ -12,6 +12,17 @@ def one_line(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
-class DeployFailed(RuntimeError):
+class ExpectedFailure(RuntimeError):
+    """An outcome the rollout plans for (the Hub has no such revision, a proof failed, a release
+    never became ready): its message says it all, so it is told in one line, never with a
+    traceback. Any other exception is a bug, and keeps its traceback."""
+
+
+# Set on the log record of an ExpectedFailure that lost its traceback (tasks/outcomes.py), for
+# a console whose caller tells the failure itself (the `rollout` CLI).
+EXPECTED_FAILURE_RECORD = "rollout_expected_failure"
+
+
+class DeployFailed(ExpectedFailure):
     """A release did not become ready; the message is one line with the supervisor's reason
     and the log file. Nothing of the release is left running."""

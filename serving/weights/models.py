@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from serving.core.errors import ExpectedFailure
+
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
@@ -25,7 +27,7 @@ HF_DOWNLOAD_DIR = Path(".cache") / "huggingface" / "download"
 INCOMPLETE_SUFFIX = ".incomplete"
 
 
-class WeightsError(RuntimeError):
+class WeightsError(ExpectedFailure):
     """A download or verification that cannot succeed; the message is one line, without secrets."""
 
 
