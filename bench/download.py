@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -28,6 +29,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 
@@ -102,16 +104,26 @@ def client_env(endpoint: str, home: Path) -> dict[str, str]:
     }
 
 
-def timed(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
-    """Wall seconds and stdout of one client run."""
-    began = time.perf_counter()
+class Run(NamedTuple):
+    wall_s: float
+    cpu_s: float  # the client's user + system time: what it costs, whatever else runs
+    stdout: str
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(argv: list[str], env: dict[str, str]) -> Run:
+    began, cpu = time.perf_counter(), children_cpu_s()
     proc = subprocess.run(
         argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
     )
     elapsed = time.perf_counter() - began
     if proc.returncode != 0:
         raise RuntimeError(f"{argv[:3]} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return elapsed, proc.stdout
+    return Run(elapsed, children_cpu_s() - cpu, proc.stdout)
 
 
 def ours(method: str) -> str:
@@ -130,6 +142,7 @@ def main() -> None:
     hf_cli = str(Path(sys.executable).with_name("hf"))
     scratch = Path(tempfile.mkdtemp(prefix="runs-", dir=BENCH_HOME))
     times: dict[str, list[float]] = {HF: [], ours("stream"): [], ours("reread"): []}
+    cpu: dict[str, list[float]] = {name: [] for name in times}
     proof_read: dict[str, list[int]] = {ours("stream"): [], ours("reread"): []}
     try:
         with mirror_process(MIRROR_ROOT) as url:
@@ -143,10 +156,11 @@ def main() -> None:
                     argv = [sys.executable, "-m", "serving.weights", "download", REPO_ID,
                             "--revision", sha, "--dir", str(out),
                             "--hashing", name.rsplit(" ", 1)[1]]  # fmt: skip
-                elapsed, stdout = timed(argv, env)
-                times[name].append(elapsed)
+                client = timed(argv, env)
+                times[name].append(client.wall_s)
+                cpu[name].append(client.cpu_s)
                 if name != HF:
-                    proof_read[name].append(json.loads(stdout)["proof_bytes_read"])
+                    proof_read[name].append(json.loads(client.stdout)["proof_bytes_read"])
                 # Keep disk use low: drop every result except the newest of ours (reused below).
                 if name == HF:
                     shutil.rmtree(out)
@@ -183,12 +197,14 @@ def main() -> None:
     for name, samples in times.items():
         mean = statistics.mean(samples)
         print(f"  {name:24s} " + " ".join(f"{s:6.2f}s" for s in samples)
-              + f"   mean {mean:6.2f}s  {total / MiB / mean:7.0f} MiB/s")  # fmt: skip
-    baseline = statistics.mean(times[HF])
+              + f"   mean {mean:6.2f}s  {total / MiB / mean:5.0f} MiB/s"
+              + f"  cpu {statistics.mean(cpu[name]):5.2f}s")  # fmt: skip
+    baseline, baseline_cpu = statistics.mean(times[HF]), statistics.mean(cpu[HF])
     for name, reads in proof_read.items():
         ratio = statistics.mean(times[name]) / baseline
         verdict = "ok" if ratio <= TARGET_RATIO else "ABOVE TARGET"
-        print(f"  ratio {name} / hf download: {ratio:.2f}x (target <= {TARGET_RATIO}x) {verdict}; "
+        print(f"  ratio {name} / hf download: {ratio:.2f}x (target <= {TARGET_RATIO}x) {verdict}, "
+              f"cpu {statistics.mean(cpu[name]) / baseline_cpu:.2f}x; "
               f"proof read {max(reads) / MiB:.0f} MiB from disk")  # fmt: skip
     print(f"  verify stage on the finished directory: read {stage.bytes_hashed / MiB:.0f} MiB, "
           f"{stage.bytes_trusted / MiB:.0f} MiB by stamp, {stage.seconds:.3f}s")  # fmt: skip

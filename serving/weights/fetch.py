@@ -35,7 +35,7 @@ from serving.weights.models import HF_DOWNLOAD_DIR, INCOMPLETE_SUFFIX, FileEntry
 log = logging.getLogger(__name__)
 
 HashMethod = Literal["stream", "reread"]
-# The cheaper of the two on bench/download.py (see README, "Hashing in flight").
+# The cheaper of the two on bench/download.py (README, "Weights are read once").
 DEFAULT_HASH_METHOD: HashMethod = "stream"
 
 Evidence = MutableMapping[str, Stamp]
