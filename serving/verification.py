@@ -1,7 +1,9 @@
 """Stage 4, verify: prove the weights, the kernels and the serve command before any deploy.
 
-- every file of the revision hashed once against the manifest (the Hub's metadata); only bad
-  or missing files re-fetched, then those hashed again, then a fresh sentinel;
+- every file of the revision proven against the manifest (the Hub's metadata): read and hashed
+  unless the sentinel's stamp of it shows it unchanged since the download hashed it, that
+  download being recent (serving.weights.verify.fresh_evidence); only bad or missing files
+  re-fetched (hashed as they arrive), then a fresh sentinel;
 - the DeepGEMM marker present for the CURRENT cache key (a changed flag or image means the
   compiled kernels are for something else);
 - the serve command accepted by SGLang's own parser where SGLang is installed (the engine
@@ -20,7 +22,7 @@ from serving.engines.deepgemm import read_marker
 from serving.engines.sglang import deepgemm_cache_key, parse_serve_argv, serve_command
 from serving.weights.download import read_sentinel, repair_download
 from serving.weights.models import VerifyReport
-from serving.weights.verify import verify
+from serving.weights.verify import fresh_evidence, verify
 
 
 def verify_revision(
@@ -45,8 +47,8 @@ def verify_revision(
             compile_key=None,
             problems=[f"no verified download of {profile.hub.repo}@{revision[:8]} in {directory}"],
         )
-    # One full pass: a repair starts from this report and hashes only what it fetches again.
-    report = verify(directory, manifest.files)
+    # At most one read of each file: a repair starts from this report.
+    report = verify(directory, manifest.files, evidence=fresh_evidence(manifest))
     repaired: list[str] = []
     if not report.passed:
         repaired = report.broken

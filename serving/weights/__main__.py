@@ -7,9 +7,11 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
 from serving.config.layout import SENTINEL_NAME
 from serving.weights.download import Transfer, download_repo
+from serving.weights.fetch import DEFAULT_HASH_METHOD, HashMethod
 from serving.weights.hub import BACKOFF_FIRST_S, DOWNLOAD_ATTEMPTS, resolve_revision
 from serving.weights.models import Manifest, WeightsError
 from serving.weights.verify import verify
@@ -27,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     get.add_argument("--attempts", type=int, default=DOWNLOAD_ATTEMPTS)
     get.add_argument("--backoff", type=float, default=BACKOFF_FIRST_S)
     get.add_argument("--high-performance", action="store_true")
+    get.add_argument("--hashing", choices=get_args(HashMethod), default=DEFAULT_HASH_METHOD)
     check = sub.add_parser("verify", help="hash the files against the sentinel's manifest")
     check.add_argument("dir", type=Path)
     args = parser.parse_args(argv)
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             result = download_repo(
                 args.repo, sha, args.dir, token=token, endpoint=args.endpoint,
                 transfer=Transfer(attempts=args.attempts, backoff_s=args.backoff,
-                                  high_performance=args.high_performance),
+                                  high_performance=args.high_performance, hashing=args.hashing),
             )  # fmt: skip
             print(result.model_dump_json(exclude={"manifest": {"files"}}))
             return 0

@@ -6,6 +6,10 @@ huggingface_hub's own `.cache/` bookkeeping and, written last, the sentinel
 "every file was verified against the hub's metadata in the run that wrote it". A rerun that finds
 it costs one read and no network request.
 
+Each file is hashed as it arrives (serving.weights.fetch), so the proof before the sentinel
+reads only what this run did not fetch; the sentinel keeps each file's stamp from that moment,
+and the verify stage reads only files changed since (serving.weights.verify).
+
 No Prefect and no Modal here: the same code runs in a Modal container and in a local process.
 
     python -m serving.weights download REPO --revision REV --dir DIR   # one line on error, exit 1
@@ -20,14 +24,15 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
 from pydantic import ValidationError
 
 from serving.config.layout import SENTINEL_NAME, weights_dir
 from serving.config.profile import Profile
 from serving.core.files import write_atomically
+from serving.weights.fetch import DEFAULT_HASH_METHOD, HashMethod, fetch_proven
 from serving.weights.hub import (
     BACKOFF_FIRST_S,
     DOWNLOAD_ATTEMPTS,
@@ -35,7 +40,6 @@ from serving.weights.hub import (
     Retry,
     ask_high_performance,
     disk_full_line,
-    fetch_paths,
     is_disk_full,
     make_dir,
     require_commit,
@@ -49,6 +53,7 @@ from serving.weights.models import (
     Manifest,
     ProgressCallback,
     ShardResult,
+    Stamp,
     VerifyReport,
     WeightsError,
 )
@@ -68,6 +73,7 @@ class Transfer:
     attempts: int = DOWNLOAD_ATTEMPTS
     backoff_s: float = BACKOFF_FIRST_S
     refetch_rounds: int = REFETCH_ROUNDS
+    hashing: HashMethod = DEFAULT_HASH_METHOD
 
 
 DEFAULT_TRANSFER = Transfer()
@@ -132,30 +138,9 @@ def download_repo(
     make_dir(directory)
     remove_orphans(directory)
     before = _stamps(directory, files.selected)
-
-    def fetch_all() -> None:
-        snapshot_download(
-            repo,
-            revision=revision,
-            local_dir=directory,
-            allow_patterns=allow,
-            ignore_patterns=ignore,
-            max_workers=transfer.max_workers,
-            token=token,
-            endpoint=endpoint,
-        )
-
-    with DiskProgress(directory, files.selected, progress):
-        retry.run("download", fetch_all, directory)
-    report = verify(
-        directory,
-        files.selected,
-        revision_paths=[entry.path for entry in files.every],
-        progress=progress,
-    )
-    report, refetched = repair(
-        directory, files.selected, report, retry,
-        endpoint=endpoint, max_workers=transfer.max_workers, rounds=transfer.refetch_rounds,
+    report, refetched = _fetch_and_prove(
+        directory, files.selected, [entry.path for entry in files.every], retry,
+        endpoint=endpoint, progress=progress, transfer=transfer,
     )  # fmt: skip
     manifest = Manifest(
         repo=repo,
@@ -167,6 +152,7 @@ def download_repo(
         extra=report.extra,
         started_at=started_at,
         finished_at=datetime.now(UTC),
+        stamps=report.stamps,
     )
     _guard_disk(lambda: write_sentinel(directory, manifest), directory, repo, revision)
     if report.extra:
@@ -179,6 +165,7 @@ def download_repo(
         attempts=retry.attempts_used,
         seconds=time.monotonic() - began,
         bytes_downloaded=_bytes_written(directory, files.selected, before),
+        proof_bytes_read=report.bytes_hashed,
     )
 
 
@@ -214,26 +201,9 @@ def download_files(
     # Only this shard's partial files: other containers may be writing theirs right now.
     remove_orphans(directory, expected)
     before = _stamps(directory, expected)
-    with DiskProgress(directory, expected, progress):
-        retry.run(
-            "download",
-            lambda: fetch_paths(
-                repo,
-                revision,
-                directory,
-                paths,
-                token=token,
-                endpoint=endpoint,
-                max_workers=transfer.max_workers,
-            ),
-            directory,
-        )
-    report = verify(
-        directory, expected, revision_paths=[entry.path for entry in every], progress=progress
-    )
-    _, refetched = repair(
-        directory, expected, report, retry,
-        endpoint=endpoint, max_workers=transfer.max_workers, rounds=transfer.refetch_rounds,
+    report, refetched = _fetch_and_prove(
+        directory, expected, [entry.path for entry in every], retry,
+        endpoint=endpoint, progress=progress, transfer=transfer,
     )  # fmt: skip
     return ShardResult(
         repo=repo,
@@ -243,6 +213,8 @@ def download_files(
         finished_at=datetime.now(UTC),
         refetched=refetched,
         bytes_downloaded=_bytes_written(directory, expected, before),
+        proof_bytes_read=report.bytes_hashed,
+        stamps=report.stamps,
     )
 
 
@@ -272,9 +244,15 @@ def repair_download(
     report, refetched = repair(
         directory, manifest.files, report, retry,
         endpoint=endpoint, max_workers=transfer.max_workers, rounds=transfer.refetch_rounds,
+        method=transfer.hashing,
     )  # fmt: skip
     fresh = manifest.model_copy(
-        update={"extra": report.extra, "started_at": started_at, "finished_at": datetime.now(UTC)}
+        update={
+            "extra": report.extra,
+            "started_at": started_at,
+            "finished_at": datetime.now(UTC),
+            "stamps": report.stamps,
+        }
     )
     _guard_disk(
         lambda: write_sentinel(directory, fresh), directory, manifest.repo, manifest.revision
@@ -330,6 +308,7 @@ def merge(
         extra=extra,
         started_at=min(shard.started_at for shard in shards),
         finished_at=datetime.now(UTC),
+        stamps={path: stamp for shard in shards for path, stamp in shard.stamps.items()},
     )
     _guard_disk(lambda: write_sentinel(directory, manifest), directory, repo, revision)
     return manifest
@@ -400,6 +379,36 @@ def _read_sentinel_text(directory: Path) -> str | None:
 # --------------------------------------------------------------------------------------------
 # Internals
 # --------------------------------------------------------------------------------------------
+
+
+def _fetch_and_prove(
+    directory: Path,
+    expected: Sequence[FileEntry],
+    revision_paths: Sequence[str],
+    retry: Retry,
+    *,
+    endpoint: str | None,
+    progress: ProgressCallback | None,
+    transfer: Transfer,
+) -> tuple[VerifyReport, list[str]]:
+    """Fetch what is missing, hashing it as it arrives; prove every file (reading only those
+    without evidence: an earlier run's, or one whose hash failed); repair what is broken."""
+    evidence: dict[str, Stamp] = {}
+    fetch = partial(
+        fetch_proven, retry.repo, retry.revision, directory, expected, evidence,
+        token=retry.token, endpoint=endpoint, max_workers=transfer.max_workers,
+        method=transfer.hashing,
+    )  # fmt: skip
+    with DiskProgress(directory, expected, progress):
+        retry.run("download", fetch, directory)
+    report = verify(
+        directory, expected, revision_paths=revision_paths, progress=progress, evidence=evidence
+    )
+    return repair(
+        directory, expected, report, retry,
+        endpoint=endpoint, max_workers=transfer.max_workers, rounds=transfer.refetch_rounds,
+        method=transfer.hashing,
+    )  # fmt: skip
 
 
 def remove_orphans(directory: Path, files: Sequence[FileEntry] | None = None) -> list[Path]:

@@ -14,12 +14,11 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 import httpx
-from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -174,29 +173,6 @@ def revision_files(
 # --------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------
-
-
-def fetch_paths(
-    repo: str,
-    revision: str,
-    directory: Path,
-    paths: Sequence[str],
-    *,
-    token: str | None,
-    endpoint: str | None,
-    max_workers: int = DOWNLOAD_WORKERS,
-) -> None:
-    """These files of the revision into `directory`, in parallel; a file already complete there
-    (by huggingface_hub's own metadata) is not fetched again."""
-
-    def one(path: str) -> None:
-        hf_hub_download(
-            repo, path, revision=revision, local_dir=directory, token=token, endpoint=endpoint
-        )
-
-    with ThreadPoolExecutor(max_workers=max_workers) as pool:
-        for future in [pool.submit(one, path) for path in paths]:
-            future.result()
 
 
 def fetch_model_config(

@@ -61,6 +61,20 @@ class FileEntry(BaseModel):
         return self.digest[1]
 
 
+class Stamp(BaseModel):
+    """A file as the filesystem describes it, taken when its bytes were proven to be the hub's.
+
+    Evidence that lasts: any write changes the ctime, which no one can set back (unlike the
+    mtime), and a file replaced by another has another inode. A file whose stamp still equals
+    this one holds the bytes that were hashed; any other is read again.
+    """
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+
+
 class Manifest(BaseModel):
     """The sentinel: written last, atomically, only after every file verified in the same run."""
 
@@ -74,6 +88,11 @@ class Manifest(BaseModel):
     extra: list[str] = Field(default_factory=list, description="present but not in the revision")
     started_at: datetime
     finished_at: datetime
+    stamps: dict[str, Stamp] = Field(
+        default_factory=dict,
+        description="each file as it was when its hash matched (absent in sentinels written "
+        "before hashing in flight: their files are read again)",
+    )
 
 
 class VerifyReport(BaseModel):
@@ -81,8 +100,13 @@ class VerifyReport(BaseModel):
     bad: list[str] = Field(default_factory=list)
     missing: list[str] = Field(default_factory=list)
     extra: list[str] = Field(default_factory=list)
-    bytes_hashed: int = 0
+    bytes_hashed: int = Field(0, description="bytes read from disk to hash them")
+    bytes_trusted: int = Field(
+        0, description="bytes proven by a stamp unchanged since they were hashed, not read"
+    )
     seconds: float = 0.0
+    # The evidence of this proof, for the next sentinel; stays in the process that proved it.
+    stamps: dict[str, Stamp] = Field(default_factory=dict, exclude=True)
 
     @property
     def passed(self) -> bool:
@@ -121,6 +145,10 @@ class Progress(BaseModel):
 
 ProgressCallback = Callable[[Progress], None]
 
+PROOF_BYTES_READ_MEANING = (
+    "bytes the proof after the download read from disk: files this run did not hash as they "
+    "arrived (finished by an earlier run, or failing their hash); 0 for a fresh download"
+)
 BYTES_DOWNLOADED_MEANING = (
     "bytes of the files this run wrote (a file fetched twice within the run counts once); "
     "0 when a sentinel answered"
@@ -137,6 +165,8 @@ class ShardResult(BaseModel):
     finished_at: datetime
     refetched: list[str] = Field(default_factory=list)
     bytes_downloaded: int = Field(0, description=BYTES_DOWNLOADED_MEANING)
+    proof_bytes_read: int = Field(0, description=PROOF_BYTES_READ_MEANING)
+    stamps: dict[str, Stamp] = Field(default_factory=dict)
 
 
 class DownloadResult(BaseModel):
@@ -147,3 +177,4 @@ class DownloadResult(BaseModel):
     attempts: int = 0
     seconds: float = 0.0
     bytes_downloaded: int = Field(0, description=BYTES_DOWNLOADED_MEANING)
+    proof_bytes_read: int = Field(0, description=PROOF_BYTES_READ_MEANING)

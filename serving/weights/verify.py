@@ -1,30 +1,34 @@
 """Proving files: hash them against the hub's metadata, and repair the ones that fail.
 
-sha256 for LFS files, the git blob sha1 for the others; files are hashed in parallel threads
-(hashlib releases the GIL). A repair starts from a report that already exists: only the bad or
-missing files are deleted, fetched again and hashed again, so a 700 GB revision is read once.
+A file with evidence (its `Stamp` when its hash last matched, unchanged since) is proven without
+a read; the others are hashed in parallel threads (hashlib releases the GIL). A repair starts
+from a report that already exists: only the bad or missing files are deleted and fetched again,
+hashed as they arrive, so a 700 GB revision is read once, by the download.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
-from typing import Literal
 
 from serving.config.layout import SENTINEL_NAME
 from serving.core.files import is_partial_write_of
-from serving.weights.hub import DOWNLOAD_WORKERS, Retry, fetch_paths
+from serving.weights.digests import current_stamp, prove_file
+from serving.weights.fetch import DEFAULT_HASH_METHOD, HashMethod, fetch_proven
+from serving.weights.hub import DOWNLOAD_WORKERS, Retry
 from serving.weights.models import (
     HF_LOCAL_CACHE,
     FileEntry,
-    MiB,
+    Manifest,
     ProgressCallback,
+    Stamp,
     VerifyReport,
     WeightsError,
 )
@@ -32,33 +36,18 @@ from serving.weights.progress import Throttle
 
 log = logging.getLogger(__name__)
 
-# Large reads amortise the syscall and Python overhead; hashlib releases the GIL for any update
-# over 2 KiB, so threads hash different files on different cores at full speed.
-HASH_CHUNK = 8 * MiB
 # A bad file is deleted and fetched again at most this many times before the run fails.
 REFETCH_ROUNDS = 2
+# How long a sentinel's stamps stand in for reading the files: as long as the prep flow trusts
+# a finished download stage (tasks.weights.PROVEN_FOR). A stamp catches every write through
+# the filesystem, not a volume that decays underneath, so an older download is read again.
+EVIDENCE_FRESH_FOR = timedelta(days=1)
 
-HashStatus = Literal["ok", "bad", "missing"]
 
-
-def hash_file(path: Path, entry: FileEntry) -> tuple[HashStatus, int]:
-    """Whether the file at `path` is `entry`, and how many bytes were read to tell."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return "missing", 0
-    if size != entry.size:
-        return "bad", 0  # no need to read a file of the wrong size
-    algorithm, expected = entry.digest
-    hasher = hashlib.sha256() if algorithm == "sha256" else hashlib.sha1(b"blob %d\0" % size)
-    buffer = bytearray(HASH_CHUNK)
-    view = memoryview(buffer)
-    with path.open("rb", buffering=0) as f:
-        with contextlib.suppress(AttributeError, OSError):
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger readahead
-        while n := f.readinto(buffer):
-            hasher.update(view[:n])
-    return ("ok" if hasher.hexdigest() == expected else "bad"), size
+def fresh_evidence(manifest: Manifest, now: datetime | None = None) -> Mapping[str, Stamp]:
+    """The sentinel's stamps while its download is recent enough to be this run's; else none."""
+    age = (now or datetime.now(UTC)) - manifest.finished_at
+    return manifest.stamps if age <= EVIDENCE_FRESH_FOR else {}
 
 
 def default_hash_workers() -> int:
@@ -89,29 +78,43 @@ def verify(
     revision_paths: Iterable[str] | None = None,
     workers: int | None = None,
     progress: ProgressCallback | None = None,
+    evidence: Mapping[str, Stamp] | None = None,
 ) -> VerifyReport:
-    """Hash every expected file in parallel against the hub's metadata.
+    """Prove every expected file against the hub's metadata: a file whose stamp equals its
+    `evidence` without a read (`bytes_trusted`), the others hashed in parallel (`bytes_hashed`).
 
     `extra` lists files present but not in the revision (`revision_paths`, default: the expected
-    files), so a subset check does not report the other shards' files.
+    files), so a subset check does not report the other shards' files. `stamps` is the evidence
+    of this proof, for the next sentinel.
     """
     directory = Path(directory)
+    evidence = evidence or {}
     started = time.monotonic()
     known = set(revision_paths) if revision_paths is not None else set()
     known |= {entry.path for entry in expected_files}
     report = VerifyReport(extra=sorted(list_present(directory) - known))
-    total = sum(entry.size for entry in expected_files)
-    done = 0
-    throttle = Throttle(progress, "verify", total)
+    throttle = Throttle(progress, "verify", sum(entry.size for entry in expected_files))
+    unproven = []
+    for entry in expected_files:
+        stamp = evidence.get(entry.path)
+        if stamp is not None and current_stamp(directory / entry.path) == stamp:
+            report.ok.append(entry.path)
+            report.stamps[entry.path] = stamp
+            report.bytes_trusted += entry.size
+        else:
+            unproven.append(entry)
+    done = report.bytes_trusted
     # Largest first: the long hashes start early and the small ones fill the gaps.
-    ordered = sorted(expected_files, key=lambda entry: entry.size, reverse=True)
+    unproven.sort(key=lambda entry: entry.size, reverse=True)
     with ThreadPoolExecutor(max_workers=workers or default_hash_workers()) as pool:
-        futures = {pool.submit(hash_file, directory / e.path, e): e for e in ordered}
+        futures = {pool.submit(prove_file, directory / e.path, e): e for e in unproven}
         for future in as_completed(futures):
             entry = futures[future]
-            status, hashed = future.result()
+            status, read, stamp = future.result()
             getattr(report, status).append(entry.path)
-            report.bytes_hashed += hashed
+            if stamp is not None:
+                report.stamps[entry.path] = stamp
+            report.bytes_hashed += read
             done += entry.size
             throttle.update(done)
     throttle.finish(done)
@@ -130,10 +133,12 @@ def repair(
     endpoint: str | None,
     max_workers: int = DOWNLOAD_WORKERS,
     rounds: int = REFETCH_ROUNDS,
+    method: HashMethod = DEFAULT_HASH_METHOD,
 ) -> tuple[VerifyReport, list[str]]:
-    """From `report` (of `expected`), delete and re-fetch only the bad or missing files, then
-    hash those again; a file still bad after `rounds` rounds fails the run. Returns the report
-    of every expected file and the paths fetched again."""
+    """From `report` (of `expected`), delete and re-fetch only the bad or missing files, hashed
+    as they arrive (a file whose hash did not match is read once more, to name it); a file still
+    bad after `rounds` rounds fails the run. Returns the report of every expected file, with the
+    stamps of all, and the paths fetched again."""
     refetched: list[str] = []
     by_path = {entry.path: entry for entry in expected}
     for round_number in range(1, rounds + 1):
@@ -144,28 +149,24 @@ def repair(
         for path in broken:
             with contextlib.suppress(FileNotFoundError):
                 (directory / path).unlink()
-        retry.run(
-            "re-fetch",
-            lambda paths=broken: fetch_paths(
-                retry.repo,
-                retry.revision,
-                directory,
-                paths,
-                token=retry.token,
-                endpoint=endpoint,
-                max_workers=max_workers,
-            ),
-            directory,
-        )
+        entries = [by_path[path] for path in broken]
+        evidence: dict[str, Stamp] = {}
+        fetch = partial(
+            fetch_proven, retry.repo, retry.revision, directory, entries, evidence,
+            token=retry.token, endpoint=endpoint, max_workers=max_workers, method=method,
+        )  # fmt: skip
+        retry.run("re-fetch", fetch, directory)
         refetched.extend(broken)
-        again = verify(directory, [by_path[path] for path in broken])
+        again = verify(directory, entries, evidence=evidence)
         report = VerifyReport(
             ok=sorted([*report.ok, *again.ok]),
             bad=again.bad,
             missing=again.missing,
             extra=report.extra,
             bytes_hashed=report.bytes_hashed + again.bytes_hashed,
+            bytes_trusted=report.bytes_trusted + again.bytes_trusted,
             seconds=report.seconds + again.seconds,
+            stamps=report.stamps | again.stamps,
         )
     if not report.passed:
         raise WeightsError(

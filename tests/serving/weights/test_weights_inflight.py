@@ -1,0 +1,177 @@
+"""Hashing in flight: a download proves each file as it arrives, so its proof, and the verify
+stage after it, read nothing it hashed; the stamps in the sentinel make a file changed since
+be read again.
+
+Real huggingface_hub against the local mirror. Reads are counted by the verifier's own counters
+(VerifyReport.bytes_hashed, DownloadResult.proof_bytes_read) and by wrapping the one function
+that reads a file to hash it (serving.weights.digests.hash_file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import get_args
+
+import pytest
+
+from dev.mirror import MirrorServer
+from dev.mirror_faults import CorruptFault
+from serving.config.layout import SENTINEL_NAME
+from serving.verification import verify_revision
+from serving.weights import digests
+from serving.weights.digests import HashingWriter, HashStatus
+from serving.weights.download import Transfer, download, read_sentinel, write_sentinel
+from serving.weights.fetch import HashMethod, fetch_proven
+from serving.weights.hub import fetch_files
+from serving.weights.models import FileEntry, Stamp
+from serving.weights.verify import EVIDENCE_FRESH_FOR, verify
+from tests.mirror_fixtures import MID_SHARD, SYNTHETIC_SHARDS, SyntheticRepo
+from tests.serving.weights.test_weights_repair import flip_a_byte, profile_of, resolve_gets
+
+CLOCK_DEADLINE_S = 5.0
+
+
+def count_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Bytes read to hash, per repo path."""
+    reads: dict[str, int] = {}
+    real = digests.hash_file
+
+    def counted(path: Path, entry: FileEntry) -> tuple[HashStatus, int]:
+        status, read = real(path, entry)
+        reads[entry.path] = reads.get(entry.path, 0) + read
+        return status, read
+
+    monkeypatch.setattr(digests, "hash_file", counted)
+    return reads
+
+
+def after_the_filesystem_clock_passes(stamp: Stamp, directory: Path) -> None:
+    """A write now gets a ctime after `stamp`'s, even where timestamps are coarse (one tick)."""
+    probe = directory / "clock-probe"
+    deadline = time.monotonic() + CLOCK_DEADLINE_S
+    while True:
+        probe.write_bytes(b"")
+        if probe.stat().st_ctime_ns > stamp.ctime_ns:
+            probe.unlink()
+            return
+        assert time.monotonic() < deadline, "the filesystem clock did not move"
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("method", get_args(HashMethod))
+def test_a_fresh_download_is_proven_without_reading_it_again(
+    method: HashMethod,
+    mirror: MirrorServer,
+    synthetic_repo: SyntheticRepo,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    profile = profile_of(synthetic_repo.repo_id)
+    root = tmp_path / "weights"
+    reads = count_reads(monkeypatch)
+
+    first = download(
+        profile, synthetic_repo.v1, root, endpoint=mirror.url, progress=None,
+        transfer=Transfer(hashing=method),
+    )  # fmt: skip
+
+    files = first.manifest.files
+    assert first.proof_bytes_read == 0
+    assert sorted(first.manifest.stamps) == sorted(entry.path for entry in files)
+    # "stream" hashes the bytes on their way to disk; "reread" reads each file once, right
+    # after huggingface_hub wrote it. Neither reads anything for the proof.
+    expected = {} if method == "stream" else {entry.path: entry.size for entry in files}
+    assert reads == expected
+    reads.clear()
+
+    proof = verify_revision(
+        profile, synthetic_repo.v1, weights_root=root, deepgemm_root=None,
+        compile_required=False, endpoint=mirror.url,
+    )  # fmt: skip
+
+    assert proof.passed and proof.repaired == []
+    assert proof.weights.bytes_hashed == 0 and reads == {}
+    assert proof.weights.bytes_trusted == first.manifest.bytes_total
+
+
+def test_a_file_changed_between_download_and_proof_is_read_and_found_bad(
+    mirror: MirrorServer, synthetic_repo: SyntheticRepo, tmp_path: Path
+) -> None:
+    files = fetch_files(synthetic_repo.repo_id, synthetic_repo.v1, endpoint=mirror.url)
+    evidence: dict[str, Stamp] = {}
+    fetch_proven(
+        synthetic_repo.repo_id, synthetic_repo.v1, tmp_path, files, evidence,
+        token=None, endpoint=mirror.url,
+    )  # fmt: skip
+    assert sorted(evidence) == sorted(entry.path for entry in files)
+    after_the_filesystem_clock_passes(evidence[MID_SHARD], tmp_path)
+    flip_a_byte(tmp_path / MID_SHARD)  # same size, mtime set back
+
+    report = verify(tmp_path, files, evidence=evidence)
+
+    assert report.bad == [MID_SHARD]
+    assert report.bytes_hashed == SYNTHETIC_SHARDS[1]
+    assert MID_SHARD not in report.stamps
+
+
+def test_a_file_corrupted_on_the_wire_is_read_once_and_fetched_again(
+    mirror: MirrorServer, synthetic_repo: SyntheticRepo, tmp_path: Path
+) -> None:
+    mirror.set_faults(corrupt=CorruptFault(paths=f"*/resolve/*/{MID_SHARD}", times=1))
+
+    result = download(
+        profile_of(synthetic_repo.repo_id), synthetic_repo.v2, tmp_path, endpoint=mirror.url,
+        progress=None,
+    )  # fmt: skip
+
+    # Its hash failed as it arrived, so the proof read it to name it; the fetch again was
+    # hashed in flight, and the sentinel stands for every file.
+    assert result.refetched == [MID_SHARD]
+    assert result.proof_bytes_read == SYNTHETIC_SHARDS[1]
+    assert resolve_gets(mirror).count(MID_SHARD) == 2
+    assert sorted(result.manifest.stamps) == sorted(e.path for e in result.manifest.files)
+    assert verify(result.directory, result.manifest.files).passed
+
+
+def test_an_old_download_is_read_again(
+    mirror: MirrorServer, synthetic_repo: SyntheticRepo, tmp_path: Path
+) -> None:
+    profile = profile_of(synthetic_repo.repo_id)
+    root = tmp_path / "weights"
+    first = download(profile, synthetic_repo.v1, root, endpoint=mirror.url, progress=None)
+    aged = first.manifest.model_copy(
+        update={"finished_at": first.manifest.finished_at - EVIDENCE_FRESH_FOR - timedelta(1)}
+    )
+    write_sentinel(first.directory, aged)
+
+    proof = verify_revision(
+        profile, synthetic_repo.v1, weights_root=root, deepgemm_root=None,
+        compile_required=False, endpoint=mirror.url,
+    )  # fmt: skip
+
+    assert proof.passed and proof.weights.bytes_trusted == 0
+    assert proof.weights.bytes_hashed == first.manifest.bytes_total
+    assert read_sentinel(first.directory, synthetic_repo.repo_id, synthetic_repo.v1) == aged
+    assert (first.directory / SENTINEL_NAME).exists()
+
+
+def test_the_hash_starts_over_when_the_download_does() -> None:
+    data = os.urandom(4096)
+    entry = FileEntry(
+        path="shard.safetensors", size=len(data), lfs=True, sha256=hashlib.sha256(data).hexdigest()
+    )
+    writer = HashingWriter(io.BytesIO(), entry)
+    writer.write(data[:1000])
+    # What http_get does when a server ignores Range on a resume: back to the start.
+    writer.seek(max(writer.tell() - 1000, 0))
+    writer.truncate()
+    writer.write(data)
+    assert writer.matches()
+
+    writer.seek(10)  # anywhere else: no digest can be trusted, the file will be read
+    assert not writer.matches()
