@@ -307,13 +307,13 @@ def test_throttle_slows_each_connection(
         body = httpx.get(url).content
         return time.monotonic() - began, body
 
-    fast_s, fast_body = timed_get()
+    _, fast_body = timed_get()
     mirror.set_faults(throttle_bytes_per_s=rate)
     slow_s, slow_body = timed_get()
 
     assert slow_body == fast_body
+    # Only a floor: a busy machine slows the unthrottled fetch too, so no ratio holds.
     assert slow_s >= 0.9 * SYNTHETIC_SHARDS[2] / rate
-    assert slow_s > 4 * fast_s
 
 
 def test_cut_breaks_the_transfer(mirror: MirrorServer, synthetic_repo: SyntheticRepo) -> None:
