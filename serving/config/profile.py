@@ -42,6 +42,7 @@ MANAGED_FLAGS = {
     "api-key": "secrets.api_key",
     "config": "the supervisor (secrets only)",
     "revision": "hub.revision (weights are pinned on the volume)",
+    "load-format": "dummy_weights (the weights on the volume otherwise)",
 }
 
 
@@ -165,7 +166,8 @@ class Probe(_Strict):
     tools: list[dict[str, Any]] | None = None
     # repeat the prompt until it is about this many characters (the long-context probe)
     pad_to_chars: int | None = Field(None, ge=1)
-    expect: Literal["content", "reasoning", "content_or_reasoning", "tool_call"]
+    # answer: any well-formed completion, whatever it says (what random weights can pass)
+    expect: Literal["content", "reasoning", "content_or_reasoning", "tool_call", "answer"]
     contains: str | None = Field(None, description="case-insensitive substring of the answer")
     tool_name: str | None = Field(None, description="for expect=tool_call: the function called")
 
@@ -255,6 +257,9 @@ class Profile(_Strict):
     volumes: Volumes
     secrets: Secrets = Field(default_factory=Secrets)
     scaling: Scaling = Field(default_factory=Scaling)
+    # For iterating on serving flags: random weights of the revision's architecture, so no
+    # download (config and tokenizer only). Such a release is probed but never promoted.
+    dummy_weights: bool = Field(False, description="serve random weights (--load-format dummy)")
 
     @model_validator(mode="after")
     def _consistent(self) -> Profile:
@@ -264,7 +269,19 @@ class Profile(_Strict):
             raise ValueError("deepgemm needs volumes.deepgemm")
         if self.engine.kind == "sglang" and self.resources.gpu is None:
             raise ValueError("the sglang engine needs a GPU")
+        if self.dummy_weights:
+            self.probes = _answer_only(self.probes)
         return self
+
+    def with_dummy_weights(self) -> Profile:
+        """This profile serving random weights: its probes check only that the engine
+        answers, since what random weights say means nothing."""
+        return self.model_copy(update={"dummy_weights": True, "probes": _answer_only(self.probes)})
+
+
+def _answer_only(probes: list[Probe]) -> list[Probe]:
+    return [probe.model_copy(update={"expect": "answer", "contains": None, "tool_name": None})
+            for probe in probes]  # fmt: skip
 
 
 def is_commit_sha(revision: str) -> bool:
