@@ -11,7 +11,14 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MINUTES = 60
 
@@ -252,14 +259,15 @@ class Profile(_Strict):
     resources: Resources
     deepgemm: bool = Field(False, description="precompile DeepGEMM kernels before serving")
     startup_budget_seconds: float = Field(gt=0)
+    # For iterating on serving flags: random weights of the revision's architecture, so no
+    # download (config and tokenizer only). Such a release is probed but never promoted.
+    # Declared before the probes, whose validator reads it.
+    dummy_weights: bool = Field(False, description="serve random weights (--load-format dummy)")
     probes: list[Probe] = Field(min_length=1)
     canary: Canary
     volumes: Volumes
     secrets: Secrets = Field(default_factory=Secrets)
     scaling: Scaling = Field(default_factory=Scaling)
-    # For iterating on serving flags: random weights of the revision's architecture, so no
-    # download (config and tokenizer only). Such a release is probed but never promoted.
-    dummy_weights: bool = Field(False, description="serve random weights (--load-format dummy)")
 
     @model_validator(mode="after")
     def _consistent(self) -> Profile:
@@ -269,9 +277,12 @@ class Profile(_Strict):
             raise ValueError("deepgemm needs volumes.deepgemm")
         if self.engine.kind == "sglang" and self.resources.gpu is None:
             raise ValueError("the sglang engine needs a GPU")
-        if self.dummy_weights:
-            self.probes = _answer_only(self.probes)
         return self
+
+    @field_validator("probes")
+    @classmethod
+    def _dummy_probes(cls, probes: list[Probe], info: ValidationInfo) -> list[Probe]:
+        return _answer_only(probes) if info.data.get("dummy_weights") else probes
 
     def with_dummy_weights(self) -> Profile:
         """This profile serving random weights: its probes check only that the engine
