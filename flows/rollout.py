@@ -5,6 +5,10 @@ or roll it back.
     → prep (download ‖ compile → verify, a subflow)
     → deploy canary at 0% (readiness + warmup probes) → canary steps → promote | roll back
 
+With dummy weights (the flag or the profile's `dummy_weights`), to iterate on serving flags:
+    reconcile → resolve → config and tokenizer only → deploy at 0% (readiness + probes)
+    → retired, recorded as `dummy`: never weighted, never stable
+
 Decisions (a failed gate, an inconclusive window, trouble measuring) roll back by themselves;
 an unexpected failure after the canary is deployed is undone by the transaction's rollback hook,
 and no task inside the transaction is retried by Prefect (the retry would find the canary
@@ -34,7 +38,9 @@ from tasks.release import (
 )
 from tasks.report import RolloutReport, publish
 from tasks.stopwatch import Stopwatch
-from tasks.weights import resolve
+from tasks.weights import fetch_serving_config, resolve
+
+DUMMY_REASON = "dummy weights: served and probed at 0%, never promoted"
 
 
 def _settle(flow: object, run: FlowRun, state: State) -> None:
@@ -53,16 +59,25 @@ def _settle(flow: object, run: FlowRun, state: State) -> None:
     on_failure=[_settle],
 )
 def rollout(
-    model: str, revision: str | None = None, target: Target = "local", approve: bool = False
+    model: str,
+    revision: str | None = None,
+    target: Target = "local",
+    approve: bool = False,
+    dummy_weights: bool = False,
 ) -> RolloutReport:
     profile = load_profile(model)
-    report = RolloutReport(model=model)
+    dummy = dummy_weights or profile.dummy_weights
+    if dummy and target != "local":
+        raise ValueError("dummy weights run on the local target only")
+    report = RolloutReport(model=model, dummy_weights=dummy)
     watch = Stopwatch()
 
     record = reconcile(model, target)
     sha = resolve(model, revision or profile.hub.revision, target)
     report.revision = sha
     report.stage("resolve", watch.lap())
+    if dummy:
+        return _serve_dummy(report, sha, target, watch)
     if record.stable is not None and record.stable.revision == sha:
         record_outcome(model, target, sha, "no-op", f"{sha[:8]} is already stable")
         return _finish(report, "no-op", f"{sha[:8]} is already stable")
@@ -88,6 +103,21 @@ def rollout(
             rollback(model, target, decision.reason)
         report.stage(decision.kind, watch.lap())
     return _finish(report, outcome, reason)
+
+
+def _serve_dummy(report: RolloutReport, sha: str, target: Target,
+                 watch: Stopwatch) -> RolloutReport:  # fmt: skip
+    """Random weights of the revision, served and probed at 0% beside whatever is stable, then
+    retired: the release store never takes them as stable."""
+    model = report.model
+    fetch_serving_config(model, sha, target)
+    report.stage("fetch config", watch.lap(), "config and tokenizer only, no download")
+    with transaction():
+        canary = deploy_canary(model, sha, target, owner=str(flow_run.id), dummy_weights=True)
+        report.stage("deploy", watch.lap(), f"{canary.id}: ready, probes answered")
+        rollback(model, target, DUMMY_REASON)
+        report.stage("retire", watch.lap(), canary.id)
+    return _finish(report, "dummy", DUMMY_REASON)
 
 
 def _finish(report: RolloutReport, decision: str, reason: str) -> RolloutReport:

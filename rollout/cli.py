@@ -1,8 +1,9 @@
 """`rollout` — the command line.
 
-    rollout plan MODEL [--revision REV] [--json]
+    rollout plan MODEL [--revision REV] [--dummy-weights] [--json]
     rollout prep MODEL [--revision REV] [--target local|modal] [--json]
     rollout run MODEL [--revision REV] [--target local|modal] [--approve] [--keep-serving] [--json]
+                      [--dummy-weights]
     rollout status MODEL [--target local|modal] [--json]
     rollout abort MODEL [--target local|modal]
 
@@ -35,6 +36,7 @@ ABORT_REASON = "aborted (rollout abort)"
 CONSOLE_LEVEL = {"PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING"}
 # How Prefect's last line for each task and flow run begins.
 PREFECT_RUN_END = "Finished in state "
+DUMMY_HELP = "serve random weights (--load-format dummy): no download, never promoted"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("model")
     plan.add_argument("--revision", help="40-hex commit, branch or tag (default: the profile's)")
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    plan.add_argument("--dummy-weights", action="store_true", help=DUMMY_HELP)
     prep = commands.add_parser("prep", help="resolve, download, compile and verify a revision")
     prep.add_argument("model")
     prep.add_argument("--revision", help="40-hex commit, branch or tag (default: the profile's)")
@@ -69,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-serving", action="store_true", help="local target: leave the releases running"
     )
     run.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    run.add_argument("--dummy-weights", action="store_true", help=DUMMY_HELP)
     status = commands.add_parser("status", help="stable, canary, router and history of a model")
     status.add_argument("model")
     status.add_argument("--target", choices=["local", "modal"], default="local")
@@ -81,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan_command(args: argparse.Namespace) -> None:
     try:
-        plan = build_plan(load_profile(args.model), args.revision)
+        profile = load_profile(args.model)
+        plan = build_plan(profile.with_dummy_weights() if args.dummy_weights else profile,
+                          args.revision)  # fmt: skip
     except (ProfileError, ValueError) as exc:
         fail(str(exc))
     print(plan.model_dump_json(indent=2) if args.json else render_text(plan))
@@ -147,6 +153,8 @@ def prep_command(args: argparse.Namespace) -> None:
 
 def run_command(args: argparse.Namespace) -> None:
     profile = _checked(args)
+    if (args.dummy_weights or profile.dummy_weights) and args.target != "local":
+        fail("dummy weights run on the local target only")
     if args.keep_serving:
         os.environ["ROLLOUT_KEEP_SERVING"] = "1"
     _orchestrated()
@@ -154,7 +162,8 @@ def run_command(args: argparse.Namespace) -> None:
 
     _console_told_by_cli()
     try:
-        report = rollout(profile.name, args.revision, args.target, args.approve)
+        report = rollout(profile.name, args.revision, args.target, args.approve,
+                         args.dummy_weights)  # fmt: skip
     except Exception as exc:
         print(f"rollout: run failed: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(EXIT_FAILED) from None

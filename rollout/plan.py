@@ -44,6 +44,8 @@ class Plan(BaseModel):
     hub_repo: str
     revision: RevisionPlan
     engine: str
+    # random weights (`--load-format dummy`): config and tokenizer only, never promoted
+    dummy_weights: bool
     image: str | None
     gpu: str | None
     tp: int
@@ -92,6 +94,7 @@ def build_plan(profile: Profile, revision: str | None = None) -> Plan:
             else f"branch/tag {requested!r} is resolved to a commit before anything else",
         ),
         engine=f"{profile.engine.kind} {profile.engine.version}",
+        dummy_weights=profile.dummy_weights,
         image=profile.engine.image,
         gpu=profile.resources.modal_gpu,
         tp=profile.resources.tp,
@@ -139,6 +142,8 @@ def render_text(plan: Plan) -> str:
         f"model     {plan.model}  ({plan.hub_repo})",
         f"revision  {plan.revision.requested} [{plan.revision.policy}] — {plan.revision.note}",
         f"engine    {plan.engine}  image={plan.image or '-'}",
+        *(["weights   DUMMY: random, config and tokenizer only (no download); probed at 0%,"
+           " never promoted"] if plan.dummy_weights else []),
         f"gpu       {plan.gpu or 'cpu'}  tp={plan.tp} ep={plan.ep}",
         f"apps      {', '.join(plan.apps) or '- (local target)'}",
         "volumes   " + ", ".join(f"{mount} ← {name}" for mount, name in plan.volumes.items()),

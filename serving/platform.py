@@ -34,6 +34,11 @@ class Platform(Protocol):
         self, profile: Profile, revision: str, progress: ProgressCallback | None = None
     ) -> DownloadResult: ...
 
+    def fetch_serving_config(self, profile: Profile, revision: str) -> str:
+        """Dummy weights: the revision's config and tokenizer alone (no weights) where
+        `deploy` of `profile.with_dummy_weights()` finds them; their path."""
+        ...
+
     def has_weights(self, profile: Profile, revision: str) -> bool:
         """The revision's download sentinel is on the weights volume: what a cached download
         stage promised is still there (weights may be deleted by hand or by a cleanup)."""

@@ -98,7 +98,7 @@ def revert_and_retire(
     entry = lifecycle.revert(profile, platform, reason, flow_run_id, owner=owner)
     if entry is None:
         return
-    _log().warning("%s: rolled back: %s", model, reason)
+    _log().warning("%s: %s: %s", model, entry.outcome, reason)
     _announce(model, entry)
     lifecycle.retire_released(profile, platform)
 
@@ -122,9 +122,12 @@ def reconcile(model: str, target: Target) -> ReleaseRecord:
 
 
 @task(name="deploy-canary", cache_policy=NO_CACHE)
-def deploy_canary(model: str, revision: str, target: Target, owner: str) -> Release:
+def deploy_canary(model: str, revision: str, target: Target, owner: str,
+                  dummy_weights: bool = False) -> Release:  # fmt: skip
     """Start the new release at 0% (readiness and warmup probes inside deploy)."""
     profile, platform = _context(model, target)
+    if dummy_weights:
+        profile = profile.with_dummy_weights()
     release = platform.deploy(profile, revision)
     lifecycle.start_canary(platform, release, owner)
     get_transaction().set("model", model)  # type: ignore[union-attr]

@@ -12,7 +12,7 @@ from serving.domain.analysis import Window
 from serving.router.comparison import ShadowStats
 from tasks.canary import StepRecord
 
-Decision = Literal["promoted", "rolled-back", "no-op", "failed"]
+Decision = Literal["promoted", "rolled-back", "no-op", "failed", "dummy"]
 
 
 class Stage(BaseModel):
@@ -27,6 +27,7 @@ class RolloutReport(BaseModel):
     decision: Decision | None = None
     reason: str = ""
     bytes_downloaded: int = 0
+    dummy_weights: bool = False  # served random weights: never promoted
     stages: list[Stage] = Field(default_factory=list)
     steps: list[StepRecord] = Field(default_factory=list)
 
@@ -35,7 +36,8 @@ class RolloutReport(BaseModel):
 
     def markdown(self) -> str:
         lines = [
-            f"# Rollout of {self.model} @ {(self.revision or '?')[:12]}",
+            f"# Rollout of {self.model} @ {(self.revision or '?')[:12]}"
+            + (" (dummy weights)" if self.dummy_weights else ""),
             f"**Decision: {self.decision}** — {self.reason}",
             "",
             "| stage | seconds | detail |",

@@ -63,6 +63,15 @@ def resolve(model: str, revision: str, target: Target) -> str:
     return sha
 
 
+@task(name="fetch-serving-config", retries=1, retry_delay_seconds=5,
+      retry_condition_fn=retry_unless_final)  # fmt: skip
+def fetch_serving_config(model: str, revision: str, target: Target) -> str:
+    """Dummy weights: the revision's config and tokenizer instead of the download."""
+    directory = get_platform(target).fetch_serving_config(load_profile(model), revision)
+    get_run_logger().info("%s@%s: dummy weights, config and tokenizer only", model, revision[:8])
+    return directory
+
+
 @task(name="download", retries=2, retry_delay_seconds=[30, 120], **PROVEN_STAGE)
 def download(model: str, revision: str, target: Target) -> DownloadResult:
     profile = load_profile(model)

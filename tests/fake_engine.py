@@ -90,7 +90,9 @@ class FakeEngine:
                                 status_code=cfg.error_status)
         chat = request.url.path.endswith("/chat/completions")
         model = body.get("model", "fake")
-        headers = {"x-fake-engine": self.name}
+        # which headers reached the engine, so a test sees what the router forwards
+        headers = {"x-fake-engine": self.name,
+                   "x-fake-request-headers": ",".join(sorted(request.headers.keys()))}
         if body.get("stream"):
             return StreamingResponse(self._stream(cfg.answer, model, chat),
                                      media_type="text/event-stream", headers=headers)

@@ -2,6 +2,8 @@
 
 Weights:  <weights root>/<org>/<name>/<40-hex revision>/   one directory per revision, so files
           deleted upstream never linger and an old revision stays servable during a canary.
+          <weights root>/.dummy/<org>/<name>/<40-hex revision>/  config and tokenizer only,
+          for dummy weights: never taken for a download.
 DeepGEMM: <deepgemm root>/<architecture>/                  an H200 cache never serves a B200.
           <deepgemm root>/<architecture>/models/<org>/<name>/<sha>/  config only, for compiling
 """
@@ -19,6 +21,7 @@ DEEPGEMM_MOUNT = PurePosixPath("/deepgemm")
 
 # Written last, after verification: its presence means "this revision is complete and proven".
 SENTINEL_NAME = ".rollout-manifest.json"
+DUMMY_DIR = ".dummy"
 
 # A local Path or a container PurePosixPath: the layout is the same.
 P = TypeVar("P", bound=PurePath)
@@ -28,6 +31,10 @@ def weights_dir(root: P, profile: Profile, revision: str) -> P:
     if not is_commit_sha(revision):
         raise ValueError(f"weights are stored per resolved commit, not per ref ({revision!r})")
     return root / profile.hub.repo / revision
+
+
+def dummy_weights_dir(root: P, profile: Profile, revision: str) -> P:
+    return weights_dir(root / DUMMY_DIR, profile, revision)
 
 
 def deepgemm_dir(root: P, profile: Profile) -> P:

@@ -11,7 +11,14 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MINUTES = 60
 
@@ -42,6 +49,7 @@ MANAGED_FLAGS = {
     "api-key": "secrets.api_key",
     "config": "the supervisor (secrets only)",
     "revision": "hub.revision (weights are pinned on the volume)",
+    "load-format": "dummy_weights (the weights on the volume otherwise)",
 }
 
 
@@ -165,7 +173,8 @@ class Probe(_Strict):
     tools: list[dict[str, Any]] | None = None
     # repeat the prompt until it is about this many characters (the long-context probe)
     pad_to_chars: int | None = Field(None, ge=1)
-    expect: Literal["content", "reasoning", "content_or_reasoning", "tool_call"]
+    # answer: any well-formed completion, whatever it says (what random weights can pass)
+    expect: Literal["content", "reasoning", "content_or_reasoning", "tool_call", "answer"]
     contains: str | None = Field(None, description="case-insensitive substring of the answer")
     tool_name: str | None = Field(None, description="for expect=tool_call: the function called")
 
@@ -307,6 +316,10 @@ class Profile(_Strict):
     resources: Resources
     deepgemm: bool = Field(False, description="precompile DeepGEMM kernels before serving")
     startup_budget_seconds: float = Field(gt=0)
+    # For iterating on serving flags: random weights of the revision's architecture, so no
+    # download (config and tokenizer only). Such a release is probed but never promoted.
+    # Declared before the probes, whose validator reads it.
+    dummy_weights: bool = Field(False, description="serve random weights (--load-format dummy)")
     probes: list[Probe] = Field(min_length=1)
     canary: Canary
     volumes: Volumes
@@ -322,6 +335,21 @@ class Profile(_Strict):
         if self.engine.kind == "sglang" and self.resources.gpu is None:
             raise ValueError("the sglang engine needs a GPU")
         return self
+
+    @field_validator("probes")
+    @classmethod
+    def _dummy_probes(cls, probes: list[Probe], info: ValidationInfo) -> list[Probe]:
+        return _answer_only(probes) if info.data.get("dummy_weights") else probes
+
+    def with_dummy_weights(self) -> Profile:
+        """This profile serving random weights: its probes check only that the engine
+        answers, since what random weights say means nothing."""
+        return self.model_copy(update={"dummy_weights": True, "probes": _answer_only(self.probes)})
+
+
+def _answer_only(probes: list[Probe]) -> list[Probe]:
+    return [probe.model_copy(update={"expect": "answer", "contains": None, "tool_name": None})
+            for probe in probes]  # fmt: skip
 
 
 def is_commit_sha(revision: str) -> bool:

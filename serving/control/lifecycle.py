@@ -4,6 +4,7 @@ for the routes and the running releases.
     start_canary     a release deployed at 0% becomes the record's canary
     promote          the canary becomes stable and takes all the traffic; the old stable retires
     revert           all the traffic back to stable; the canary retires; the reason recorded
+                     (a dummy-weights canary ends this way, recorded as `dummy`)
     retire_released  drain and stop what a promotion or a revert took out of routing
     record_outcome   a rollout that deployed nothing still leaves a line in the history
     reconcile        what a killed orchestrator left: its canary reverted, its retirements
@@ -82,7 +83,10 @@ def revert(
         if canary is None or (owner is not None and record.canary_owner != owner):
             return None
         change = {"canary": None, "canary_owner": None, "retiring": [*record.retiring, canary]}
-        entry = _entry(canary.revision, "rolled-back", reason, flow_run_id)
+        # A dummy-weights release always ends so, served and probed, and is no failure of
+        # its revision.
+        outcome: Outcome = "dummy" if canary.dummy_weights else "rolled-back"
+        entry = _entry(canary.revision, outcome, reason, flow_run_id)
         return record.model_copy(update=change).with_history(entry)
 
     after = _transition(platform, profile.name, decide)

@@ -10,6 +10,10 @@ entry would expire after a week idle).
 Every write is a read-modify-write under the store's lock (`ReleaseStore.update`): two writers
 (a promotion and an abort) each decide on the record as the other left it, never on a copy
 read before the other wrote.
+
+A release on dummy (random) weights is never stable: a store refuses to write such a record
+(`checked`), and one read that names it as stable reads as having no stable, so a real
+rollout never compares against it (it is a first release).
 """
 
 from __future__ import annotations
@@ -18,14 +22,16 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Literal, Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from serving.domain.release import Release
 
 # Enough history to see a model's recent rollouts; older entries are dropped.
 HISTORY_LIMIT = 50
 
-Outcome = Literal["promoted", "rolled-back", "no-op", "failed"]
+# dummy: a dummy-weights release was served and probed, then retired (never a failure: a
+# refresh does not skip its revision)
+Outcome = Literal["promoted", "rolled-back", "no-op", "failed", "dummy"]
 
 
 class HistoryEntry(BaseModel):
@@ -46,6 +52,11 @@ class ReleaseRecord(BaseModel):
     # that a crash between the decision and the retirement leaves nothing running unaccounted.
     retiring: list[Release] = Field(default_factory=list)
     history: list[HistoryEntry] = Field(default_factory=list)
+
+    @field_validator("stable")
+    @classmethod
+    def _never_a_dummy_stable(cls, stable: Release | None) -> Release | None:
+        return None if stable is not None and stable.dummy_weights else stable
 
     def with_history(self, entry: HistoryEntry) -> ReleaseRecord:
         history = [*self.history, entry][-HISTORY_LIMIT:]
@@ -68,6 +79,19 @@ class ReleaseStore(Protocol):
         from the read to the write; returns the record as stored. An `fn` that returns the
         record unchanged writes nothing."""
         ...
+
+
+class RecordRefused(ValueError):
+    """A release store will not write this record."""
+
+
+def checked(model: str, record: ReleaseRecord) -> ReleaseRecord:
+    """The record a store's update may write for `model`, or RecordRefused."""
+    if record.model != model:
+        raise RecordRefused(f"the record of {model} cannot become {record.model}'s")
+    if record.stable is not None and record.stable.dummy_weights:
+        raise RecordRefused(f"{record.stable.id} serves dummy weights: it never becomes stable")
+    return record
 
 
 def now() -> datetime:

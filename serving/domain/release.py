@@ -22,6 +22,8 @@ class Release(BaseModel):
     id: str
     url: str
     deployed_at: datetime
+    # Serves random weights (profile.dummy_weights): probed, never stable.
+    dummy_weights: bool = False
 
 
 class VerifyResult(BaseModel):
@@ -40,7 +42,10 @@ class VerifyResult(BaseModel):
 
 # A release is named by its model and the first hex digits of its commit.
 RELEASE_ID_HEX = 8
+DUMMY_SUFFIX = "-dummy"
 
 
 def release_id(profile: Profile, revision: str) -> str:
-    return f"{profile.name}-{revision[:RELEASE_ID_HEX]}"
+    """Dummy weights are another release of the revision, and never mistaken for it."""
+    suffix = DUMMY_SUFFIX if profile.dummy_weights else ""
+    return f"{profile.name}-{revision[:RELEASE_ID_HEX]}{suffix}"

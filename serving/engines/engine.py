@@ -1,7 +1,8 @@
 """The engine process for a release, whichever engine the profile names.
 
 - sglang: `sglang serve` (serving/engines/sglang.py), on GPUs in a Modal container.
-- transformers: `transformers serve`, on the CPU, for the local target and its demo model.
+- transformers: `transformers serve`, on the CPU, for the local target and its demo model;
+  with dummy weights, on random weights built from the config (serving/engines/random_weights).
 
 The supervisor (serving/supervisor/) runs the Command this module builds; it does not care which
 engine it is, except for what goes in a request's `model` field (`request_model`).
@@ -22,6 +23,7 @@ from serving.engines.sglang import Command, serve_command
 # The CLI module behind the `transformers` console script. Run through this interpreter, so the
 # engine is the transformers installed next to the supervisor, whatever PATH says.
 TRANSFORMERS_CLI_MODULE = "transformers.cli.transformers"
+RANDOM_WEIGHTS_MODULE = "serving.engines.random_weights"
 SECRETS_CONFIG_NAME = "engine-secrets.yaml"
 PRIVATE_FILE_MODE = 0o600
 
@@ -53,8 +55,10 @@ def transformers_command(
 ) -> Command:
     """`transformers serve` pinned to the release's weights. It has no API key option: it only
     ever listens on the local machine."""
+    # Dummy weights: the random weights are built first, in the engine's own process.
+    runner = [RANDOM_WEIGHTS_MODULE, str(weights_path), "--"] if profile.dummy_weights else []
     argv = [
-        sys.executable, "-m", TRANSFORMERS_CLI_MODULE, "serve", str(weights_path),
+        sys.executable, "-m", *runner, TRANSFORMERS_CLI_MODULE, "serve", str(weights_path),
         "--device", "cpu",
         "--host", host,
         "--port", str(port),

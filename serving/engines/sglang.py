@@ -28,7 +28,8 @@ COMPILE_ENTRYPOINT = ["python3", "-m", "sglang.compile_deep_gemm"]
 COMPILE_SUCCESS_LINE = "DeepGEMM Kernels compilation finished successfully."
 # The compile server needs the model's shapes, not its weights or tokenizer (its one request
 # is token ids): it can start as soon as config.json is on the volume.
-COMPILE_ONLY_FLAGS = ["--load-format", "dummy", "--skip-tokenizer-init"]
+DUMMY_WEIGHTS_FLAGS = ["--load-format", "dummy"]
+COMPILE_ONLY_FLAGS = [*DUMMY_WEIGHTS_FLAGS, "--skip-tokenizer-init"]
 
 # Flags that change which GEMM kernels are built (shapes, dtypes, backends, parallel layout).
 # Part of the DeepGEMM cache key; flags outside this set (parsers, metrics, timeouts) are
@@ -102,6 +103,7 @@ def serve_command(
         "--host", host,
         "--port", str(port),
         *_flag_args(profile.engine.flags),
+        *(DUMMY_WEIGHTS_FLAGS if profile.dummy_weights else []),
     ]  # fmt: skip
     if secrets_config is not None:
         argv += ["--config", str(secrets_config)]

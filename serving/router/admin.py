@@ -5,7 +5,8 @@
     PUT    /admin/routes/<model>    an operator's backends for one model
     DELETE /admin/routes/<model>    stop routing a model
     GET    /admin/stats             per-backend measurements (?since ?until ?window ?model),
-                                    and each shadow canary's comparisons (`shadow`)
+                                    and each shadow canary's comparisons (`shadow`);
+                                    ?traffic=pinned: the header-pinned requests instead
     GET    /admin/health            every backend's /health
     POST   /admin/ask/<backend>     one chat completion from one named backend (golden prompts)
 """
@@ -68,10 +69,11 @@ class AdminApi:
     """Raw ASGI handler of every /admin path."""
 
     def __init__(self, router: Routing, measurements: Measurements, shadow: Shadower,
-                 auth: bytes | None, retention_s: float) -> None:
+                 auth: bytes | None, retention_s: float, pinned: Measurements) -> None:
         self._router = router
         self._measurements = measurements
         self._shadow = shadow
+        self._pinned = pinned
         self._auth = auth
         self._retention_s = retention_s
 
@@ -156,16 +158,22 @@ class AdminApi:
         except ValueError:
             await send_error(send, 422, "since/window/until must be numbers", "invalid_request")
             return
+        traffic = query.get("traffic", ["weighted"])[0]
+        if traffic not in ("weighted", "pinned"):
+            await send_error(send, 422, "traffic must be weighted or pinned", "invalid_request")
+            return
+        measurements = self._pinned if traffic == "pinned" else self._measurements
         models = query.get("model") or sorted(
-            set(self._router.routes) | set(self._measurements.models()))
-        out = {m: self._model_stats(m, since, until) for m in models}
+            set(self._router.routes) | set(measurements.models()))
+        out = {m: self._model_stats(measurements, m, since, until) for m in models}
         if "model" in query:
             await send_json(send, 200, out[models[0]])
         else:
             await send_json(send, 200, {"since": since, "until": until, "models": out})
 
-    def _model_stats(self, model: str, since: float, until: float) -> dict[str, Any]:
-        stats = self._measurements.stats(model, since, until).model_dump()
+    def _model_stats(self, measurements: Measurements, model: str, since: float,
+                     until: float) -> dict[str, Any]:
+        stats = measurements.stats(model, since, until).model_dump()
         weights = {b.name: b.weight for b in self._router.table.models.get(model, [])}
         for name, backend in stats["backends"].items():
             backend["weight"] = weights.get(name)  # None: no longer in the table

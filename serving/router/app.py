@@ -42,6 +42,7 @@ from serving.router.asgi import (
 from serving.router.balancing import ModelRoute, Target, build_routes, resolve_model
 from serving.router.config import RouterConfig
 from serving.router.measurements import Measurements
+from serving.router.pinning import Pinning, Refusal
 from serving.router.proxy import Forwarder, open_client
 from serving.router.shadow import Shadower
 from serving.router.table import Backend, RoutingTable, _check_unique
@@ -65,14 +66,14 @@ class RouterApp:
         self._table_source = "empty"
         self._last_polled: RoutingTable | None = None
         self._forwarder: Forwarder | None = None
+        admin_token = config.admin_token.get_secret_value() if config.admin_token else None
+        self._pinning = Pinning(admin_token, config.retention_s)
+        self._pinned_forwarder: Forwarder | None = None
         self._poller: asyncio.Task[None] | None = None
         tokens = [t.get_secret_value() for t in (config.admin_token, config.client_api_key) if t]
         self._shadow = Shadower(self.upstream, tokens, config.retention_s, config.total_timeout_s)
-        self._admin = AdminApi(
-            self, self.measurements, self._shadow,
-            bearer(config.admin_token.get_secret_value()) if config.admin_token else None,
-            config.retention_s,
-        )
+        self._admin = AdminApi(self, self.measurements, self._shadow, bearer(admin_token),
+                               config.retention_s, self._pinning.measurements)  # fmt: skip
         self._client_auth = bearer(config.client_api_key.get_secret_value()) \
             if config.client_api_key else None
 
@@ -147,6 +148,8 @@ class RouterApp:
         if self._forwarder is None:
             self._forwarder = Forwarder(open_client(self.config), self.measurements,
                                         self.config.total_timeout_s, self._alternative)
+            self._pinned_forwarder = Forwarder(self._forwarder.client, self._pinning.measurements,
+                                               self.config.total_timeout_s, Pinning.reroute)
         if self.config.routing_poll is not None and self._poller is None:
             await self._poll_once()
             self._poller = asyncio.create_task(self._poll_forever())
@@ -160,7 +163,7 @@ class RouterApp:
         await self._shadow.aclose()
         if self._forwarder is not None:
             await self._forwarder.client.aclose()
-            self._forwarder = None
+            self._forwarder = self._pinned_forwarder = None
 
     async def upstream(self) -> UpstreamClient:
         """The backends' client, started here when the server ran no lifespan."""
@@ -251,17 +254,24 @@ class RouterApp:
         if model is None:
             await send_error(send, 404, "model not found on this router", "model_not_found")
             return
+        if self._forwarder is None:  # served without lifespan support
+            await self.startup()
+        pinned = Pinning.requested(scope)
+        if pinned is not None:
+            choice = self._pinning.choose(scope, pinned, routes[model])
+            if isinstance(choice, Refusal):
+                await send_error(send, choice.status, choice.message, choice.code)
+                return
+            assert self._pinned_forwarder is not None
+            await self._pinned_forwarder.forward(model, choice, scope, body, receive, send)
+            return
         target = routes[model].pick()
         if target is None:
             await send_unavailable(send, "no backend with weight > 0")
             return
-        forwarder = self._forwarder
-        if forwarder is None:  # served without lifespan support
-            await self.startup()
-            forwarder = self._forwarder
-            assert forwarder is not None
+        assert self._forwarder is not None
         tap = self._shadow.tap(model, scope, target)
-        await forwarder.forward(model, target, scope, body, receive, send, tap)
+        await self._forwarder.forward(model, target, scope, body, receive, send, tap)
         if tap is not None:
             self._shadow.copy(model, body, tap)
 

@@ -23,6 +23,7 @@ from serving.router.asgi import Receive, Scope, Send, send_error, send_now, send
 from serving.router.balancing import Target
 from serving.router.config import RouterConfig
 from serving.router.measurements import ErrorKind, Measurements, Record
+from serving.router.pinning import PINNING_HEADERS
 from serving.router.shadow import Tap
 from serving.router.upstream import (
     PoolLimits,
@@ -47,7 +48,8 @@ _HOP_BY_HOP = frozenset({
     b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length",
 })
 # expect: uvicorn already answered the client's 100-continue; the body is read in full.
-_REQUEST_DROP = _HOP_BY_HOP | {b"authorization", b"expect"}
+# The pinning headers carry the router's admin token: no backend may see it.
+_REQUEST_DROP = _HOP_BY_HOP | PINNING_HEADERS | {b"authorization", b"expect"}
 # content-length is kept on responses: the de-chunked body is relayed byte for byte.
 _RESPONSE_DROP = (_HOP_BY_HOP - {b"content-length"}) | {b"server", b"date"}
 

@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="engine crashes in a row restarted before the release is dead")
     parser.add_argument("--restart-backoff", type=float, default=FIRST_BACKOFF_SECONDS,
                         help="seconds before the first restart; doubles with each crash")
+    parser.add_argument("--dummy-weights", action="store_true",
+                        help="serve random weights of the model (--weights: config, tokenizer)")
     return parser.parse_args(argv)  # fmt: skip
 
 
@@ -177,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     release_id = args.release_id or new_release_id()
     try:
         profile = load_profile(args.model)
+        if args.dummy_weights:
+            profile = profile.with_dummy_weights()
     except ProfileError as exc:
         _emit(ServerEvent(event="failed", model=args.model, release_id=release_id, error=str(exc)))
         return 2

@@ -46,6 +46,12 @@ BACKOFF_MAX_S = 60.0
 # What an engine needs to build a model without its weights: trust_remote_code configs name
 # Python files of the repo.
 MODEL_CONFIG_PATTERNS = ["config.json", "*.py"]
+# What an engine needs to serve random weights of a model: its config, tokenizer and chat
+# template, no weights.
+SERVING_CONFIG_PATTERNS = [
+    *MODEL_CONFIG_PATTERNS, "generation_config.json", "tokenizer*", "special_tokens_map.json",
+    "vocab*", "merges.txt", "chat_template*", "*.tiktoken", "tokenizer.model",
+]  # fmt: skip
 
 
 def hf_token() -> str | None:
@@ -182,8 +188,10 @@ def fetch_model_config(
     *,
     token: str | None = None,
     endpoint: str | None = None,
+    patterns: Sequence[str] = tuple(MODEL_CONFIG_PATTERNS),
 ) -> Path:
-    """The model's config.json (and any remote code it names) alone, into its own directory.
+    """The model's config.json (and any remote code it names) alone, into its own directory
+    (or, given `patterns`, what else they name: SERVING_CONFIG_PATTERNS for dummy weights).
 
     The DeepGEMM compile runs on these with dummy weights, so it can start while the shards
     are still downloading; a separate directory keeps it clear of the download's bookkeeping.
@@ -199,7 +207,7 @@ def fetch_model_config(
             repo,
             revision=revision,
             local_dir=directory,
-            allow_patterns=MODEL_CONFIG_PATTERNS,
+            allow_patterns=list(patterns),
             token=token,
             endpoint=endpoint,
         ),

@@ -43,7 +43,8 @@ from dev.load import ChatLoad
 from dev.mirror import MirrorServer, run_mirror
 from dev.mirror_store import MirrorStore
 from flows.refresh import refresh
-from flows.rollout import rollout
+from flows.rollout import DUMMY_REASON, rollout
+from serving.config.layout import dummy_weights_dir, weights_dir
 from serving.config.loader import DEFAULT_MODELS_DIR, load_profile
 from serving.core.home import REPO_ROOT
 from serving.core.procs import free_port
@@ -173,9 +174,31 @@ def inject_fake_engines(monkeypatch: pytest.MonkeyPatch, model: str,
     monkeypatch.setenv(FAULT_ENGINES_ENV, json.dumps(engines))
 
 
+def dummy_rollout_is_served_and_probed_and_never_stable(home: Path, revision: str) -> None:
+    """`rollout run --dummy-weights`: config and tokenizer only, random weights served and
+    probed, then retired; the record keeps no stable."""
+    profile = load_profile(MODEL)
+    dummy = rollout(MODEL, "v1", dummy_weights=True)
+    assert dummy.decision == "dummy" and dummy.dummy_weights and dummy.bytes_downloaded == 0
+    assert "(dummy weights)" in dummy.markdown()
+    # nothing was downloaded where real weights go
+    volume = home / "volumes" / profile.volumes.weights
+    assert not weights_dir(volume, profile, revision).exists()
+    fetched = dummy_weights_dir(volume, profile, revision)
+    assert (fetched / "config.json").is_file() and (fetched / "tokenizer.json").is_file()
+    # its probes ran against an engine serving the random weights it built from the config
+    log = (home / "logs" / f"{release_id(profile.with_dummy_weights(), revision)}.log")
+    assert "probe 'no-thinking' passed" in log.read_text()
+    record = LocalPlatform.from_env().release_store().read(MODEL)
+    assert (record.stable, record.canary) == (None, None)
+    assert history() == [("dummy", DUMMY_REASON)]
+
+
 def test_first_rollout_then_a_canary_promotes_with_no_failed_request(
     home: Path, revisions: dict[str, str]
 ) -> None:
+    dummy_rollout_is_served_and_probed_and_never_stable(home, revisions["v1"])
+    # the dummy release is no stable: a real rollout of the same revision is a first release
     first = rollout(MODEL, "v1")
     assert first.decision == "promoted" and "first release" in first.reason
     assert first.bytes_downloaded > 0

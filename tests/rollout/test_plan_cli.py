@@ -95,3 +95,19 @@ def test_text_plan_shows_an_absolute_ttft_slo_when_the_profile_sets_one() -> Non
     slo = profile.model_copy(update={"canary": profile.canary.model_copy(update={"gates": gates})})
     assert "p99 ≤ 2.0x," in render_text(build_plan(profile))
     assert "p99 ≤ 2.0x and ≤ 2.5s," in render_text(build_plan(slo))
+
+
+def test_a_dummy_weights_plan_serves_with_load_format_dummy() -> None:
+    plan = json.loads(run("plan", "qwen3-8b", "--dummy-weights", "--json").stdout)
+    assert plan["dummy_weights"] is True
+    argv = plan["serve"]["argv"]
+    assert argv[argv.index("--load-format") + 1] == "dummy"
+    real = build_plan(load_profile("qwen3-8b"))
+    assert not real.dummy_weights and "--load-format" not in real.serve.argv
+    assert "DUMMY" in render_text(build_plan(load_profile("qwen3-8b").with_dummy_weights()))
+
+
+def test_dummy_weights_on_modal_fail_before_anything_starts() -> None:
+    result = run("run", "qwen3-8b", "--dummy-weights", "--target", "modal")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "rollout: error: dummy weights run on the local target only"

@@ -28,7 +28,13 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from serving.config.layout import SENTINEL_NAME, compile_model_dir, deepgemm_dir, weights_dir
+from serving.config.layout import (
+    SENTINEL_NAME,
+    compile_model_dir,
+    deepgemm_dir,
+    dummy_weights_dir,
+    weights_dir,
+)
 from serving.config.loader import models_dir
 from serving.config.profile import Profile, Shadow
 from serving.control.drain import drain
@@ -67,7 +73,12 @@ from serving.platforms.local.stores import FileReleaseStore
 from serving.supervisor.events import ServerEvent
 from serving.verification import verify_revision
 from serving.weights.download import accept_sentinel, download
-from serving.weights.hub import fetch_model_config, hf_token, resolve_revision
+from serving.weights.hub import (
+    SERVING_CONFIG_PATTERNS,
+    fetch_model_config,
+    hf_token,
+    resolve_revision,
+)
 from serving.weights.models import DownloadResult, ProgressCallback
 from serving.weights.progress import log_progress
 
@@ -144,6 +155,17 @@ class LocalPlatform:
             progress=progress or log_progress,
         )
 
+    def fetch_serving_config(self, profile: Profile, revision: str) -> str:
+        directory = fetch_model_config(
+            profile.hub.repo,
+            revision,
+            dummy_weights_dir(self._weights_root(profile), profile, revision),
+            token=hf_token(),
+            endpoint=self.endpoint,
+            patterns=SERVING_CONFIG_PATTERNS,
+        )
+        return str(directory)
+
     def has_weights(self, profile: Profile, revision: str) -> bool:
         sentinel = weights_dir(self._weights_root(profile), profile, revision) / SENTINEL_NAME
         try:
@@ -204,7 +226,8 @@ class LocalPlatform:
         for release in self.running_releases(profile):
             if release.id == rid:
                 return release
-        weights = weights_dir(self._weights_root(profile), profile, revision)
+        place = dummy_weights_dir if profile.dummy_weights else weights_dir
+        weights = place(self._weights_root(profile), profile, revision)
         if not weights.is_dir():
             raise DeployFailed(f"{rid}: no weights at {weights} (download and verify first)")
         router = self._router()
@@ -220,7 +243,7 @@ class LocalPlatform:
             ready = self._await_ready(record, profile)
             release = Release(
                 model=profile.name, revision=revision, id=rid, url=str(ready.url),
-                deployed_at=datetime.now(UTC),
+                deployed_at=datetime.now(UTC), dummy_weights=profile.dummy_weights,
             )  # fmt: skip
             record = record.model_copy(
                 update={
@@ -373,7 +396,7 @@ class LocalPlatform:
             "--weights", weights_arg,
             "--port", str(port),
             # The supervisor labels its log lines <profile>-<id>: the release id.
-            "--release-id", revision[:8],
+            "--release-id", rid.removeprefix(f"{profile.name}-"),
             "--drain-seconds", f"{profile.canary.retire_grace_seconds:g}",
             "--startup-budget", f"{profile.startup_budget_seconds:g}",
             "--restart-limit", str(self.restarts.limit),
@@ -381,6 +404,8 @@ class LocalPlatform:
         ]  # fmt: skip
         if profile.secrets.api_key:
             argv += ["--api-key-env", profile.secrets.api_key]  # a variable name, not the key
+        if profile.dummy_weights:
+            argv.append("--dummy-weights")
         deepgemm_root = self._deepgemm_root(profile)
         if profile.deepgemm and deepgemm_root is not None:
             # the kernels compile() prepared for this GPU (SGLANG_DG_CACHE_DIR)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from serving.core.files import locked, write_atomically
-from serving.domain.records import ReleaseRecord
+from serving.domain.records import ReleaseRecord, checked
 
 
 class FileReleaseStore:
@@ -28,9 +28,7 @@ class FileReleaseStore:
     def update(self, model: str, fn: Callable[[ReleaseRecord], ReleaseRecord]) -> ReleaseRecord:
         with locked(self.directory / f".{model}.lock"):
             current = self.read(model)
-            updated = fn(current)
-            if updated.model != model:
-                raise ValueError(f"the record of {model} cannot become {updated.model}'s")
+            updated = checked(model, fn(current))
             if updated != current:
                 write_atomically(self._path(model), updated.model_dump_json(indent=1))
             return updated

@@ -120,6 +120,11 @@ class ModalPlatform:
     ) -> DownloadResult:
         return self.prep.download(profile, revision, progress)
 
+    def fetch_serving_config(self, profile: Profile, revision: str) -> str:
+        # Not built on Modal yet (the rollout flow refuses dummy weights there before anything
+        # runs); its release App would already serve them: serve_command adds the flag.
+        raise NotImplementedError("dummy weights run on the local target only")
+
     def has_weights(self, profile: Profile, revision: str) -> bool:
         return self.prep.has_weights(profile, revision)
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 
 from pydantic import BaseModel
 
-from serving.domain.records import ReleaseRecord
+from serving.domain.records import ReleaseRecord, checked
 from serving.platforms.modal.resources import KeyValue, WholeFiles
 
 # A record write takes a few API calls (well under a second). A lease older than this belongs
@@ -78,9 +78,7 @@ class VolumeReleaseStore:
     def update(self, model: str, fn: Callable[[ReleaseRecord], ReleaseRecord]) -> ReleaseRecord:
         with self._lease(model):
             current = self.read(model)
-            updated = fn(current)
-            if updated.model != model:
-                raise ValueError(f"the record of {model} cannot become {updated.model}'s")
+            updated = checked(model, fn(current))
             if updated != current:
                 self.files.write(record_path(model), updated.model_dump_json().encode())
             return updated

@@ -141,6 +141,10 @@ BAD_PROFILES = [
     (
         _set("canary", "max_bake_seconds", value=1),
         "canary: max_bake_seconds 1 is shorter than a step's bake",
+
+
+        _set("engine", "flags", "load-format", value="dummy"),
+        "engine.flags: 'load-format' is set by the rollout from dummy_weights",
     ),
     (_set("hub", "revision", value="abc1234"), "hub.revision: revision 'abc1234' looks like"),
     (_set("hub", "colour", value="blue"), "hub.colour: Extra inputs are not permitted"),
@@ -157,6 +161,15 @@ def test_inconsistent_profile_is_one_clear_line(models: Path, change: Any, messa
     assert "\n" not in text
     assert text.startswith(f"{path}: ")
     assert message in text
+
+
+def test_a_dummy_weights_profile_probes_only_for_an_answer(models: Path) -> None:
+    _edit(models, "glm-5.1", _set("dummy_weights", value=True))
+    dummy = load_profile("glm-5.1", models)
+    assert {(p.expect, p.contains, p.tool_name) for p in dummy.probes} == {("answer", None, None)}
+    real = load_profile("glm-5.1")
+    assert not real.dummy_weights and any(p.expect == "tool_call" for p in real.probes)
+    assert real.with_dummy_weights() == dummy
 
 
 def test_invalid_yaml_names_the_line(models: Path) -> None:

@@ -6,13 +6,15 @@ tests/serving/platforms/modal/test_modal_release_store.py.
 
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from serving.domain.records import HistoryEntry, ReleaseRecord, now
+from serving.domain.records import HistoryEntry, RecordRefused, ReleaseRecord, now
+from serving.domain.release import Release
 from serving.platforms.local.stores import FileReleaseStore
 
 MODEL = "m"
@@ -66,3 +68,29 @@ def test_an_unchanged_record_is_not_written(tmp_path: Path) -> None:
 def test_a_record_cannot_change_its_model(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="the record of m cannot become"):
         FileReleaseStore(tmp_path).update(MODEL, lambda _: ReleaseRecord(model="other"))
+
+
+def _release(revision: str, dummy: bool) -> Release:
+    return Release(model=MODEL, revision=revision, id=f"{MODEL}-{revision[:8]}", url="http://x",
+                   deployed_at=now(), dummy_weights=dummy)  # fmt: skip
+
+
+def test_the_store_refuses_a_dummy_weights_release_as_stable(tmp_path: Path) -> None:
+    store = FileReleaseStore(tmp_path)
+    real, dummy = _release("a" * 40, dummy=False), _release("b" * 40, dummy=True)
+    store.update(MODEL, lambda record: record.model_copy(update={"stable": real}))
+    with pytest.raises(RecordRefused, match="dummy weights: it never becomes stable"):
+        store.update(MODEL, lambda record: record.model_copy(update={"stable": dummy}))
+    assert store.read(MODEL).stable == real  # nothing written
+    # ...while it may be the canary: served and probed beside stable
+    store.update(MODEL, lambda record: record.model_copy(update={"canary": dummy}))
+    assert store.read(MODEL).canary == dummy
+
+
+def test_a_record_naming_a_dummy_stable_reads_as_having_none(tmp_path: Path) -> None:
+    # written by hand, or by a version that did not refuse it
+    dummy = _release("b" * 40, dummy=True)
+    raw = ReleaseRecord(model=MODEL).model_dump(mode="json") | {
+        "stable": dummy.model_dump(mode="json")}
+    (tmp_path / f"{MODEL}.json").write_text(json.dumps(raw))
+    assert FileReleaseStore(tmp_path).read(MODEL).stable is None

@@ -68,6 +68,13 @@ def test_serve_argv_parses(parser: argparse.ArgumentParser, name: str) -> None:
         assert parsed == value or str(parsed) == str(value), flag
 
 
+def test_dummy_weights_reach_sglang_as_load_format_dummy(parser: argparse.ArgumentParser) -> None:
+    profile = load_profile("qwen3-8b")
+    for served, load_format in ((profile, "auto"), (profile.with_dummy_weights(), "dummy")):
+        argv = serve_command(served, weights_path=WEIGHTS, deepgemm_path=None, port=8000).argv
+        assert parse(parser, argv[len(SERVE_ENTRYPOINT) :]).load_format == load_format
+
+
 def test_glm51_dsa_backends_reach_sglang(parser: argparse.ArgumentParser) -> None:
     argv = serve_command(
         load_profile("glm-5.1"), weights_path=WEIGHTS, deepgemm_path=DEEPGEMM, port=8000
