@@ -141,8 +141,8 @@ BAD_PROFILES = [
     (
         _set("canary", "max_bake_seconds", value=1),
         "canary: max_bake_seconds 1 is shorter than a step's bake",
-
-
+    ),
+    (
         _set("engine", "flags", "load-format", value="dummy"),
         "engine.flags: 'load-format' is set by the rollout from dummy_weights",
     ),
