@@ -164,7 +164,7 @@ def trial(world: World, load: ChatLoad, index: int, kind: FaultKind, moment: flo
 
     history_at_recovery = len(store.read(world.profile.name).history)
     recovery = run_to_end(world, revision, logs / "recovery")
-    reap_orphans(own=())
+    reap_orphans()
     verdict = check(world, history_before, history_at_recovery)
     kill_leftovers(verdict.leftovers)
     results = load.since(window, time.time())
@@ -173,13 +173,14 @@ def trial(world: World, load: ChatLoad, index: int, kind: FaultKind, moment: flo
     return Row(index, kind, shot, interrupted, recovery, checks, len(results), causes)
 
 
-def schedule(trials: int, seed: int, rollout_seconds: float) -> list[tuple[FaultKind, float]]:
-    """Faults drawn without replacement (every kind once per seven trials), each at a uniformly
-    random moment of a whole rollout."""
+def schedule(trials: int, seed: int, rollout_seconds: float,
+             faults: tuple[FaultKind, ...]) -> list[tuple[FaultKind, float]]:  # fmt: skip
+    """Faults drawn without replacement (every kind once per len(faults) trials), each at a
+    uniformly random moment of a whole rollout."""
     rng = random.Random(seed)
     kinds: list[FaultKind] = []
     while len(kinds) < trials:
-        kinds += rng.sample(FAULT_KINDS, len(FAULT_KINDS))
+        kinds += rng.sample(faults, len(faults))
     return [(kind, rng.uniform(0, rollout_seconds)) for kind in kinds[:trials]]
 
 
@@ -224,15 +225,17 @@ def summary(rows: list[Row]) -> str:
 # -- main --------------------------------------------------------------------------------------
 
 
-def setup(world: World) -> float:
-    """v1 as the first release, then v2 as a canary with no fault: how long a rollout's flow
-    takes, from its first stage to its last."""
+def setup(world: World, flow_seconds: float | None) -> float:
+    """v1 as the first release, then (unless `flow_seconds` is given) v2 as a canary with no
+    fault: how long a rollout's flow takes, from its first stage to its last."""
     v1, v2 = world.revisions
     logs = world.home / "chaos" / "setup"
     first = run_to_end(world, v1, logs / "first")
     if first.outcome != "promoted":
         raise SystemExit(f"chaos: the first release did not come up: {first.outcome} "
                          f"(logs: {logs})")  # fmt: skip
+    if flow_seconds is not None:
+        return flow_seconds
     router = world.platform.router_url(world.profile)
     with ChatLoad(router, world.profile.served_model_name, workers=CLIENTS[world.engine],
                   pause_s=CLIENT_PAUSE_SECONDS[world.engine]):  # fmt: skip
@@ -246,18 +249,21 @@ def setup(world: World) -> float:
     return canary.seconds
 
 
-def chaos(trials: int, seed: int, engine: Engine, home: Path, prefect_api: str | None) -> int:
+def chaos(trials: int, seed: int, engine: Engine, home: Path, prefect_api: str | None,
+          flow_seconds: float | None, faults: tuple[FaultKind, ...]) -> int:  # fmt: skip
     become_subreaper()
     with open_world(home, engine, prefect_api) as world:
-        rollout_seconds = setup(world)
-        print(f"chaos: {trials} trials, seed {seed}, {engine} engines; a fault-free canary's "
-              f"flow takes {rollout_seconds:.0f}s; logs in {world.home / 'chaos'}")  # fmt: skip
+        rollout_seconds = setup(world, flow_seconds)
+        print(f"chaos: {trials} trials, seed {seed}, {engine} engines; faults drawn over "
+              f"{rollout_seconds:.0f}s of a rollout's flow; logs in {world.home / 'chaos'}",
+              flush=True)  # fmt: skip
         print(HEADER, flush=True)
         rows: list[Row] = []
         router = world.platform.router_url(world.profile)
         with ChatLoad(router, world.profile.served_model_name, workers=CLIENTS[engine],
                       pause_s=CLIENT_PAUSE_SECONDS[engine]) as load:  # fmt: skip
-            for index, (kind, moment) in enumerate(schedule(trials, seed, rollout_seconds), 1):
+            plan = schedule(trials, seed, rollout_seconds, faults)
+            for index, (kind, moment) in enumerate(plan, 1):
                 row = trial(world, load, index, kind, moment)
                 rows.append(row)
                 print(render(row), flush=True)
@@ -277,10 +283,18 @@ def main() -> None:
     parser.add_argument("--home", type=Path, default=DEFAULT_HOME)
     parser.add_argument("--prefect-api", default=os.environ.get("PREFECT_API_URL"),
                         help="a running Prefect API for every run (default: PREFECT_API_URL)")
+    parser.add_argument("--flow-seconds", type=float,
+                        help="a rollout flow's duration, measured before: no fault-free canary")
+    parser.add_argument("--faults", default=",".join(FAULT_KINDS),
+                        help="the kinds to draw from, comma-separated (default: all)")
     args = parser.parse_args()
     if args.trials < 1:
         parser.error("--trials must be at least 1")
-    sys.exit(chaos(args.trials, args.seed, args.engine, args.home, args.prefect_api))
+    faults = tuple(kind for kind in FAULT_KINDS if kind in args.faults.split(","))
+    if unknown := set(args.faults.split(",")) - set(FAULT_KINDS):
+        parser.error(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(FAULT_KINDS)}")
+    sys.exit(chaos(args.trials, args.seed, args.engine, args.home, args.prefect_api,
+                   args.flow_seconds, faults))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -52,12 +52,12 @@ def become_subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
-def reap_orphans(own: Iterable[int]) -> None:
-    """Orphans re-parented here that exited: reaped, so they do not linger as zombies. The
-    Popen children of this process are left to their Popen (it wants their exit codes)."""
-    mine, skip = os.getpid(), set(own)
+def reap_orphans() -> None:
+    """Orphans re-parented here that exited: reaped, so they do not linger as zombies. Called
+    only while no orchestrator runs: one that exited unwaited would lose its exit code."""
+    mine = os.getpid()
     for stat in all_stats():
-        if stat.ppid == mine and not stat.runs and stat.pid not in skip:
+        if stat.ppid == mine and not stat.runs:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(stat.pid, os.WNOHANG)
 

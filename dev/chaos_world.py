@@ -109,7 +109,6 @@ def open_world(home: Path, engine: Engine, prefect_api: str | None) -> Iterator[
 def _clear(home: Path) -> None:
     """Whatever an earlier chaos run left in this home is stopped, and its state forgotten."""
     if (home / "state").is_dir():
-        os.environ["ROLLOUT_HOME"] = str(home)
         LocalPlatform(home).stop_all()
     for kept_between_runs in ("state", "volumes", "releases", "logs", "prefect", "models"):
         shutil.rmtree(home / kept_between_runs, ignore_errors=True)
