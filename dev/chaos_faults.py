@@ -21,7 +21,7 @@ from typing import Literal
 from dev.chaos_world import World
 from dev.mirror_faults import CutFault
 from dev.tmpfs import in_tiny_tmpfs
-from serving.core.procs import is_running, read_stat
+from serving.core.procs import group_members, is_running, read_stat
 from serving.domain.release import release_id
 from serving.platforms.local.router_process import ROUTER_RECORD
 
@@ -120,11 +120,15 @@ def _orchestrator(signum: signal.Signals) -> Fire:
 
 
 def _router(rollout: Rollout) -> str | None:
+    """The router's server process: the recorded one, or the child in its group when the
+    record names a keeper that runs the router (as a container runs its process)."""
     record = rollout.world.platform.inventory.get(ROUTER_RECORD)
     if record is None or not is_running(record.pid, record.ticks):
         return None
-    os.kill(record.pid, signal.SIGKILL)
-    return f"SIGKILL to router pid {record.pid}"
+    children = group_members(record.pgid) - {record.pid}
+    pid = min(children) if children else record.pid
+    os.kill(pid, signal.SIGKILL)
+    return f"SIGKILL to router pid {pid}"
 
 
 def _engine(which: Literal["stable", "canary"]) -> Fire:
