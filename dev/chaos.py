@@ -162,7 +162,7 @@ def trial(world: World, load: ChatLoad, index: int, kind: FaultKind, moment: flo
     if began is not None:
         time.sleep(mirror_settled(kind, shot, rollout))
 
-    history_at_recovery = len(store.read(world.profile.name).history)
+    history_at_recovery = len(store.read(world.profile.name).history) if began else None
     recovery = run_to_end(world, revision, logs / "recovery")
     reap_orphans()
     verdict = check(world, history_before, history_at_recovery)

@@ -120,7 +120,8 @@ class Verdict:
         return all(check.ok for check in self.checks)
 
 
-def check(world: World, history_before: int, history_at_recovery: int) -> Verdict:
+def check(world: World, history_before: int, history_at_recovery: int | None) -> Verdict:
+    """`history_at_recovery` None: the interrupted run's flow never began (nothing to record)."""
     record = world.platform.release_store().read(world.profile.name)
     processes, leftovers = _processes(world, record)
     checks = [
@@ -199,9 +200,11 @@ def _downloads(world: World) -> Check:
     return Check("downloads", not problems, "; ".join(problems))
 
 
-def _history(record: ReleaseRecord, before: int, at_recovery: int) -> Check:
+def _history(record: ReleaseRecord, before: int, at_recovery: int | None) -> Check:
     """A line about the interrupted run: its own, or the recovery run's reconciling it (then
     the recovery run writes two)."""
+    if at_recovery is None:
+        return Check("history", True, "its flow never began")
     own = at_recovery - before
     recovery = len(record.history) - at_recovery
     ok = own >= 1 or recovery >= 2
