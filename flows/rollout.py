@@ -29,8 +29,8 @@ from tasks.release import (
     promote,
     reconcile,
     record_outcome,
-    revert_and_retire,
     rollback,
+    settle_ended_run,
 )
 from tasks.report import RolloutReport, publish
 from tasks.stopwatch import Stopwatch
@@ -38,12 +38,13 @@ from tasks.weights import resolve
 
 
 def _settle(flow: object, run: FlowRun, state: State) -> None:
-    """Cancelled, crashed or failed: weights back to stable, canary retired, reason recorded."""
+    """Cancelled, crashed or failed: weights back to stable, canary retired, reason recorded
+    (a run that failed before its canary still leaves its line)."""
     model, target = run.parameters["model"], run.parameters.get("target", "local")
     # The state message may hold a whole traceback: the history keeps its first line.
     first_line = next(iter((state.message or "").strip().splitlines()), "")
     reason = f"flow run {state.name.lower()}: {first_line}".strip()
-    revert_and_retire(model, target, reason, str(run.id), owner=str(run.id))
+    settle_ended_run(model, target, run.parameters.get("revision"), reason, str(run.id))
 
 
 @flow(

@@ -103,6 +103,20 @@ def revert_and_retire(
     lifecycle.retire_released(profile, platform)
 
 
+def settle_ended_run(
+    model: str, target: Target, revision: str | None, reason: str, flow_run_id: str
+) -> None:
+    """A run that ended failed, crashed or cancelled: its canary reverted and retired, and a
+    line in the history even when it failed before deploying one (a failed download, a
+    canary that died during startup), unless it already wrote its own."""
+    revert_and_retire(model, target, reason, flow_run_id, owner=flow_run_id)
+    profile, platform = _context(model, target)
+    history = platform.release_store().read(model).history
+    if not any(entry.flow_run_id == flow_run_id for entry in history):
+        lifecycle.record_outcome(platform, model, revision or profile.hub.revision, "failed",
+                                 reason, flow_run_id)  # fmt: skip
+
+
 @task(name="reconcile", cache_policy=NO_CACHE)
 def reconcile(model: str, target: Target) -> ReleaseRecord:
     """Finish what a killed orchestrator left (serving.control.lifecycle.reconcile)."""
