@@ -60,8 +60,9 @@ def rollout(
     report = RolloutReport(model=model)
     watch = Stopwatch()
 
-    record = reconcile(model, target)
-    sha = resolve(model, revision or profile.hub.revision, target)
+    asked = revision or profile.hub.revision
+    record = reconcile(model, asked, target)
+    sha = resolve(model, asked, target)
     report.revision = sha
     report.stage("resolve", watch.lap())
     if record.stable is not None and record.stable.revision == sha:

@@ -111,18 +111,19 @@ def settle_ended_run(
     canary that died during startup), unless it already wrote its own."""
     revert_and_retire(model, target, reason, flow_run_id, owner=flow_run_id)
     profile, platform = _context(model, target)
-    history = platform.release_store().read(model).history
-    if not any(entry.flow_run_id == flow_run_id for entry in history):
-        lifecycle.record_outcome(platform, model, revision or profile.hub.revision, "failed",
-                                 reason, flow_run_id)  # fmt: skip
+    lifecycle.record_failure(platform, model, revision or profile.hub.revision, reason,
+                             flow_run_id)  # fmt: skip
 
 
 @task(name="reconcile", cache_policy=NO_CACHE)
-def reconcile(model: str, target: Target) -> ReleaseRecord:
-    """Finish what a killed orchestrator left (serving.control.lifecycle.reconcile)."""
+def reconcile(model: str, revision: str, target: Target) -> ReleaseRecord:
+    """Mark this run as begun, and finish what a killed orchestrator left
+    (serving.control.lifecycle.reconcile)."""
     profile, platform = _context(model, target)
-    done = lifecycle.reconcile(profile, platform, _run_id())
+    done = lifecycle.reconcile(profile, platform, _run_id(), revision)
     log = get_run_logger()
+    if done.interrupted is not None:
+        log.warning("%s: %s", model, done.interrupted.reason)
     for name in done.orphans_stopped:
         log.warning("%s: stopped %s, left by a dead orchestrator", model, name)
     if done.reverted is not None:
