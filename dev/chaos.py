@@ -10,8 +10,9 @@ uniformly random moment of that flow's duration (resolve to retire; the CLI's st
 before it is not drawn over). A recovery run of the same revision follows; then
 the invariants (dev/chaos_checks.py) give one table row. Exit 1 if any trial did not converge.
 
-Without --prefect-api (or PREFECT_API_URL), each `rollout run` starts its own temporary Prefect
-server, as it does for users: a server left behind by a killed run is then counted too.
+Without --prefect-api (or PREFECT_API_URL), each `rollout run` serves Prefect's API in its own
+process, as it does for users (rollout/orchestration.py): whatever a killed run leaves running
+is counted, a Prefect server included.
 """
 
 from __future__ import annotations
@@ -60,9 +61,6 @@ CLIENTS = {"real": 3, "fake": 2}
 # FAKE engines answer at once: a pause keeps two clients from taking the CPU's every cycle.
 CLIENT_PAUSE_SECONDS = {"real": 0.0, "fake": 0.1}
 DECISIONS = ("promoted", "rolled-back", "no-op")
-# Prefect's log line when the flow starts: the rollout's stages, not the CLI's start-up (its
-# imports, a temporary Prefect server), are what a fault's moment is drawn over.
-FLOW_BEGINS = "Beginning flow run"
 POLL_SECONDS = 0.1
 OUTCOME_CHARS = 60
 
@@ -123,13 +121,19 @@ def finish(process: subprocess.Popen[str], log: Path, started: float) -> Run:
     return Run(said[-1][:OUTCOME_CHARS] if said else f"exit {process.returncode}", seconds, False)
 
 
-def flow_began(process: subprocess.Popen[str], log: Path) -> float | None:
-    """When the orchestrator's flow began (monotonic); None if it ended before."""
-    while process.poll() is None:
-        if FLOW_BEGINS in log.with_suffix(".err").read_text(errors="replace"):
-            return time.monotonic()
+def run_began(world: World, process: subprocess.Popen[str]) -> tuple[float, str] | None:
+    """When the orchestrator's flow run marked itself begun in the release record (its first
+    task does), and that run's id; None if it ended before."""
+    store = world.platform.release_store()
+    before = store.read(world.profile.name).run
+    while True:
+        ended = process.poll() is not None
+        mark = store.read(world.profile.name).run
+        if mark is not None and mark != before:
+            return time.monotonic(), mark.flow_run_id
+        if ended:
+            return None
         time.sleep(POLL_SECONDS)
-    return None
 
 
 def run_to_end(world: World, revision: str, log: Path) -> Run:
@@ -142,8 +146,6 @@ def run_to_end(world: World, revision: str, log: Path) -> Run:
 
 
 def trial(world: World, load: ChatLoad, index: int, kind: FaultKind, moment: float) -> Row:
-    store = world.platform.release_store()
-    history_before = len(store.read(world.profile.name).history)
     revision = world.not_stable()
     window = time.time()
     logs = world.home / "chaos" / f"trial-{index:02d}"
@@ -152,20 +154,19 @@ def trial(world: World, load: ChatLoad, index: int, kind: FaultKind, moment: flo
     env = orchestrator_env(world) | fresh_results(kind, world, index)
     started = time.monotonic()
     process = start(argv, env, logs / "interrupted")
-    began = flow_began(process, logs / "interrupted")
+    began = run_began(world, process)
     if began is None:
         shot = Shot(False, 0.0, "the run ended before its flow began")
     else:
-        rollout = Rollout(world, process, began, revision)
+        rollout = Rollout(world, process, began[0], revision)
         shot = fire(kind, rollout, moment)
     interrupted = finish(process, logs / "interrupted", started)
     if began is not None:
         time.sleep(mirror_settled(kind, shot, rollout))
 
-    history_at_recovery = len(store.read(world.profile.name).history) if began else None
     recovery = run_to_end(world, revision, logs / "recovery")
     reap_orphans()
-    verdict = check(world, history_before, history_at_recovery)
+    verdict = check(world, began[1] if began else None)
     kill_leftovers(verdict.leftovers)
     results = load.since(window, time.time())
     causes = failure_causes(results)
@@ -243,8 +244,8 @@ def setup(world: World, flow_seconds: float | None) -> float:
                   pause_s=CLIENT_PAUSE_SECONDS[world.engine]):  # fmt: skip
         log = logs / "calibration"
         process = start(world.rollout_argv(v2), orchestrator_env(world), log)
-        began = flow_began(process, log)
-        canary = finish(process, log, began or time.monotonic())
+        began = run_began(world, process)
+        canary = finish(process, log, began[0] if began else time.monotonic())
     if not canary.decided:
         raise SystemExit(f"chaos: the fault-free canary did not end: {canary.outcome} "
                          f"(logs: {logs})")  # fmt: skip

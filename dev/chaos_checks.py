@@ -120,8 +120,8 @@ class Verdict:
         return all(check.ok for check in self.checks)
 
 
-def check(world: World, history_before: int, history_at_recovery: int | None) -> Verdict:
-    """`history_at_recovery` None: the interrupted run's flow never began (nothing to record)."""
+def check(world: World, interrupted_run: str | None) -> Verdict:
+    """`interrupted_run`: the flow run the fault was fired at, None if it never began."""
     record = world.platform.release_store().read(world.profile.name)
     processes, leftovers = _processes(world, record)
     checks = [
@@ -129,7 +129,7 @@ def check(world: World, history_before: int, history_at_recovery: int | None) ->
         _router_matches(world, record),
         processes,
         _downloads(world),
-        _history(record, history_before, history_at_recovery),
+        _history(record, interrupted_run),
     ]
     return Verdict(checks, leftovers)
 
@@ -200,16 +200,14 @@ def _downloads(world: World) -> Check:
     return Check("downloads", not problems, "; ".join(problems))
 
 
-def _history(record: ReleaseRecord, before: int, at_recovery: int | None) -> Check:
-    """A line about the interrupted run: its own, or the recovery run's reconciling it (then
-    the recovery run writes two)."""
-    if at_recovery is None:
+def _history(record: ReleaseRecord, interrupted_run: str | None) -> Check:
+    """A line for the interrupted run: its own, its failure hook's, or (SIGKILLed) the one the
+    recovery run's reconcile writes for it."""
+    if interrupted_run is None:
         return Check("history", True, "its flow never began")
-    own = at_recovery - before
-    recovery = len(record.history) - at_recovery
-    ok = own >= 1 or recovery >= 2
-    detail = "" if ok else "no line for the interrupted run"
-    return Check("history", ok, detail)
+    if record.recorded(interrupted_run):
+        return Check("history", True)
+    return Check("history", False, f"no line for the interrupted flow run {interrupted_run}")
 
 
 def failure_causes(results: Iterable[Result]) -> Counter[str]:

@@ -21,9 +21,8 @@ from typing import Literal
 from dev.chaos_world import World
 from dev.mirror_faults import CutFault
 from dev.tmpfs import in_tiny_tmpfs
-from serving.core.procs import group_members, is_running, read_stat
+from serving.core.procs import is_running, read_stat
 from serving.domain.release import release_id
-from serving.platforms.local.router_process import ROUTER_RECORD
 
 FaultKind = Literal[
     "orchestrator-sigkill",
@@ -120,13 +119,11 @@ def _orchestrator(signum: signal.Signals) -> Fire:
 
 
 def _router(rollout: Rollout) -> str | None:
-    """The router's server process: the recorded one, or the child in its group when the
-    record names a keeper that runs the router (as a container runs its process)."""
-    record = rollout.world.platform.inventory.get(ROUTER_RECORD)
-    if record is None or not is_running(record.pid, record.ticks):
+    """The router process itself, not its keeper (which restarts it, as Modal replaces a dead
+    router container)."""
+    pid = rollout.world.platform._router().server_pid()
+    if pid is None:
         return None
-    children = group_members(record.pgid) - {record.pid}
-    pid = min(children) if children else record.pid
     os.kill(pid, signal.SIGKILL)
     return f"SIGKILL to router pid {pid}"
 

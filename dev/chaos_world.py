@@ -24,6 +24,7 @@ import yaml
 from dev.demo_model import make_synthetic_repo, publish_demo_model
 from dev.mirror import MirrorServer, run_mirror
 from dev.mirror_store import KiB, MirrorStore
+from rollout.orchestration import SERVE_PORT_ENV
 from serving.config.layout import weights_dir
 from serving.config.loader import DEFAULT_MODELS_DIR, load_profile
 from serving.config.profile import Profile
@@ -48,7 +49,6 @@ REAL_GATES = {"min_requests": 3, "max_ttft_p50_ratio": 5.0, "max_ttft_p99_ratio"
 FAKE_STEPS = [{"weight": 50, "bake_seconds": 3}, {"weight": 100, "bake_seconds": 0}]
 FAKE_GATES = {"min_requests": 3, "max_ttft_p50_ratio": 20.0, "max_ttft_p99_ratio": 50.0}
 RETIRE_GRACE_SECONDS = 5
-EPHEMERAL_STARTUP_SECONDS = 120
 
 
 @dataclass(frozen=True)
@@ -157,9 +157,9 @@ def _environment(
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "PREFECT_HOME": str(home / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        # A temporary server on a shared, busy CPU can take longer than Prefect's 20 s to
-        # start: a run that gave up there would be a fault of the host, not of the rollout.
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(EPHEMERAL_STARTUP_SECONDS),
+        # Not the `make serve` server a user may run: each run is the CLI on its own, with its
+        # in-process Prefect server (rollout/orchestration.py), unless `prefect_api` is given.
+        SERVE_PORT_ENV: str(free_port()),
         "PYTHONPATH": str(REPO_ROOT),
     }
     if prefect_api:
@@ -177,6 +177,6 @@ def _fake_engines(profile: Profile, revisions: tuple[str, str]) -> str:
 
 def orchestrator_env(world: World) -> dict[str, str]:
     """The environment of one orchestrator: this process's, minus a Prefect API the world does
-    not name (then the CLI starts its own temporary server, as it does for users)."""
+    not name (then the CLI serves Prefect's API in its own process, as it does for users)."""
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     return env | world.env
