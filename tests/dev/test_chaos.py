@@ -18,6 +18,8 @@ import pytest
 from serving.core.home import REPO_ROOT
 
 TRIALS = 3
+# Seed 1 draws an orchestrator SIGTERM, a canary engine SIGKILL and an orchestrator SIGKILL:
+# the last one's history line can only come from its run mark (serving.domain.records.RunMark).
 SEED = 1
 # A FAKE canary's flow, resolve to retire, as `python -m dev.chaos --engine fake` measured it
 # on two busy cores (32 s; less when idle): CI skips that fault-free calibration run.
