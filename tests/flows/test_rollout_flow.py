@@ -356,6 +356,9 @@ def test_killed_orchestrator_mid_canary_is_reconciled_by_the_next_run(
     assert processes_under(canary_dir) == []
     assert_stable_alone(revisions["v1"])
     assert any("reconciled" in why for _, why in history())
+    # The killed run wrote no line of its own: the next run's reconcile wrote it for it.
+    assert any(outcome == "failed" and why.startswith("interrupted: flow run")
+               for outcome, why in history())  # fmt: skip
 
 
 def test_terminated_orchestrator_rolls_back_its_own_canary(
