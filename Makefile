@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Reinstall when the dependency pins change.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: install test lint plan demo serve clean
+.PHONY: install test lint plan demo serve chaos clean
 
 install: $(STAMP)
 
@@ -39,6 +39,13 @@ demo: install
 # A Prefect server, the deployments of prefect.yaml and a worker (Ctrl-C stops them).
 serve: install
 	$(BIN)/python -m dev.serve
+
+# Kill a local rollout of the demo model anywhere, TRIALS times, and check that every time it
+# converges with nothing left behind (dev/chaos.py; seeded, so a failing trial can be repeated).
+TRIALS ?= 20
+SEED ?= 1
+chaos: install
+	$(BIN)/python -m dev.chaos --trials $(TRIALS) --seed $(SEED)
 
 clean:
 	rm -rf $(VENV) .rollout .pytest_cache .ruff_cache

@@ -1,6 +1,9 @@
-"""Steady chat traffic through the router, for the demo and the tests: a few client threads
-sending requests back to back (closed loop: the load follows what the engines can serve), each
-request recorded as the client saw it."""
+"""Steady chat traffic through the router, for the demo, the chaos run and the tests: a few
+client threads sending requests back to back with the `openai` SDK, as real clients do (closed
+loop: the load follows what the engines can serve), each request recorded as the client saw it.
+
+The SDK's own retries are off: each failed attempt is recorded, so a 503 the SDK would have
+retried after its Retry-After still counts, with that header kept."""
 
 from __future__ import annotations
 
@@ -9,10 +12,13 @@ import time
 from dataclasses import dataclass
 
 import httpx
+import openai
 
 REQUEST_TIMEOUT_SECONDS = 60.0
 WAIT_POLL_SECONDS = 0.05
 DEFAULT_PROMPTS = ("say hello world",)
+# The router needs no key of its clients here; the SDK insists on one.
+NO_KEY = "unused"
 
 
 @dataclass
@@ -21,6 +27,7 @@ class Result:
     status: int  # 0: no response at all
     backend: str | None  # the release that answered (the router's x-rollout-backend)
     error: str | None = None  # None only for a 200 with an answer
+    retry_after: str | None = None  # the Retry-After header of a failed answer
 
     @property
     def ok(self) -> bool:
@@ -29,16 +36,19 @@ class Result:
 
 class ChatLoad:
     """`workers` threads sending non-streamed chats to `router_url` until stopped, or for at
-    most `limit_s` seconds; at `temperature` if given (0: deterministic requests, the ones a
-    shadow step judges)."""
+    most `limit_s` seconds, each waiting `pause_s` between its requests (engines that answer
+    at once would otherwise be driven as fast as the CPU allows); at `temperature` if given
+    (0: deterministic requests, the ones a shadow step judges)."""
 
     def __init__(self, router_url: str, model: str, *, workers: int,
                  limit_s: float | None = None, prompts: tuple[str, ...] = DEFAULT_PROMPTS,
-                 max_tokens: int = 8, temperature: float | None = None) -> None:  # fmt: skip
-        self.url = f"{router_url}/v1/chat/completions"
+                 max_tokens: int = 8, pause_s: float = 0.0,
+                 temperature: float | None = None) -> None:  # fmt: skip
+        self.base_url = f"{router_url}/v1"
         self.model = model
         self.prompts = prompts
         self.max_tokens = max_tokens
+        self.pause_s = pause_s
         self.sampling = {} if temperature is None else {"temperature": temperature}
         self.results: list[Result] = []
         self._lock = threading.Lock()  # the workers append while the caller reads
@@ -79,25 +89,31 @@ class ChatLoad:
 
     def _work(self, index: int) -> None:
         sent = index  # each worker starts at another prompt
-        with httpx.Client(timeout=REQUEST_TIMEOUT_SECONDS, trust_env=False) as client:
+        http = httpx.Client(timeout=REQUEST_TIMEOUT_SECONDS, trust_env=False)
+        with openai.OpenAI(base_url=self.base_url, api_key=NO_KEY, max_retries=0,
+                           http_client=http) as client:  # fmt: skip
             while not self._stop.is_set() and time.monotonic() < self._deadline:
                 result = self._one(client, self.prompts[sent % len(self.prompts)])
                 with self._lock:
                     self.results.append(result)
                 sent += 1
+                self._stop.wait(self.pause_s)
 
-    def _one(self, client: httpx.Client, prompt: str) -> Result:
+    def _one(self, client: openai.OpenAI, prompt: str) -> Result:
         started = time.time()
-        body = {"model": self.model, "max_tokens": self.max_tokens, **self.sampling,
-                "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
         try:
-            response = client.post(self.url, json=body)
-        except httpx.HTTPError as exc:
-            return Result(started, 0, None, type(exc).__name__)
-        backend = response.headers.get("x-rollout-backend")
-        if response.status_code != 200:
-            return Result(started, response.status_code, backend,
-                          f"HTTP {response.status_code}: {response.text[:200]}")  # fmt: skip
-        if not response.json()["choices"][0]["message"].get("content"):
+            raw = client.chat.completions.with_raw_response.create(
+                model=self.model, max_tokens=self.max_tokens, **self.sampling,
+                messages=[{"role": "user", "content": prompt}],
+            )  # fmt: skip
+        except openai.APIStatusError as exc:
+            headers = exc.response.headers
+            return Result(started, exc.status_code, headers.get("x-rollout-backend"),
+                          f"HTTP {exc.status_code}: {exc.response.text[:200]}",
+                          headers.get("retry-after"))  # fmt: skip
+        except openai.APIConnectionError as exc:  # timeouts included: no answer at all
+            return Result(started, 0, None, type(exc.__cause__ or exc).__name__)
+        backend = raw.headers.get("x-rollout-backend")
+        if not raw.parse().choices[0].message.content:
             return Result(started, 200, backend, "an empty answer")
         return Result(started, 200, backend)

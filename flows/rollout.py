@@ -33,8 +33,8 @@ from tasks.release import (
     promote,
     reconcile,
     record_outcome,
-    revert_and_retire,
     rollback,
+    settle_ended_run,
 )
 from tasks.report import RolloutReport, publish
 from tasks.stopwatch import Stopwatch
@@ -44,12 +44,13 @@ DUMMY_REASON = "dummy weights: served and probed at 0%, never promoted"
 
 
 def _settle(flow: object, run: FlowRun, state: State) -> None:
-    """Cancelled, crashed or failed: weights back to stable, canary retired, reason recorded."""
+    """Cancelled, crashed or failed: weights back to stable, canary retired, reason recorded
+    (a run that failed before its canary still leaves its line)."""
     model, target = run.parameters["model"], run.parameters.get("target", "local")
     # The state message may hold a whole traceback: the history keeps its first line.
     first_line = next(iter((state.message or "").strip().splitlines()), "")
     reason = f"flow run {state.name.lower()}: {first_line}".strip()
-    revert_and_retire(model, target, reason, str(run.id), owner=str(run.id))
+    settle_ended_run(model, target, run.parameters.get("revision"), reason, str(run.id))
 
 
 @flow(
@@ -72,8 +73,9 @@ def rollout(
     report = RolloutReport(model=model, dummy_weights=dummy)
     watch = Stopwatch()
 
-    record = reconcile(model, target)
-    sha = resolve(model, revision or profile.hub.revision, target)
+    asked = revision or profile.hub.revision
+    record = reconcile(model, asked, target)
+    sha = resolve(model, asked, target)
     report.revision = sha
     report.stage("resolve", watch.lap())
     if dummy:

@@ -103,12 +103,27 @@ def revert_and_retire(
     lifecycle.retire_released(profile, platform)
 
 
-@task(name="reconcile", cache_policy=NO_CACHE)
-def reconcile(model: str, target: Target) -> ReleaseRecord:
-    """Finish what a killed orchestrator left (serving.control.lifecycle.reconcile)."""
+def settle_ended_run(
+    model: str, target: Target, revision: str | None, reason: str, flow_run_id: str
+) -> None:
+    """A run that ended failed, crashed or cancelled: its canary reverted and retired, and a
+    line in the history even when it failed before deploying one (a failed download, a
+    canary that died during startup), unless it already wrote its own."""
+    revert_and_retire(model, target, reason, flow_run_id, owner=flow_run_id)
     profile, platform = _context(model, target)
-    done = lifecycle.reconcile(profile, platform, _run_id())
+    lifecycle.record_failure(platform, model, revision or profile.hub.revision, reason,
+                             flow_run_id)  # fmt: skip
+
+
+@task(name="reconcile", cache_policy=NO_CACHE)
+def reconcile(model: str, revision: str, target: Target) -> ReleaseRecord:
+    """Mark this run as begun, and finish what a killed orchestrator left
+    (serving.control.lifecycle.reconcile)."""
+    profile, platform = _context(model, target)
+    done = lifecycle.reconcile(profile, platform, _run_id(), revision)
     log = get_run_logger()
+    if done.interrupted is not None:
+        log.warning("%s: %s", model, done.interrupted.reason)
     for name in done.orphans_stopped:
         log.warning("%s: stopped %s, left by a dead orchestrator", model, name)
     if done.reverted is not None:

@@ -7,8 +7,10 @@ for the routes and the running releases.
                      (a dummy-weights canary ends this way, recorded as `dummy`)
     retire_released  drain and stop what a promotion or a revert took out of routing
     record_outcome   a rollout that deployed nothing still leaves a line in the history
-    reconcile        what a killed orchestrator left: its canary reverted, its retirements
-                     done, a stable release that no longer runs forgotten
+    record_failure   a run that failed, crashed or was cancelled leaves one, unless it wrote it
+    reconcile        the run marked as begun; what a killed orchestrator left: a line for the
+                     run, its canary reverted, its retirements done, a stable release that no
+                     longer runs forgotten
 
 Each transition decides on the record as it is under the store's lock (ReleaseStore.update):
 promote only while the record's canary is still this canary, revert only while there is a
@@ -29,7 +31,7 @@ from collections.abc import Callable
 from pydantic import BaseModel
 
 from serving.config.profile import Profile
-from serving.domain.records import HistoryEntry, Outcome, ReleaseRecord, now
+from serving.domain.records import HistoryEntry, Outcome, ReleaseRecord, RunMark, now
 from serving.domain.release import Release
 from serving.platform import Platform
 
@@ -125,20 +127,48 @@ def record_outcome(
     return entry
 
 
+def record_failure(
+    platform: Platform, model: str, revision: str, reason: str, flow_run_id: str
+) -> HistoryEntry | None:
+    """A "failed" line for a run that ended (failed, crashed, cancelled) before writing its
+    own (it failed before its canary); None, and nothing written, if it had written one."""
+    after = _transition(platform, model, lambda record: (
+        None if record.recorded(flow_run_id)
+        else record.with_failure(flow_run_id, revision, reason)
+    ))  # fmt: skip
+    return after.history[-1] if after is not None else None
+
+
 class Reconciled(BaseModel):
     """What `reconcile` found and did, for the run's log."""
 
     record: ReleaseRecord
+    interrupted: HistoryEntry | None  # the line written for a run killed before its end
     orphans_stopped: list[str]
     reverted: HistoryEntry | None
     retired: list[Release]
     forgotten: Release | None
 
 
-def reconcile(profile: Profile, platform: Platform, flow_run_id: str | None) -> Reconciled:
-    """Finish what a killed orchestrator left: processes it started are stopped, its canary is
+def reconcile(
+    profile: Profile, platform: Platform, flow_run_id: str | None, revision: str
+) -> Reconciled:
+    """Mark run `flow_run_id` (of `revision`) as begun, and finish what a killed orchestrator
+    left: its run gets a "failed" line, processes it started are stopped, its canary is
     reverted, its retirements are done, and a stable release that no longer runs is forgotten
     (nothing can be compared against it)."""
+    interrupted: HistoryEntry | None = None
+    if flow_run_id is not None:
+        mark = RunMark(flow_run_id=flow_run_id, revision=revision, at=now())
+
+        def begin(record: ReleaseRecord) -> ReleaseRecord:
+            nonlocal interrupted
+            after = record.beginning(mark)
+            if after.history[-1:] != record.history[-1:]:
+                interrupted = after.history[-1]
+            return after
+
+        platform.release_store().update(profile.name, begin)
     orphans = platform.reconcile_orphans()
     owner = platform.release_store().read(profile.name).canary_owner
     reason = f"reconciled: canary left behind by flow run {owner}"
@@ -155,7 +185,7 @@ def reconcile(profile: Profile, platform: Platform, flow_run_id: str | None) -> 
 
     record = _transition(platform, profile.name, forget_stopped_stable)
     return Reconciled(
-        record=record or platform.release_store().read(profile.name),
+        record=record or platform.release_store().read(profile.name), interrupted=interrupted,
         orphans_stopped=orphans, reverted=reverted, retired=retired,
         forgotten=forgotten[0] if forgotten else None,
     )  # fmt: skip

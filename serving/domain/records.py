@@ -2,10 +2,10 @@
 
 Written by the release lifecycle (serving.control.lifecycle), from a rollout flow or from
 `rollout abort`; read by `rollout status`, by the reconcile step at the start of every run (a
-SIGKILLed orchestrator leaves `canary` set), and by `refresh` (which skips the revision that
-last failed). Durable and atomic on both targets: a JSON file replaced atomically under a file
-lock locally; on Modal a JSON file written whole to the state Volume under a lease (a Dict
-entry would expire after a week idle).
+SIGKILLed orchestrator leaves `canary` set, and its run's mark with no line in the history),
+and by `refresh` (which skips the revision that last failed). Durable and atomic on both
+targets: a JSON file replaced atomically under a file lock locally; on Modal a JSON file
+written whole to the state Volume under a lease (a Dict entry would expire after a week idle).
 
 Every write is a read-modify-write under the store's lock (`ReleaseStore.update`): two writers
 (a promotion and an abort) each decide on the record as the other left it, never on a copy
@@ -42,6 +42,15 @@ class HistoryEntry(BaseModel):
     flow_run_id: str | None = None
 
 
+class RunMark(BaseModel):
+    """A rollout flow run that began, marked at its start: a run ends by writing its own line
+    in the history, so a mark with no line after it is a run that was killed."""
+
+    flow_run_id: str
+    revision: str  # as the run was asked for it (it may not have resolved it yet)
+    at: datetime
+
+
 class ReleaseRecord(BaseModel):
     model: str
     stable: Release | None = None
@@ -52,6 +61,8 @@ class ReleaseRecord(BaseModel):
     # that a crash between the decision and the retirement leaves nothing running unaccounted.
     retiring: list[Release] = Field(default_factory=list)
     history: list[HistoryEntry] = Field(default_factory=list)
+    # The last rollout run that began (see RunMark).
+    run: RunMark | None = None
 
     @field_validator("stable")
     @classmethod
@@ -61,6 +72,25 @@ class ReleaseRecord(BaseModel):
     def with_history(self, entry: HistoryEntry) -> ReleaseRecord:
         history = [*self.history, entry][-HISTORY_LIMIT:]
         return self.model_copy(update={"history": history})
+
+    def recorded(self, flow_run_id: str) -> bool:
+        return any(entry.flow_run_id == flow_run_id for entry in self.history)
+
+    def with_failure(self, flow_run_id: str, revision: str, reason: str) -> ReleaseRecord:
+        return self.with_history(HistoryEntry(revision=revision, at=now(), outcome="failed",
+                                              reason=reason, flow_run_id=flow_run_id))  # fmt: skip
+
+    def beginning(self, run: RunMark) -> ReleaseRecord:
+        """`run` marked as begun; the run marked before it, if it never wrote its line (it was
+        SIGKILLed), gets a "failed" line saying it was interrupted."""
+        record = self
+        before = self.run
+        if (before is not None and before.flow_run_id != run.flow_run_id
+                and not self.recorded(before.flow_run_id)):  # fmt: skip
+            reason = (f"interrupted: flow run {before.flow_run_id} ended without a decision "
+                      f"(found by flow run {run.flow_run_id})")  # fmt: skip
+            record = self.with_failure(before.flow_run_id, before.revision, reason)
+        return record.model_copy(update={"run": run})
 
     def last_failed_revision(self) -> str | None:
         for entry in reversed(self.history):

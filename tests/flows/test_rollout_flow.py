@@ -380,6 +380,9 @@ def test_killed_orchestrator_mid_canary_is_reconciled_by_the_next_run(
     assert processes_under(canary_dir) == []
     assert_stable_alone(revisions["v1"])
     assert any("reconciled" in why for _, why in history())
+    # The killed run wrote no line of its own: the next run's reconcile wrote it for it.
+    assert any(outcome == "failed" and why.startswith("interrupted: flow run")
+               for outcome, why in history())  # fmt: skip
 
 
 def test_terminated_orchestrator_rolls_back_its_own_canary(
@@ -397,6 +400,24 @@ def test_terminated_orchestrator_rolls_back_its_own_canary(
     outcome, why = history()[-1]
     assert outcome == "rolled-back", why
     assert why.startswith("the rollout stopped after its canary was deployed: TerminationSignal")
+
+
+def test_a_run_that_fails_before_its_canary_still_leaves_a_line_in_the_history(
+    home: Path, revisions: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A canary whose engine dies during startup: the deploy fails, no canary is recorded, and
+    the failed flow run's hook writes its line (found missing by `make chaos`)."""
+    rollout(QUIET_MODEL, "v1")
+    canary = release_id(load_profile(QUIET_MODEL), revisions["v2"])
+    dies_at_once = [sys.executable, "-c", "raise SystemExit(3)"]
+    monkeypatch.setenv(FAULT_ENGINES_ENV, json.dumps({canary: dies_at_once}))
+    state = rollout(QUIET_MODEL, revisions["v2"], return_state=True)
+    assert state.is_failed()
+    outcome, why = history(QUIET_MODEL)[-1]
+    assert outcome == "failed" and "DeployFailed" in why, why
+    record = LocalPlatform.from_env().release_store().read(QUIET_MODEL)
+    assert record.history[-1].flow_run_id == str(state.state_details.flow_run_id)
+    assert record.history[-1].revision == revisions["v2"]
 
 
 def test_refresh_starts_one_rollout_per_new_commit(
