@@ -1,10 +1,16 @@
-"""The router as a process under uvicorn (``python -m serving.router``), polling a state file."""
+"""The router as a process under uvicorn (``python -m serving.router``), polling a state file.
+
+It listens on --port, or serves on a socket its parent already listens on (--fd): the local
+keeper holds that socket across router restarts, so connections wait in its backlog instead
+of being refused while the next router starts.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,6 +68,7 @@ def fastest_uvicorn_impls() -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
+    from uvicorn.server import STARTUP_FAILURE
 
     args = _parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
@@ -76,21 +83,29 @@ def main(argv: list[str] | None = None) -> None:
         poll_interval_s=args.poll_interval,
     )
     loop, http = fastest_uvicorn_impls()
-    logger.info("router on %s:%d (loop=%s, http=%s, admin api %s)", args.host, args.port,
-                loop, http, "enabled" if config.admin_token else "disabled")
-    uvicorn.run(
-        RouterApp(config), host=args.host, port=args.port, loop=loop, http=http,
+    listening = f"inherited socket (fd {args.fd})" if args.fd is not None else (
+        f"{args.host}:{args.port}")
+    logger.info("router on %s (loop=%s, http=%s, admin api %s)", listening, loop, http,
+                "enabled" if config.admin_token else "disabled")
+    server = uvicorn.Server(uvicorn.Config(
+        RouterApp(config), host=args.host, port=args.port or 0, loop=loop, http=http,
         lifespan="on", access_log=False, log_level=args.log_level, timeout_keep_alive=75,
         # the router never reads the client address: skip the X-Forwarded-* middleware
         proxy_headers=False,
-    )
+    ))
+    # socket(fileno=...) reads the family (IPv4/IPv6) from the descriptor itself.
+    server.run(sockets=None if args.fd is None else [socket.socket(fileno=args.fd)])
+    if not server.started:  # as uvicorn.run: a failed startup is a failed process
+        raise SystemExit(STARTUP_FAILURE)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m serving.router",
                                      description="Weighted canary router in front of releases.")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    listen = parser.add_mutually_exclusive_group(required=True)
+    listen.add_argument("--port", type=int)
+    listen.add_argument("--fd", type=int, help="serve on this inherited, listening socket")
     parser.add_argument("--state-file", type=Path, help="JSON RoutingTable, polled every second")
     parser.add_argument("--admin-token-env", help="env var holding the admin Bearer token")
     parser.add_argument("--client-api-key-env", help="env var holding the client API key")

@@ -1,11 +1,17 @@
 """The local router's "container": python -m serving.platforms.local.router_keeper
-[--restart-limit N] [--restart-backoff S] -- <the router's argv>.
+[--restart-limit N] [--restart-backoff S] [--listen-host H --listen-port P] -- <the router's argv>.
 
 Runs the router as its child, in the keeper's process group (stopping the group stops both),
 and starts it again when it dies (backoff, up to a limit: serving.core.restarts), as Modal
 replaces a dead router container. A restarted router reads its routes from the state file
 before it answers (the generation rule keeps a newer pushed table); its measurements start
 afresh, which its stats say (`measured_since`). SIGTERM or SIGINT stops the router, then the keeper.
+
+With --listen-port the keeper itself binds and listens on the router's port and hands the socket
+to each router it starts (`--fd N` appended to the router's argv), as Modal's load balancer
+queues requests while a container is replaced: a connection made while the router restarts
+waits in the listen backlog for the next router instead of being refused. Requests the dead
+router had already accepted still fail.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +31,8 @@ from serving.core.restarts import DEFAULT_RESTART_LIMIT, FIRST_BACKOFF_SECONDS, 
 logger = logging.getLogger("rollout.router.keeper")
 ROUTER_ARGV = "--"  # what follows is the router's command line
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the router's own
+# Connections that may wait for a restarting router (uvicorn's own default backlog).
+LISTEN_BACKLOG = 2048
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      description="Run the router; restart it when it dies.")
     parser.add_argument("--restart-limit", type=int, default=DEFAULT_RESTART_LIMIT)
     parser.add_argument("--restart-backoff", type=float, default=FIRST_BACKOFF_SECONDS)
+    parser.add_argument("--listen-host", default="127.0.0.1")
+    parser.add_argument("--listen-port", type=int,
+                        help="listen here and pass the socket to the router (--fd)")
     argv = sys.argv[1:] if argv is None else argv
     if ROUTER_ARGV not in argv or argv.index(ROUTER_ARGV) == len(argv) - 1:
         parser.error(f"the router's argv is missing (after {ROUTER_ARGV})")
@@ -40,9 +52,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args  # fmt: skip
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The router's listening socket, held by the keeper for the lives of all its routers."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"router keeper cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(LISTEN_BACKLOG)
+    return sock
+
+
 class _Keeper:
-    def __init__(self, router: list[str], policy: RestartPolicy) -> None:
-        self.router, self.policy = router, policy
+    def __init__(self, router: list[str], policy: RestartPolicy,
+                 sock: socket.socket | None) -> None:
+        self.policy = policy
+        self.inherited: tuple[int, ...] = () if sock is None else (sock.fileno(),)
+        self.router = router + [arg for fd in self.inherited for arg in ("--fd", str(fd))]
         self.stopping = threading.Event()
         self.child: subprocess.Popen[bytes] | None = None
 
@@ -60,7 +89,8 @@ class _Keeper:
         while not self.stopping.is_set():
             started = time.monotonic()
             # Output goes where the keeper's goes: the router's log.
-            self.child = subprocess.Popen(self.router, stdin=subprocess.DEVNULL)
+            self.child = subprocess.Popen(self.router, stdin=subprocess.DEVNULL,
+                                          pass_fds=self.inherited)
             if self.stopping.is_set():  # a signal between the check and the start
                 self._stop_child()
             code = self.child.wait()
@@ -80,8 +110,9 @@ class _Keeper:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    sock = None if args.listen_port is None else listen(args.listen_host, args.listen_port)
     keeper = _Keeper(args.router, RestartPolicy(limit=args.restart_limit,
-                                                first_backoff_seconds=args.restart_backoff))
+                                                first_backoff_seconds=args.restart_backoff), sock)
     signal.signal(signal.SIGTERM, keeper.on_signal)
     signal.signal(signal.SIGINT, keeper.on_signal)
     return keeper.run()

@@ -121,8 +121,9 @@ class LocalRouter:
             sys.executable, "-m", "serving.platforms.local.router_keeper",
             "--restart-limit", str(self.restarts.limit),
             "--restart-backoff", f"{self.restarts.first_backoff_seconds:g}",
+            # The keeper holds the port: clients wait while it restarts the router.
+            "--listen-port", str(self.port),
             "--", sys.executable, "-m", "serving.router",
-            "--port", str(self.port),
             "--state-file", str(self.routes_file),
             "--admin-token-env", ADMIN_TOKEN_ENV,
         ]  # fmt: skip
