@@ -17,7 +17,6 @@ import json
 import os
 import sys
 
-from rollout.plan import build_plan, render_text
 from serving.config.loader import load_profile
 from serving.config.profile import Profile, ProfileError, check_revision
 from serving.control import lifecycle
@@ -73,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan_command(args: argparse.Namespace) -> None:
+    # Imported only here: the plan builds Modal's apps, and the SDK takes a second to import
+    # that every other command (an abort first of all) would pay.
+    from rollout.plan import build_plan, render_text
+
     try:
         plan = build_plan(load_profile(args.model), args.revision)
     except (ProfileError, ValueError) as exc:
