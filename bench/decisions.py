@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -61,6 +62,7 @@ GATE_LINE = re.compile(r"^(?P<model>\S+) at (?P<weight>\d+)%: (?P<verdict>pass|f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--deploy-runs", type=int, default=5)
     parser.add_argument("--baseline", default="main", help="git ref measured as the baseline")
     parser.add_argument("--only", default=",".join(KINDS))
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # child: write here
@@ -69,14 +71,14 @@ def main() -> None:
     if unknown := set(kinds) - set(KINDS):
         raise SystemExit(f"decisions: unknown kinds {sorted(unknown)}; known: {KINDS}")
     if args.measure is not None:
-        args.measure.write_text(json.dumps(measure(kinds, args.runs)))
+        args.measure.write_text(json.dumps(measure(kinds, args.runs, args.deploy_runs)))
         return
     with tempfile.TemporaryDirectory(prefix="bench-decisions-") as scratch:
         baseline_tree = Path(scratch) / "baseline"
         export(args.baseline, baseline_tree)
         results = {
-            "baseline": run_child(baseline_tree, kinds, args.runs, Path(scratch) / "b.json"),
-            "project": run_child(PROJECT, kinds, args.runs, Path(scratch) / "p.json"),
+            tree: run_child(path, kinds, args, Path(scratch) / f"{tree}.json")
+            for tree, path in (("baseline", baseline_tree), ("project", PROJECT))
         }
     print_table(results, args.baseline)
 
@@ -89,11 +91,13 @@ def export(ref: str, into: Path) -> None:
         tar.extractall(into, filter="data")
 
 
-def run_child(tree: Path, kinds: list[str], runs: int, out: Path) -> dict[str, Any]:
+def run_child(tree: Path, kinds: list[str], args: argparse.Namespace,
+              out: Path) -> dict[str, Any]:  # fmt: skip
     print(f"measuring {tree} ...", flush=True)
     env = {**os.environ, "PYTHONPATH": str(tree), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    subprocess.run([sys.executable, __file__, "--measure", str(out), "--runs", str(runs),
-                    "--only", ",".join(kinds)], cwd=tree, env=env, check=True)  # fmt: skip
+    subprocess.run([sys.executable, __file__, "--measure", str(out), "--runs", str(args.runs),
+                    "--deploy-runs", str(args.deploy_runs), "--only", ",".join(kinds)],
+                   cwd=tree, env=env, check=True)  # fmt: skip
     return json.loads(out.read_text())
 
 
@@ -121,7 +125,8 @@ def print_table(results: dict[str, dict[str, Any]], ref: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def measure(kinds: list[str], runs: int) -> dict[str, list[float]]:
+def measure(kinds: list[str], runs: int, deploy_runs: int) -> dict[str, list[float]]:
+    from deploy_run import DeployRuns
     from openloop import OpenLoop
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
@@ -155,13 +160,23 @@ def measure(kinds: list[str], runs: int) -> dict[str, list[float]]:
                             bench.rollback_once(watch, gates))
                     if "abort" in kinds:
                         results.setdefault("abort", []).append(bench.abort_once(watch))
+                        results.setdefault("abort: CLI start (--help)", []).append(
+                            cli_start())
                 if "deploy" in kinds:
                     api_url = str(PREFECT_API_URL.value())
-                    for name, seconds in bench.deploy_runs(api_url, load, watch, runs).items():
-                        results[name] = seconds
+                    results |= DeployRuns(bench, MODEL, api_url, load).measure(deploy_runs)
         finally:
             platform.stop_all()
+    shutil.rmtree(scratch, ignore_errors=True)
     return results
+
+
+def cli_start() -> float:
+    """What `rollout abort` pays before it can act: the interpreter and the CLI's imports."""
+    started = time.time()
+    subprocess.run([sys.executable, "-m", "rollout.cli", "--help"], check=True,
+                   capture_output=True)  # fmt: skip
+    return time.time() - started
 
 
 @dataclass
@@ -346,12 +361,6 @@ class BenchHome:
         expect(self.rollout(ABORT_MODEL, revision), "rolled-back")
         aborter.join()
         return watch.first(aborted[0], ABORT_MODEL, lambda w: w.get(canary, 0) == 0) - aborted[0]
-
-    def deploy_runs(self, api_url: str, load: Any, watch: RouterWatch,
-                    runs: int) -> dict[str, list[float]]:  # fmt: skip
-        from deploy_run import DeployRuns
-
-        return DeployRuns(self, api_url, load, watch).measure(runs)
 
 
 def expect(actual: str, wanted: str) -> None:
