@@ -1,9 +1,10 @@
 """How fast a decision reaches the router, and how fast a deployment run reaches its canary.
 
-    .venv/bin/python bench/decisions.py [--runs 20] [--baseline main] [--only rollback,...]
+    .venv/bin/python bench/decisions.py [--runs 10] [--rounds 2] [--baseline main]
+                                        [--only rollback,promote,abort,deploy]
 
 Local target, real Prefect server, real router, FAKE engines (tests/fake_engine.py) for every
-release, 10 chats/s open-loop through the router. Measured, over --runs rollouts each:
+release, 10 chats/s open-loop through the router. Measured, over --runs x --rounds rollouts:
 
   rollback  a gate fails (the analyse task logs `fail`) → the router's table has the canary at 0%
   promote   the canary passes its last gate (`pass`) → the router's table has it at 100%
@@ -61,8 +62,9 @@ GATE_LINE = re.compile(r"^(?P<model>\S+) at (?P<weight>\d+)%: (?P<verdict>pass|f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--deploy-runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=10, help="per kind, tree and round")
+    parser.add_argument("--deploy-runs", type=int, default=3, help="per tree and round")
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--baseline", default="main", help="git ref measured as the baseline")
     parser.add_argument("--only", default=",".join(KINDS))
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # child: write here
@@ -76,10 +78,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-decisions-") as scratch:
         baseline_tree = Path(scratch) / "baseline"
         export(args.baseline, baseline_tree)
-        results = {
-            tree: run_child(path, kinds, args, Path(scratch) / f"{tree}.json")
-            for tree, path in (("baseline", baseline_tree), ("project", PROJECT))
-        }
+        results: dict[str, dict[str, list[float]]] = {"baseline": {}, "project": {}}
+        # The trees take turns, so a machine whose load drifts weighs on both alike.
+        for _ in range(args.rounds):
+            for tree, path in (("baseline", baseline_tree), ("project", PROJECT)):
+                measured = run_child(path, kinds, args, Path(scratch) / f"{tree}.json")
+                for name, seconds in measured.items():
+                    results[tree].setdefault(name, []).extend(seconds)
     print_table(results, args.baseline)
 
 
@@ -92,7 +97,7 @@ def export(ref: str, into: Path) -> None:
 
 
 def run_child(tree: Path, kinds: list[str], args: argparse.Namespace,
-              out: Path) -> dict[str, Any]:  # fmt: skip
+              out: Path) -> dict[str, list[float]]:  # fmt: skip
     print(f"measuring {tree} ...", flush=True)
     env = {**os.environ, "PYTHONPATH": str(tree), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     subprocess.run([sys.executable, __file__, "--measure", str(out), "--runs", str(args.runs),
