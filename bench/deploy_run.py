@@ -46,7 +46,11 @@ class DeployRuns:
                     results.setdefault(f"deploy: {name}", []).append(seconds)
         finally:
             worker.terminate()
-            worker.wait(WORKER_STOP_SECONDS)
+            try:
+                worker.wait(WORKER_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
         return results
 
     def _start_worker(self) -> subprocess.Popen[bytes]:

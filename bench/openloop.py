@@ -53,7 +53,7 @@ class OpenLoop:
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         self._clock.join()
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self._http.close()
 
     def since(self, started: float, until: float = float("inf")) -> list[Answer]:
