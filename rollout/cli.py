@@ -20,7 +20,6 @@ import os
 import sys
 
 from rollout.orchestration import NoPrefectApi, connect
-from rollout.plan import build_plan, render_text
 from serving.config.loader import load_profile
 from serving.config.profile import Profile, ProfileError, check_revision
 from serving.control import lifecycle
@@ -84,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan_command(args: argparse.Namespace) -> None:
+    # Imported only here: the plan builds Modal's apps, and the SDK takes a second to import
+    # that every other command (an abort first of all) would pay.
+    from rollout.plan import build_plan, render_text
+
     try:
         profile = load_profile(args.model)
         plan = build_plan(profile.with_dummy_weights() if args.dummy_weights else profile,

@@ -137,7 +137,6 @@ class LocalPlatform:
         return self.volume(profile.volumes.deepgemm) if profile.volumes.deepgemm else None
 
     # -- preparation --------------------------------------------------------------------------
-
     def resolve(self, profile: Profile, revision: str) -> str:
         return resolve_revision(
             profile.hub.repo, revision, hf_token(), endpoint=self.endpoint
@@ -180,6 +179,7 @@ class LocalPlatform:
         deepgemm_root = self._deepgemm_root(profile)
         if not profile.deepgemm or deepgemm_root is None:
             return CompileResult.not_required()
+
         # Kernel shapes need only the config: the compile runs beside the download.
         directory = fetch_model_config(
             profile.hub.repo,
@@ -416,8 +416,9 @@ class LocalPlatform:
         events = events_path(logs, rid)
         # Events go to a file, not a pipe: a kept release outlives this process, and a server
         # writing to a closed pipe would fail at its next event.
+        threads = engine_threads(profile, running=self._running_engines())
         with log_path.open("ab") as log, events.open("wb") as out:
-            process = spawn(argv, cwd=workdir, env=_server_env(), stdout=out, stderr=log)
+            process = spawn(argv, cwd=workdir, env=_server_env(threads), stdout=out, stderr=log)
         record = ProcessRecord(
             kind="release", name=rid, pid=process.pid, pgid=process.pid,
             ticks=start_ticks(process.pid), port=port, owner=self.owner, keep=self.keep_serving,
@@ -426,6 +427,11 @@ class LocalPlatform:
         )  # fmt: skip
         self.inventory.write(record)
         return record
+
+    def _running_engines(self) -> int:
+        """Releases of any model whose supervisor runs in this home: they share its cores."""
+        return sum(1 for record in self.inventory.records()
+                   if record.kind == "release" and record.running())  # fmt: skip
 
     def _await_ready(self, record: ProcessRecord, profile: Profile) -> ServerEvent:
         """The supervisor's `ready` event; DeployFailed on `failed`, an exit, or the budget."""
@@ -500,8 +506,12 @@ STOP_GRACE_SECONDS = 5.0
 # Requests in flight when the orchestrator finishes get this long to complete.
 SHUTDOWN_DRAIN_SECONDS = 5.0
 ONE_LINE_CHARS = 500
-# During a canary, stable and the canary run side by side.
+# During a canary, stable and the canary run side by side; a release started alone will be
+# joined by the next canary, and its thread count is fixed at its start.
 ENGINES_SHARING_A_HOST = 2
+# The thread pools an engine's numeric libraries size from the environment (torch's intra-op
+# pool reads OMP_NUM_THREADS; MKL and OpenBLAS their own); each defaults to a thread per core.
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def _served_path(profile: Profile) -> PurePosixPath:
@@ -514,22 +524,27 @@ def _served_path(profile: Profile) -> PurePosixPath:
     return path
 
 
-def _server_env() -> dict[str, str]:
+def _server_env(threads: int) -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Releases on one host share its cores. Left alone, each engine's torch takes a thread per
     # core, and stable plus a canary oversubscribe the CPU: on 2 cores the demo's canary then
-    # answered 3-6 requests per 30 s bake (TTFT p50 2-7 s) and was never judged; with this,
-    # 20-30 (TTFT p50 0.8-1.6 s). A value the user set wins.
-    env.setdefault("OMP_NUM_THREADS", str(engine_threads()))
+    # answered 3-6 requests per 30 s bake (TTFT p50 2-7 s) and was never judged; with a
+    # budget, 20-30 (TTFT p50 0.8-1.6 s). A value the user set wins.
+    for name in THREAD_ENV:
+        env.setdefault(name, str(threads))
     # The supervisor runs in the release's directory: paths it inherits must be absolute.
     env["PYTHONPATH"] = repo_pythonpath()
     env["ROLLOUT_MODELS_DIR"] = str(models_dir().resolve())
     return env
 
 
-def engine_threads() -> int:
-    """CPU threads for one local engine: the host's cores shared by the releases of a canary."""
-    return max(1, (os.cpu_count() or 1) // ENGINES_SHARING_A_HOST)
+def engine_threads(profile: Profile, running: int, cores: int | None = None) -> int:
+    """CPU threads for one local engine: its profile's `resources.cpu`, capped by the host's
+    cores shared among the engines that run beside it (`running` already do, at least a
+    stable and a canary)."""
+    cores = cores or len(os.sched_getaffinity(0))
+    sharing = max(ENGINES_SHARING_A_HOST, running + 1)
+    return max(1, min(int(profile.resources.cpu), cores // sharing))
 
 
 def _one_line(text: str) -> str:

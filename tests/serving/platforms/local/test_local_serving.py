@@ -179,12 +179,14 @@ def test_releases_start_at_zero_traffic_and_answer_to_the_served_name(
 
 
 def test_each_engine_gets_its_share_of_the_cores(deployed: Deployed) -> None:
-    """Two releases on one host: each engine's torch threads are the cores split between them
-    (a thread per core each oversubscribes the CPU)."""
-    expected = f"OMP_NUM_THREADS={max(1, (os.cpu_count() or 1) // 2)}".encode()
+    """Two releases on one host: each engine's numeric thread pools get its profile's CPUs,
+    at most the cores split between the two (a thread per core each oversubscribes the CPU)."""
+    cores = len(os.sched_getaffinity(0))
+    threads = max(1, min(int(deployed.profile.resources.cpu), cores // 2))
     for release in (deployed.a, deployed.b):
         environ = Path(f"/proc/{deployed.engine_pid(release)}/environ").read_bytes().split(b"\0")
-        assert expected in environ
+        for pool in (b"OMP_NUM_THREADS", b"MKL_NUM_THREADS", b"OPENBLAS_NUM_THREADS"):
+            assert pool + b"=" + str(threads).encode() in environ
 
 
 def test_the_admin_token_stays_private(deployed: Deployed) -> None:
