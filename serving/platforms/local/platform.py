@@ -35,13 +35,12 @@ from serving.config.layout import (
     dummy_weights_dir,
     weights_dir,
 )
-from serving.config.loader import models_dir
 from serving.config.profile import Profile, Shadow
 from serving.control.drain import drain
 from serving.control.router_client import RouterAdminError
 from serving.control.routes import release_backend, traffic_backends
 from serving.core.errors import DeployFailed
-from serving.core.home import repo_pythonpath, rollout_home
+from serving.core.home import rollout_home
 from serving.core.procs import free_port, spawn, start_ticks, stop_process, sweep
 from serving.core.restarts import RestartPolicy
 from serving.domain.records import ReleaseStore
@@ -56,6 +55,7 @@ from serving.engines.deepgemm import (
 )
 from serving.engines.sglang import COMPILE_ENTRYPOINT, Command
 from serving.platform import Target
+from serving.platforms.local.engine_env import engine_env, engine_threads
 from serving.platforms.local.inventory import Inventory, Owner, ProcessRecord
 from serving.platforms.local.release_events import (
     crashes_since,
@@ -418,7 +418,7 @@ class LocalPlatform:
         # writing to a closed pipe would fail at its next event.
         threads = engine_threads(profile, running=self._running_engines())
         with log_path.open("ab") as log, events.open("wb") as out:
-            process = spawn(argv, cwd=workdir, env=_server_env(threads), stdout=out, stderr=log)
+            process = spawn(argv, cwd=workdir, env=engine_env(threads), stdout=out, stderr=log)
         record = ProcessRecord(
             kind="release", name=rid, pid=process.pid, pgid=process.pid,
             ticks=start_ticks(process.pid), port=port, owner=self.owner, keep=self.keep_serving,
@@ -506,12 +506,6 @@ STOP_GRACE_SECONDS = 5.0
 # Requests in flight when the orchestrator finishes get this long to complete.
 SHUTDOWN_DRAIN_SECONDS = 5.0
 ONE_LINE_CHARS = 500
-# During a canary, stable and the canary run side by side; a release started alone will be
-# joined by the next canary, and its thread count is fixed at its start.
-ENGINES_SHARING_A_HOST = 2
-# The thread pools an engine's numeric libraries size from the environment (torch's intra-op
-# pool reads OMP_NUM_THREADS; MKL and OpenBLAS their own); each defaults to a thread per core.
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def _served_path(profile: Profile) -> PurePosixPath:
@@ -522,29 +516,6 @@ def _served_path(profile: Profile) -> PurePosixPath:
     if path.is_absolute() or ".." in path.parts or str(path) != name:
         raise DeployFailed(f"{profile.name}: served_model_name {name!r} is not a plain name")
     return path
-
-
-def _server_env(threads: int) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # Releases on one host share its cores. Left alone, each engine's torch takes a thread per
-    # core, and stable plus a canary oversubscribe the CPU: on 2 cores the demo's canary then
-    # answered 3-6 requests per 30 s bake (TTFT p50 2-7 s) and was never judged; with a
-    # budget, 20-30 (TTFT p50 0.8-1.6 s). A value the user set wins.
-    for name in THREAD_ENV:
-        env.setdefault(name, str(threads))
-    # The supervisor runs in the release's directory: paths it inherits must be absolute.
-    env["PYTHONPATH"] = repo_pythonpath()
-    env["ROLLOUT_MODELS_DIR"] = str(models_dir().resolve())
-    return env
-
-
-def engine_threads(profile: Profile, running: int, cores: int | None = None) -> int:
-    """CPU threads for one local engine: its profile's `resources.cpu`, capped by the host's
-    cores shared among the engines that run beside it (`running` already do, at least a
-    stable and a canary)."""
-    cores = cores or len(os.sched_getaffinity(0))
-    sharing = max(ENGINES_SHARING_A_HOST, running + 1)
-    return max(1, min(int(profile.resources.cpu), cores // sharing))
 
 
 def _one_line(text: str) -> str:

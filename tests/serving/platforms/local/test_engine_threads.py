@@ -8,7 +8,7 @@ import pytest
 
 from serving.config.loader import load_profile
 from serving.config.profile import Profile
-from serving.platforms.local.platform import engine_threads
+from serving.platforms.local.engine_env import engine_threads
 
 
 def with_cpu(cpu: float) -> Profile:
