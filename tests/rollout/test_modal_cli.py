@@ -180,7 +180,10 @@ def shorten(models: Path, name: str) -> None:
     profile["probes"] = ["chat"]
     profile["canary"] |= {
         "steps": [{"weight": 50, "bake_seconds": BAKE_SECONDS}, {"weight": 100, "bake_seconds": 0}],
-        "gates": {"min_requests": MIN_REQUESTS, "max_error_rate": 0.05},
+        # Two identical FAKE engines: their latency ratio is the machine's noise (a busy one
+        # saw a p99 ratio of 8.6); the error gate is what these runs decide on.
+        "gates": {"min_requests": MIN_REQUESTS, "max_error_rate": 0.05,
+                  "max_ttft_p50_ratio": 100, "max_ttft_p99_ratio": 100},
         "golden_prompts": [],
         "retire_grace_seconds": 20,
     }
