@@ -23,31 +23,21 @@ from dev.mirror import MirrorServer
 from dev.mirror_faults import CorruptFault
 from serving.config.layout import SENTINEL_NAME
 from serving.verification import verify_revision
-from serving.weights import digests
-from serving.weights.digests import HashingWriter, HashStatus
+from serving.weights.digests import HashingWriter
 from serving.weights.download import Transfer, download, read_sentinel, write_sentinel
 from serving.weights.fetch import HashMethod, fetch_proven
 from serving.weights.hub import fetch_files
 from serving.weights.models import FileEntry, Stamp
 from serving.weights.verify import EVIDENCE_FRESH_FOR, verify
 from tests.mirror_fixtures import MID_SHARD, SYNTHETIC_SHARDS, SyntheticRepo
-from tests.serving.weights.test_weights_repair import flip_a_byte, profile_of, resolve_gets
+from tests.serving.weights.test_weights_repair import (
+    count_hashing,
+    flip_a_byte,
+    profile_of,
+    resolve_gets,
+)
 
 CLOCK_DEADLINE_S = 5.0
-
-
-def count_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Bytes read to hash, per repo path."""
-    reads: dict[str, int] = {}
-    real = digests.hash_file
-
-    def counted(path: Path, entry: FileEntry) -> tuple[HashStatus, int]:
-        status, read = real(path, entry)
-        reads[entry.path] = reads.get(entry.path, 0) + read
-        return status, read
-
-    monkeypatch.setattr(digests, "hash_file", counted)
-    return reads
 
 
 def after_the_filesystem_clock_passes(stamp: Stamp, directory: Path) -> None:
@@ -73,7 +63,7 @@ def test_a_fresh_download_is_proven_without_reading_it_again(
 ) -> None:
     profile = profile_of(synthetic_repo.repo_id)
     root = tmp_path / "weights"
-    reads = count_reads(monkeypatch)
+    reads = count_hashing(monkeypatch)
 
     first = download(
         profile, synthetic_repo.v1, root, endpoint=mirror.url, progress=None,
