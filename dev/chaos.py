@@ -29,6 +29,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import openai
+
 from dev.chaos_checks import (
     Check,
     become_subreaper,
@@ -58,6 +60,10 @@ DEFAULT_SEED = 1
 # A rollout that has not ended in this long is hung: it is killed and the trial fails.
 RUN_TIMEOUT_SECONDS = 15 * 60
 CLIENTS = {"real": 3, "fake": 2}
+# Clients as users run them: the openai SDK's default retries (a connection reset while a
+# SIGKILLed router's requests were in flight is retried, as it is for any SDK user). Each
+# retried attempt is still shown, by cause, under the table.
+CLIENT_RETRIES = openai.DEFAULT_MAX_RETRIES
 # FAKE engines answer at once: a pause keeps two clients from taking the CPU's every cycle.
 CLIENT_PAUSE_SECONDS = {"real": 0.0, "fake": 0.1}
 DECISIONS = ("promoted", "rolled-back", "no-op")
@@ -84,6 +90,7 @@ class Row:
     checks: list[Check]
     sent: int
     causes: Counter[str] = field(default_factory=Counter)
+    retried: Counter[str] = field(default_factory=Counter)  # attempts the SDK retried
 
     @property
     def converged(self) -> bool:
@@ -171,7 +178,8 @@ def trial(world: World, load: ChatLoad, index: int, kind: FaultKind, moment: flo
     results = load.since(window, time.time())
     causes = failure_causes(results)
     checks = [*verdict.checks, clients_check(causes)]
-    return Row(index, kind, shot, interrupted, recovery, checks, len(results), causes)
+    retried = Counter(cause for result in results for cause in result.retried)
+    return Row(index, kind, shot, interrupted, recovery, checks, len(results), causes, retried)
 
 
 def schedule(trials: int, seed: int, rollout_seconds: float,
@@ -206,6 +214,10 @@ def explain(row: Row) -> list[str]:
     if row.causes:
         failed = ", ".join(f"{count} {cause}" for cause, count in row.causes.most_common())
         lines.append(f"   {row.index}: client requests failed: {failed}")
+    if row.retried:
+        retried = ", ".join(f"{count} {cause}" for cause, count in row.retried.most_common())
+        lines.append(f"   {row.index}: attempts the SDK retried (the user saw the retry's "
+                     f"answer): {retried}")  # fmt: skip
     if not row.recovery.decided:
         lines.append(f"   {row.index}: recovery run: {row.recovery.outcome}")
     # The clients' check is the causes line above.
@@ -219,9 +231,11 @@ def summary(rows: list[Row]) -> str:
     causes = sum((row.causes for row in rows), Counter())
     failed = sum(causes.values())
     split = ", ".join(f"{count} {cause}" for cause, count in causes.most_common())
+    retried = sum((row.retried for row in rows), Counter())
     worst = max((row.recovery.seconds for row in rows), default=0.0)
     return (f"trials {len(rows)}, converged {sum(row.converged for row in rows)}, "
             f"client requests sent {sent} / failed {failed}{f' ({split})' if split else ''}, "
+            f"attempts retried by the SDK {sum(retried.values())}, "
             f"worst recovery {worst:.0f}s")  # fmt: skip
 
 
@@ -264,14 +278,15 @@ def chaos(trials: int, seed: int, engine: Engine, home: Path, prefect_api: str |
         rows: list[Row] = []
         router = world.platform.router_url(world.profile)
         with ChatLoad(router, world.profile.served_model_name, workers=CLIENTS[engine],
-                      pause_s=CLIENT_PAUSE_SECONDS[engine]) as load:  # fmt: skip
+                      pause_s=CLIENT_PAUSE_SECONDS[engine],
+                      max_retries=CLIENT_RETRIES) as load:  # fmt: skip
             plan = schedule(trials, seed, rollout_seconds, faults)
             for index, (kind, moment) in enumerate(plan, 1):
                 row = trial(world, load, index, kind, moment)
                 rows.append(row)
                 print(render(row), flush=True)
         for row in rows:
-            if not row.converged or row.causes:
+            if not row.converged or row.causes or row.retried:
                 print("\n".join(explain(row)))
         print(summary(rows), flush=True)
     return 0 if all(row.converged for row in rows) else 1

@@ -2,11 +2,15 @@
 client threads sending requests back to back with the `openai` SDK, as real clients do (closed
 loop: the load follows what the engines can serve), each request recorded as the client saw it.
 
-The SDK's own retries are off: each failed attempt is recorded, so a 503 the SDK would have
-retried after its Retry-After still counts, with that header kept."""
+By default the SDK's own retries are off: each failed attempt is a failed request, so a 503 the
+SDK would have retried after its Retry-After still counts, with that header kept. With
+`max_retries` (the chaos run: clients as users run them, with the SDK's default retries) a
+request fails only if its last attempt did, and every attempt the SDK retried is kept with the
+request, by cause: a retried attempt is hidden from the user, never from the report."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -28,10 +32,30 @@ class Result:
     backend: str | None  # the release that answered (the router's x-rollout-backend)
     error: str | None = None  # None only for a 200 with an answer
     retry_after: str | None = None  # the Retry-After header of a failed answer
+    retried: tuple[str, ...] = ()  # causes of the failed attempts the SDK retried before this
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+class AttemptLog(httpx.HTTPTransport):
+    """The worker's transport, noting how each attempt ended: the SDK retries above it, so only
+    here is every attempt seen. One per worker thread, cleared before each request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outcomes: list[str] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            response = super().handle_request(request)
+        except httpx.TransportError as exc:
+            self.outcomes.append(type(exc).__name__)
+            raise
+        retry_after = "+Retry-After" if "retry-after" in response.headers else ""
+        self.outcomes.append(f"HTTP {response.status_code}{retry_after}")
+        return response
 
 
 class ChatLoad:
@@ -43,13 +67,14 @@ class ChatLoad:
     def __init__(self, router_url: str, model: str, *, workers: int,
                  limit_s: float | None = None, prompts: tuple[str, ...] = DEFAULT_PROMPTS,
                  max_tokens: int = 8, pause_s: float = 0.0,
-                 temperature: float | None = None) -> None:  # fmt: skip
+                 temperature: float | None = None, max_retries: int = 0) -> None:  # fmt: skip
         self.base_url = f"{router_url}/v1"
         self.model = model
         self.prompts = prompts
         self.max_tokens = max_tokens
         self.pause_s = pause_s
         self.sampling = {} if temperature is None else {"temperature": temperature}
+        self.max_retries = max_retries
         self.results: list[Result] = []
         self._lock = threading.Lock()  # the workers append while the caller reads
         self._stop = threading.Event()
@@ -89,11 +114,15 @@ class ChatLoad:
 
     def _work(self, index: int) -> None:
         sent = index  # each worker starts at another prompt
-        http = httpx.Client(timeout=REQUEST_TIMEOUT_SECONDS, trust_env=False)
-        with openai.OpenAI(base_url=self.base_url, api_key=NO_KEY, max_retries=0,
+        attempts = AttemptLog()
+        http = httpx.Client(timeout=REQUEST_TIMEOUT_SECONDS, trust_env=False, transport=attempts)
+        with openai.OpenAI(base_url=self.base_url, api_key=NO_KEY, max_retries=self.max_retries,
                            http_client=http) as client:  # fmt: skip
             while not self._stop.is_set() and time.monotonic() < self._deadline:
+                attempts.outcomes.clear()
                 result = self._one(client, self.prompts[sent % len(self.prompts)])
+                # The SDK tries again only after a failure: every attempt but the last failed.
+                result = dataclasses.replace(result, retried=tuple(attempts.outcomes[:-1]))
                 with self._lock:
                     self.results.append(result)
                 sent += 1
