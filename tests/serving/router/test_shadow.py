@@ -9,12 +9,16 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
 from router_fixtures import Proc, RouterProc, backend, configure_engine, wait_until
 
+from serving.config.profile import Shadow
+from serving.control.routes import release_backend
+from serving.domain.release import Release
 from serving.router.table import DEFAULT_SHADOW_SEND
 
 # Room for every copy of a test's requests at once: which copies overlap depends on the machine.
@@ -178,3 +182,13 @@ def test_the_shadow_is_in_the_routing_table_view(router: RouterProc,
     view = httpx.get(f"{router.url}/admin/routes", headers=router.admin_headers(), timeout=5)
     entries = {b["name"]: b["shadow"] for b in view.json()["models"]["shadow-view"]}
     assert entries == {stable.name: None, canary.name: {**SHADOW_ALL, "send": DEFAULT_SHADOW_SEND}}
+
+
+@pytest.mark.parametrize("send", SENDS)
+def test_the_profiles_shadow_step_reaches_the_routing_table_whole(send: str) -> None:
+    release = Release(model="m", revision="r", id="m-canary", url="http://127.0.0.1:1",
+                      deployed_at=datetime.now(UTC))  # fmt: skip
+    step = Shadow.model_validate({"percent": 10, "seconds": 60, "max_in_flight": 3, "send": send})
+    shadow = release_backend(release, 0, None, step).shadow
+    assert shadow is not None
+    assert shadow.model_dump() == {"percent": 10, "max_in_flight": 3, "send": send}
