@@ -1,36 +1,35 @@
-"""Stable's latency with and without shadow copies to a canary, measured in one run.
+"""Stable's latency without shadow copies and with each way of sending them, in one run.
 
-    .venv/bin/python bench/shadow.py [--rounds 4] [--requests 200] [--clients 8] [--delay-ms 50]
+    .venv/bin/python bench/shadow.py [--rounds 3] [--rate 20] [--seconds 10] [--delay-ms 50]
 
 Topology (127.0.0.1, one process each): the router (`python -m serving.router`), a stable and
 a canary engine (the FAKE engine of tests/, answering after `--delay-ms` like a generation
-would, without burning the CPU the router needs), and this load generator. Stable has all the
-weight; the canary 0%. Rounds alternate three phases so drift on a shared machine hits all
-alike:
+would, without burning the CPU the router needs), and this load generator, which sends chats
+at a fixed open-loop rate (bench/openloop.py: each answer timed from its scheduled moment, so
+a slower router cannot slow the load down and hide its queue). Stable has all the weight; the
+canary 0%. Rounds alternate three phases so drift on a shared machine hits all alike:
 
     baseline   no shadow
-    direct     no shadow; the load generator itself sends each request again to the canary
-               once stable answered (8 in flight at most): the canary's work on this host
-    shadow     the router copies 100% of stable's requests to the canary (8 in flight at most)
+    after      the router copies 100% of stable's requests once the client has the answer
+    parallel   the router copies 100% of stable's requests with the request, before stable
+               is asked
 
-The router sends a copy only after the client has stable's whole answer, so what stable's
-clients can pay is the router's own work for copies (a JSON parse, a send, a comparison) on its
-one event loop, and here, where all share two cores, the canary engine's CPU (on Modal it has
-GPUs of its own). `direct` puts the canary's work on the host without the router's. Printed:
-stable's client-side latency p50/p99 per phase, the ratios and added milliseconds, the router's
-CPU milliseconds per client request in each phase (its own cost of copying, whatever the host's
-load), and how many copies the router compared.
+(8 copies in flight at most.) What stable's clients can pay either way is the router's own work
+for copies (a JSON parse, a send, a comparison) on its one event loop, and here, where all share
+two cores, the canary engine's CPU (on Modal it has GPUs of its own). Printed: stable's latency
+p50/p99 per phase with the router's CPU milliseconds per client request, each mode's ratio to
+the baseline and to the other mode, and the copies' own latency (send to the canary's whole
+answer, as the router measured it) with how many it compared.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import math
 import os
 import secrets
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -41,14 +40,23 @@ from typing import Any
 
 import httpx
 import psutil
+from openloop import OpenLoop, p50_p99
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_ENGINE = REPO / "tests" / "fake_engine.py"
 MODEL = "bench-shadow"
 READY_TIMEOUT_S = 20.0
-SHADOW = {"percent": 100, "max_in_flight": 8}
+MAX_IN_FLIGHT = 8
+MODES: dict[str, dict[str, Any] | None] = {
+    "baseline": None,
+    "after": {"percent": 100, "max_in_flight": MAX_IN_FLIGHT, "send": "after"},
+    "parallel": {"percent": 100, "max_in_flight": MAX_IN_FLIGHT, "send": "parallel"},
+}
+# Deterministic, so every copy is judged (an identical canary agrees on each).
 BODY = {"model": MODEL, "temperature": 0, "max_tokens": 8,
         "messages": [{"role": "user", "content": "What is 2+2?"}]}  # fmt: skip
+WARM_SECONDS = 1.0
+MS = 1000
 
 
 def _free_port() -> int:
@@ -81,56 +89,32 @@ def _process(argv: list[str], port: int,
         process.wait(10)
 
 
-def _engine(name: str, delay_ms: float) -> list[str]:
-    config = json.dumps({"delay_s": delay_ms / 1000})
-    return [str(FAKE_ENGINE), "--name", name, "--config", config, "--port"]
+def _engine(name: str, delay_ms: float, port: int) -> list[str]:
+    config = json.dumps({"delay_s": delay_ms / MS})
+    return [str(FAKE_ENGINE), "--name", name, "--config", config, "--port", str(port)]
 
 
-async def _phase(router: str, requests: int, clients: int,
-                 copy_to: str | None = None) -> list[float]:  # fmt: skip
-    """Closed loop: `clients` workers send `requests` in all; each latency in seconds. With
-    `copy_to`, each answered request is also sent there, off the worker's path, as the router
-    would copy it."""
-    latencies: list[float] = []
-    remaining = iter(range(requests))
-    copies: set[asyncio.Task[httpx.Response]] = set()
-    in_flight = asyncio.Semaphore(int(SHADOW["max_in_flight"]))
-    limits = httpx.Limits(max_connections=clients * 2, max_keepalive_connections=clients * 2)
-    async with httpx.AsyncClient(timeout=30, limits=limits, trust_env=False) as client:
-
-        async def copy(url: str) -> httpx.Response:
-            try:
-                return await client.post(f"{url}/v1/chat/completions", json=BODY)
-            finally:
-                in_flight.release()
-
-        async def worker() -> None:
-            for _ in remaining:
-                t0 = time.perf_counter()
-                response = await client.post(f"{router}/v1/chat/completions", json=BODY)
-                response.raise_for_status()
-                latencies.append(time.perf_counter() - t0)
-                if copy_to is not None and not in_flight.locked():
-                    await in_flight.acquire()
-                    task = asyncio.create_task(copy(copy_to))
-                    copies.add(task)
-                    task.add_done_callback(copies.discard)
-
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        await asyncio.gather(*copies)
-    return latencies
+def _load(router: str, rate: float, seconds: float) -> list[float]:
+    """Stable's answer times (seconds) under `seconds` of open-loop load at `rate`."""
+    load = OpenLoop(router, MODEL, rate)
+    load.body = BODY
+    with load:
+        time.sleep(seconds)
+    failed = sum(a.status != 200 for a in load.answers)
+    if failed:
+        raise RuntimeError(f"{failed} client requests failed")
+    return [a.seconds for a in load.answers]
 
 
-def _nearest_rank(values: list[float], p: int) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+def _ms(seconds: float) -> str:
+    return f"{seconds * MS:7.2f} ms"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=200, help="per phase and round")
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=20.0, help="client requests per second")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per phase and round")
     parser.add_argument("--delay-ms", type=float, default=50.0, help="each engine's answer time")
     args = parser.parse_args()
     token = secrets.token_hex(16)
@@ -138,11 +122,12 @@ def main() -> None:
     stable_port, canary_port, router_port = _free_port(), _free_port(), _free_port()
     router_argv = ["-m", "serving.router", "--port", str(router_port),
                    "--admin-token-env", "BENCH_ADMIN_TOKEN"]  # fmt: skip
+    latencies: dict[str, list[float]] = {mode: [] for mode in MODES}
+    cpu_s = dict.fromkeys(MODES, 0.0)
+    copies: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES if MODES[mode]}
     with (
-        _process([*_engine("stable", args.delay_ms), str(stable_port)],
-                 stable_port) as (stable, _),
-        _process([*_engine("canary", args.delay_ms), str(canary_port)],
-                 canary_port) as (canary, _),
+        _process(_engine("stable", args.delay_ms, stable_port), stable_port) as (stable, _),
+        _process(_engine("canary", args.delay_ms, canary_port), canary_port) as (canary, _),
         _process(router_argv, router_port, {"BENCH_ADMIN_TOKEN": token}) as (router, pid),
     ):
         router_cpu = psutil.Process(pid)
@@ -153,37 +138,59 @@ def main() -> None:
             httpx.put(f"{router}/admin/routes/{MODEL}", json=backends, headers=admin,
                       timeout=10, trust_env=False).raise_for_status()  # fmt: skip
 
-        started = time.time()
+        def shadow_stats(since: float, until: float) -> dict[str, Any]:
+            stats = httpx.get(f"{router}/admin/stats", headers=admin, timeout=10, trust_env=False,
+                              params={"model": MODEL, "since": since, "until": until}).json()
+            return dict(stats["shadow"]["canary"])
+
+        def settled(since: float) -> dict[str, Any]:
+            """The phase's copies, once the last of them is compared."""
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while (stats := shadow_stats(since, time.time()))["in_flight"] and (
+                    time.monotonic() < deadline):  # fmt: skip
+                time.sleep(args.delay_ms / MS)
+            return stats
+
         route(None)
-        asyncio.run(_phase(router, args.clients * 4, args.clients))  # warm the connections
-        phases: dict[str, list[float]] = {"baseline": [], "direct": [], "shadow": []}
-        cpu_s = dict.fromkeys(phases, 0.0)
+        _load(router, args.rate, WARM_SECONDS)  # the connections are open for every phase
         for _ in range(args.rounds):
-            for name, shadow, copy_to in (("baseline", None, None), ("direct", None, canary),
-                                          ("shadow", SHADOW, None)):  # fmt: skip
+            for mode, shadow in MODES.items():
                 route(shadow)
-                before = sum(router_cpu.cpu_times()[:2])
-                phases[name] += asyncio.run(_phase(router, args.requests, args.clients, copy_to))
-                cpu_s[name] += sum(router_cpu.cpu_times()[:2]) - before
-        time.sleep(1)  # the last copies finish
-        stats = httpx.get(f"{router}/admin/stats", params={"model": MODEL, "since": started},
-                          headers=admin, timeout=10, trust_env=False).json()  # fmt: skip
-    copies = stats["shadow"]["canary"]
-    canary_served = stats["backends"].get("canary", {}).get("requests", 0)
-    print(f"stable's latency, {args.clients} clients, engines answer in {args.delay_ms:g} ms, "
-          f"{args.rounds} alternating rounds of {args.requests} requests per phase")
-    for name, values in phases.items():
-        print(f"  {name:8}  n={len(values):5}  p50 {_nearest_rank(values, 50) * 1000:7.2f} ms"
-              f"  p99 {_nearest_rank(values, 99) * 1000:7.2f} ms"
-              f"  router CPU {cpu_s[name] / len(values) * 1000:.3f} ms/request")
-    for p in (50, 99):
-        base, direct, shadowed = (_nearest_rank(phases[n], p) for n in phases)
-        print(f"  p{p}: shadow / baseline = {shadowed / base:.3f} ({(shadowed - base) * 1000:+.2f}"
-              f" ms); direct / baseline = {direct / base:.3f} ({(direct - base) * 1000:+.2f} ms);"
-              f" shadow / direct = {shadowed / direct:.3f} ({(shadowed - direct) * 1000:+.2f} ms)")
-    print(f"  copies: {copies['copies']} sent, {copies['compared']} compared, "
-          f"{copies['skipped']} skipped at the cap, {copies['errors']} failed; agreement "
-          f"{copies['agreement']}; client requests the canary served: {canary_served}")
+                started, before = time.time(), sum(router_cpu.cpu_times()[:2])
+                latencies[mode] += _load(router, args.rate, args.seconds)
+                cpu_s[mode] += sum(router_cpu.cpu_times()[:2]) - before
+                if shadow is not None:
+                    copies[mode].append(settled(started))
+    _print(args, latencies, cpu_s, copies)
+
+
+def _print(args: argparse.Namespace, latencies: dict[str, list[float]], cpu_s: dict[str, float],
+           copies: dict[str, list[dict[str, Any]]]) -> None:  # fmt: skip
+    print(f"stable's latency at {args.rate:g} requests/s open loop, engines answer in "
+          f"{args.delay_ms:g} ms, {args.rounds} alternating rounds of {args.seconds:g} s per phase")
+    for mode, values in latencies.items():
+        p50, p99 = p50_p99(values)
+        print(f"  {mode:9} n={len(values):5}  p50 {_ms(p50)}  p99 {_ms(p99)}  "
+              f"router CPU {cpu_s[mode] / len(values) * MS:.3f} ms/request")
+    base = p50_p99(latencies["baseline"])
+    for mode in copies:
+        ours = p50_p99(latencies[mode])
+        print(f"  {mode:9} / baseline: p50 {ours[0] / base[0]:.3f} ({(ours[0] - base[0]) * MS:+.2f}"
+              f" ms), p99 {ours[1] / base[1]:.3f} ({(ours[1] - base[1]) * MS:+.2f} ms)")
+    after, parallel = p50_p99(latencies["after"]), p50_p99(latencies["parallel"])
+    print(f"  parallel / after: p50 {parallel[0] / after[0]:.3f}, p99 {parallel[1] / after[1]:.3f}")
+    print("copies (as the router measured them; p50 the median of the rounds', p99 the worst)")
+    for mode, rounds in copies.items():
+        compared = sum(r["compared"] for r in rounds)
+        p50s = [r["latency_s"]["p50"] for r in rounds if r["latency_s"]["p50"] is not None]
+        p99s = [r["latency_s"]["p99"] for r in rounds if r["latency_s"]["p99"] is not None]
+        agreement = [r["agreement"] for r in rounds if r["agreement"] is not None]
+        latency = (f"p50 {_ms(statistics.median(p50s))}  p99 {_ms(max(p99s))}" if p50s
+                   else "none answered")  # fmt: skip
+        print(f"  {mode:9} {latency}  {compared} compared, "
+              f"{sum(r['skipped'] for r in rounds)} skipped at the cap, "
+              f"{sum(r['errors'] for r in rounds)} failed, agreement "
+              f"{min(agreement) if agreement else 'n/a'} (worst round)")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ answers differ).
 
 Faults are set on the command line and replaced at runtime with ``PUT /fake/config`` (JSON,
 a ``FakeConfig``: fields left out are back to their defaults). A request may override the
-delay with the ``x-fake-delay-ms`` header.
+delay with the ``x-fake-delay-ms`` header. ``GET /fake/requests`` counts the completions that
+arrived.
 
 Run: ``python tests/fake_engine.py --port 18001 --name smollm2-135m-aaaa [--api-key-env VAR]``
 """
@@ -120,6 +121,10 @@ class FakeEngine:
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model"}]})
 
+    async def requests_seen(self, request: Request) -> Response:
+        """How many completions arrived, counted before their delay: when a request got here."""
+        return JSONResponse({"requests": self.requests})
+
     async def set_config(self, request: Request) -> Response:
         self._use(FakeConfig.model_validate_json(await request.body() or b"{}"))
         return JSONResponse(self.config.model_dump())
@@ -131,6 +136,7 @@ class FakeEngine:
             Route("/v1/models", self.models),
             Route("/health", self.health),
             Route("/fake/config", self.set_config, methods=["PUT"]),
+            Route("/fake/requests", self.requests_seen),
         ])
 
 

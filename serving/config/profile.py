@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from serving.router.table import DEFAULT_SHADOW_SEND, ShadowSend
+
 MINUTES = 60
 
 
@@ -215,6 +217,8 @@ class Shadow(_Strict):
     percent: float = Field(gt=0, le=100, description="share of stable's chat requests copied")
     seconds: float = Field(gt=0)
     max_in_flight: int = Field(8, ge=1, description="copies in flight at most; more are skipped")
+    send: ShadowSend = Field(DEFAULT_SHADOW_SEND, description="'after' stable's whole answer, "
+                             "or 'parallel' with stable's request")
 
 
 class CanaryStep(_Strict):

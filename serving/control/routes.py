@@ -89,7 +89,8 @@ def release_backend(
     """A release as the router's backend. The router reads the engine's key from its own
     environment: the store holds the variable's name (`key_env`), never the key."""
     copies = (
-        ShadowCopy(percent=shadow.percent, max_in_flight=shadow.max_in_flight) if shadow else None
+        ShadowCopy(percent=shadow.percent, max_in_flight=shadow.max_in_flight, send=shadow.send)
+        if shadow else None
     )
     return Backend(name=release.id, url=release.url, weight=weight, api_key_env=key_env,
                    shadow=copies)  # fmt: skip

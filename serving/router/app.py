@@ -270,10 +270,12 @@ class RouterApp:
             await send_unavailable(send, "no backend with weight > 0")
             return
         assert self._forwarder is not None
-        tap = self._shadow.tap(model, scope, target)
-        await self._forwarder.forward(model, target, scope, body, receive, send, tap)
-        if tap is not None:
-            self._shadow.copy(model, body, tap)
+        tap = self._shadow.tap(model, scope, target, body)
+        try:
+            await self._forwarder.forward(model, target, scope, body, receive, send, tap)
+        finally:
+            if tap is not None:
+                self._shadow.settle(tap)
 
 
 def _keep_previous_key(new: Backend, old: Backend | None) -> Backend:

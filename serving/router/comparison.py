@@ -25,6 +25,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from serving.router.measurements import Percentiles, percentiles
+
 TOKEN = re.compile(r"\w+|[^\w\s]")
 # How much of a prompt and of each answer a disagreement shows.
 HEAD_CHARS = 80
@@ -82,6 +84,10 @@ class ShadowStats(BaseModel):
     error_rate: float = 0.0
     skipped: int = Field(0, description="not sent: the cap on copies in flight was reached")
     in_flight: int = 0
+    latency_s: Percentiles = Field(
+        default_factory=lambda: percentiles([]),
+        description="compared copies: from the send to the canary's whole answer, seconds",
+    )
     deterministic: int = 0
     agreement: float | None = Field(None, description="share of deterministic copies agreeing")
     tool_calls: int = 0
@@ -120,8 +126,8 @@ def compare(request: dict[str, Any], stable: Answer, canary: Answer, *, at: floa
     )  # fmt: skip
 
 
-def summarise(comparisons: list[Comparison], errors: int, skipped: int,
-              in_flight: int) -> ShadowStats:  # fmt: skip
+def summarise(comparisons: list[Comparison], errors: int, skipped: int, in_flight: int,
+              latencies: Iterable[float] = ()) -> ShadowStats:  # fmt: skip
     deterministic = [c.agree for c in comparisons if c.deterministic]
     tools = [c.tools_match for c in comparisons if c.tools_match is not None]
     formats = [c.json_valid for c in comparisons if c.json_valid is not None]
@@ -130,6 +136,7 @@ def summarise(comparisons: list[Comparison], errors: int, skipped: int,
     return ShadowStats(
         copies=copies, compared=len(comparisons), errors=errors,
         error_rate=errors / copies if copies else 0.0, skipped=skipped, in_flight=in_flight,
+        latency_s=percentiles(list(latencies)),
         deterministic=len(deterministic), agreement=_share(deterministic),
         tool_calls=len(tools), tool_agreement=_share(tools),
         json_requests=len(formats), json_agreement=_share(formats),

@@ -1,16 +1,23 @@
 """Shadow traffic: copies of live chat requests sent to a canary, its answers compared with
 stable's, then dropped.
 
-A backend whose routing-table entry has `shadow` {percent, max_in_flight} receives a copy of
-that share of its model's chat completions answered by another backend. The copy is sent once
-the client has the whole answer (the answer is kept as it is relayed: a `Tap`), so it cannot
-delay it; the only thing the two share is the router's event loop (bench/shadow.py measures
-stable's latency with and without). The copy is never streamed, whatever the client asked: only
+A backend whose routing-table entry has `shadow` {percent, max_in_flight, send} receives a
+copy of that share of its model's chat completions answered by another backend. Stable's answer
+is kept as it is relayed to the client (a `Tap`); the copy is sent as `send` says:
+
+    after      once the client has stable's whole answer, so it cannot delay it; only then
+               is it known whether there is an answer to compare with
+    parallel   with stable's request, before stable is asked: the canary answers while stable
+               does, and the comparison waits for stable's answer to be whole
+
+Either way the two share only the router's event loop (bench/shadow.py measures stable's latency
+without copies and with each mode). The copy is never streamed, whatever the client asked: only
 its answer matters. The client never sees it.
 
-Costs are bounded: at most `max_in_flight` copies per canary at once; a copy over the cap is
-skipped and counted. Copies are counted here, on their own: they never enter the canary's
-client-facing measurements (serving.router.measurements), nor its error rate.
+Costs are bounded: at most `max_in_flight` copies per canary at once, in either mode, counted
+from the send to the canary's answer; a copy over the cap is skipped and counted. Copies are
+counted here, on their own: they never enter the canary's client-facing measurements
+(serving.router.measurements), nor its error rate. The copies' own latency is kept too.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from serving.core.redaction import Redactor, mask_credentials
 from serving.router.asgi import JSON_CT, Scope
 from serving.router.balancing import CHAT_PATH, ModelRoute, Target
 from serving.router.comparison import Answer, Comparison, ShadowStats, compare, summarise
-from serving.router.table import RoutingTable
+from serving.router.table import RoutingTable, ShadowSend
 from serving.router.upstream import UpstreamClient, UpstreamError
 
 logger = logging.getLogger("rollout.router")
@@ -39,31 +46,51 @@ MAX_EVENTS_PER_CANARY = 50_000
 STREAM_FIELDS = ("stream", "stream_options")
 
 
-@dataclass(slots=True)
-class Tap:
-    """Stable's answer, kept as it is relayed to the client (serving.router.proxy)."""
-
-    started_at: float = field(default_factory=time.time)
-    chunks: list[bytes] = field(default_factory=list)
-    backend: str | None = None  # who answered: None until an answer reached the client whole
-    status: int = 0
-    streamed: bool = False
-
-    def finish(self, backend: str, status: int, streamed: bool) -> None:
-        self.backend, self.status, self.streamed = backend, status, streamed
-
-
 @dataclass(frozen=True, slots=True)
 class _Shadow:
     target: Target
     percent: float
     max_in_flight: int
+    send: ShadowSend
+
+
+@dataclass(slots=True)
+class Tap:
+    """A request to be copied: stable's answer, kept as it is relayed to the client
+    (serving.router.proxy), and the moment it is settled (whole, or never to be)."""
+
+    model: str
+    shadow: _Shadow
+    body: bytes
+    started_at: float = field(default_factory=time.time)
+    chunks: list[bytes] = field(default_factory=list)
+    backend: str | None = None  # who answered: None until an answer reached the client whole
+    status: int = 0
+    streamed: bool = False
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def finish(self, backend: str, status: int, streamed: bool) -> None:
+        self.backend, self.status, self.streamed = backend, status, streamed
+
+    def whole(self) -> bool:
+        """Stable's answer reached the client whole (not the canary's, after a retry)."""
+        return self.status == 200 and self.backend not in (None, self.shadow.target.name)
+
+    def answer(self) -> Answer | None:
+        """Stable's answer to compare with, if it has one."""
+        if not self.whole():
+            return None
+        try:
+            return Answer.parse(b"".join(self.chunks), self.streamed)
+        except ValueError:
+            return None
 
 
 class _Event(NamedTuple):
     at: float
     comparison: Comparison | None  # None: an error or a skip
     skipped: bool
+    latency_s: float | None = None  # a compared copy's, from its send to the canary's answer
 
 
 @dataclass
@@ -92,19 +119,20 @@ class Shadower:
         shadows: dict[str, _Shadow] = {}
         for model, backends in table.models.items():
             for backend in backends:
-                if backend.shadow is None:
+                if (copies := backend.shadow) is None:
                     continue
                 target = next(t for t in routes[model].targets if t.name == backend.name)
-                shadows[model] = _Shadow(target, backend.shadow.percent,
-                                         backend.shadow.max_in_flight)  # fmt: skip
+                shadows[model] = _Shadow(target, copies.percent, copies.max_in_flight,
+                                         copies.send)  # fmt: skip
         keys = (b.resolved_api_key() for bs in table.models.values() for b in bs)
         self._mask = _masker([*self._secrets, *(key for key in keys if key)])
         self._shadows = shadows
 
-    def tap(self, model: str, scope: Scope, target: Target) -> Tap | None:
+    def tap(self, model: str, scope: Scope, target: Target, body: bytes) -> Tap | None:
         """A Tap when this request is to be copied: a chat completion of a model with a shadow,
         sent to another backend, within the shadow's share. The share is spread evenly
-        (request 100/P, 200/P, ...), not drawn, so a short window gets its share."""
+        (request 100/P, 200/P, ...), not drawn, so a short window gets its share. A copy sent
+        in parallel leaves now, before stable is asked."""
         shadow = self._shadows.get(model)
         if (shadow is None or shadow.target.name == target.name
                 or scope["path"] != CHAT_PATH or scope["method"] != "POST"):  # fmt: skip
@@ -112,30 +140,55 @@ class Shadower:
         seen = self._seen[model] = self._seen.get(model, 0) + 1
         if int(seen * shadow.percent / 100) == int((seen - 1) * shadow.percent / 100):
             return None
-        return Tap()
+        tap = Tap(model, shadow, body)
+        if shadow.send == "parallel":
+            self._start(tap)
+        return tap
 
-    def copy(self, model: str, body: bytes, tap: Tap) -> None:
-        """Send the copy of a tapped request whose answer the client now has whole."""
-        shadow = self._shadows.get(model)
-        if shadow is None or tap.status != 200 or tap.backend in (None, shadow.target.name):
-            return  # the shadow ended, or there is no answer of stable's to compare with
-        try:
-            request = json.loads(body)
-            stable = Answer.parse(b"".join(tap.chunks), tap.streamed)
-        except ValueError:
-            return
-        series = self._get(model, shadow.target.name)
-        if series.in_flight >= shadow.max_in_flight:
+    def settle(self, tap: Tap) -> None:
+        """Stable's answer is whole, or will never be (called whatever became of the request).
+        A copy in parallel now compares; a copy after the answer leaves now, if there is an
+        answer to compare with and the shadow still runs."""
+        tap.settled.set()
+        current = self._shadows.get(tap.model)
+        if (tap.shadow.send == "after" and tap.whole() and current is not None
+                and current.target.name == tap.shadow.target.name):  # fmt: skip
+            self._start(tap)
+
+    def _start(self, tap: Tap) -> None:
+        series = self._get(tap.model, tap.shadow.target.name)
+        if series.in_flight >= tap.shadow.max_in_flight:
             self._add(series, _Event(tap.started_at, None, skipped=True))
             return
         series.in_flight += 1
-        task = asyncio.create_task(self._send(series, shadow.target, request, stable, tap))
+        task = asyncio.create_task(self._send(series, tap))
         self._copies.add(task)
         task.add_done_callback(self._copies.discard)
 
-    async def _send(self, series: _Series, target: Target, request: dict[str, Any],
-                    stable: Answer, tap: Tap) -> None:  # fmt: skip
-        comparison: Comparison | None = None
+    async def _send(self, series: _Series, tap: Tap) -> None:
+        """Ask the canary, then compare once stable's answer is settled. Only the canary's
+        part counts as in flight: that is the cost the cap bounds."""
+        request = _json_object(tap.body)
+        sent = time.perf_counter()
+        try:
+            canary = None if request is None else await self._ask(tap.shadow.target, request)
+        finally:
+            series.in_flight -= 1
+        if request is None:
+            return  # not a chat request stable could answer: nothing to compare
+        if canary is None:
+            self._add(series, _Event(tap.started_at, None, skipped=False))
+            return
+        latency_s = time.perf_counter() - sent
+        await tap.settled.wait()
+        stable = tap.answer()
+        if stable is None:
+            return  # stable's answer never came whole: the copy is dropped uncompared
+        comparison = compare(request, stable, canary, at=tap.started_at, mask=self._mask)
+        self._add(series, _Event(tap.started_at, comparison, False, latency_s))
+
+    async def _ask(self, target: Target, request: dict[str, Any]) -> Answer | None:
+        """The canary's whole answer to the copy; None when the copy failed."""
         try:
             whole = {k: v for k, v in request.items() if k not in STREAM_FIELDS}
             headers = [JSON_CT] + ([(b"authorization", target.auth)] if target.auth else [])
@@ -148,14 +201,10 @@ class Shadower:
                 finally:
                     response.close()
             if response.status == 200:
-                canary = Answer.parse(answer, streamed=False)
-                comparison = compare(request, stable, canary, at=tap.started_at,
-                                     mask=self._mask)  # fmt: skip
+                return Answer.parse(answer, streamed=False)
         except (UpstreamError, OSError, TimeoutError, ValueError) as exc:
             logger.info("shadow copy to %s failed: %s", target.name, type(exc).__name__)
-        finally:
-            series.in_flight -= 1
-            self._add(series, _Event(tap.started_at, comparison, skipped=False))
+        return None
 
     def stats(self, model: str, since: float, until: float) -> dict[str, ShadowStats]:
         """Per canary of the model, its copies of requests started in [since, until]."""
@@ -183,15 +232,25 @@ class Shadower:
 
 def _summary(events: Iterable[_Event], in_flight: int) -> ShadowStats:
     comparisons: list[Comparison] = []
+    latencies: list[float] = []
     errors = skipped = 0
     for event in events:
         if event.comparison is not None:
             comparisons.append(event.comparison)
+            latencies += [event.latency_s] if event.latency_s is not None else []
         elif event.skipped:
             skipped += 1
         else:
             errors += 1
-    return summarise(comparisons, errors, skipped, in_flight)
+    return summarise(comparisons, errors, skipped, in_flight, latencies)
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
 
 
 def _masker(secrets: list[str]) -> Callable[[str], str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -16,16 +16,22 @@ from pydantic import (
 
 MAX_WEIGHT = 100
 MAX_PERCENT = 100
+# When a shadow copy is sent: once the client has stable's whole answer, or with stable's
+# request (serving.router.shadow; bench/shadow.py measures what each costs stable).
+ShadowSend = Literal["after", "parallel"]
+DEFAULT_SHADOW_SEND: ShadowSend = "after"
 
 
 class ShadowCopy(BaseModel):
     """A backend's shadow: copies of `percent` of its model's chat requests answered by another
-    backend, compared and dropped (serving.router.shadow); at most `max_in_flight` at once."""
+    backend, compared and dropped (serving.router.shadow); at most `max_in_flight` at once,
+    each sent as `send` says."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     percent: float = Field(gt=0, le=MAX_PERCENT)
     max_in_flight: int = Field(ge=1)
+    send: ShadowSend = DEFAULT_SHADOW_SEND
 
 
 class Backend(BaseModel):

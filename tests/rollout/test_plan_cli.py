@@ -54,14 +54,18 @@ def test_plan_shows_how_long_a_thin_bake_may_go_on() -> None:
     assert "extends up to twice its length" in render_text(build_plan(load_profile("glm-5.1")))
 
 
-def test_plan_shows_a_shadow_step() -> None:
+@pytest.mark.parametrize(("send", "shown"), [("after", "after stable's answer"),
+                                             ("parallel", "in parallel")])  # fmt: skip
+def test_plan_shows_a_shadow_step(send: str, shown: str) -> None:
     profile = load_profile("smollm2-135m")
-    steps = [CanaryStep(shadow=Shadow(percent=10, seconds=60)), *profile.canary.steps]
+    shadow = Shadow.model_validate({"percent": 10, "seconds": 60, "send": send})
+    steps = [CanaryStep(shadow=shadow), *profile.canary.steps]
     shadowed = profile.model_copy(
         update={"canary": profile.canary.model_copy(update={"steps": steps})}
     )
     text = render_text(build_plan(shadowed))
-    assert "canary    shadow 10% of stable's requests for 60s (≤ 8 in flight) → 25% for 30s" in text
+    assert (f"canary    shadow 10% of stable's requests for 60s (sent {shown}, ≤ 8 in flight)"
+            " → 25% for 30s") in text
     assert "shadow ≥ 95% agreement" in text
 
 
