@@ -50,10 +50,11 @@ from serving.engines.deepgemm import (
     CompileResult,
     Log,
     compile_kernels,
+    read_marker,
     run_compile,
     unavailable_reason,
 )
-from serving.engines.sglang import COMPILE_ENTRYPOINT, Command
+from serving.engines.sglang import COMPILE_ENTRYPOINT, Command, deepgemm_cache_key
 from serving.platform import Target
 from serving.platforms.local.engine_env import engine_env, engine_threads
 from serving.platforms.local.inventory import Inventory, Owner, ProcessRecord
@@ -175,6 +176,17 @@ class LocalPlatform:
         manifest = accept_sentinel(raw, hub.repo, revision, hub.allow_patterns, hub.ignore_patterns)
         return manifest is not None
 
+    def has_kernels(self, profile: Profile, revision: str) -> bool:
+        deepgemm_root = self._deepgemm_root(profile)
+        if not profile.deepgemm or deepgemm_root is None or not self._can_compile():
+            return True  # a compile here skips: it promised no kernels
+        config = compile_model_dir(deepgemm_root, profile, revision) / "config.json"
+        try:
+            key = deepgemm_cache_key(profile, config.read_bytes())
+        except OSError:  # the cache volume went with its kernels
+            return False
+        return read_marker(deepgemm_dir(deepgemm_root, profile), key) is not None
+
     def compile(self, profile: Profile, revision: str, log: Log = print) -> CompileResult:
         deepgemm_root = self._deepgemm_root(profile)
         if not profile.deepgemm or deepgemm_root is None:
@@ -199,6 +211,10 @@ class LocalPlatform:
             unavailable=(lambda: None) if self.compile_entrypoint else unavailable_reason,
         )
 
+    def _can_compile(self) -> bool:
+        """A GPU with SGLang here, or a compile entrypoint standing in for it."""
+        return self.compile_entrypoint is not None or unavailable_reason() is None
+
     def _run_compile(self, command: Command, timeout: float, log: Log) -> None:
         if self.compile_entrypoint:
             argv = self.compile_entrypoint + command.argv[len(COMPILE_ENTRYPOINT) :]
@@ -211,7 +227,7 @@ class LocalPlatform:
             revision,
             weights_root=self._weights_root(profile),
             deepgemm_root=self._deepgemm_root(profile),
-            compile_required=self.compile_entrypoint is not None or unavailable_reason() is None,
+            compile_required=self._can_compile(),
             token=hf_token(),
             endpoint=self.endpoint,
         )
