@@ -39,7 +39,7 @@ from serving.config.profile import Profile, Shadow
 from serving.control.drain import drain
 from serving.control.router_client import RouterAdminError
 from serving.control.routes import release_backend, traffic_backends
-from serving.core.errors import DeployFailed
+from serving.core.errors import DeployFailed, one_line
 from serving.core.home import rollout_home
 from serving.core.procs import free_port, spawn, start_ticks, stop_process, sweep
 from serving.core.restarts import RestartPolicy
@@ -460,7 +460,7 @@ class LocalPlatform:
             if event is not None and event.event == "ready":
                 return event
             if event is not None:
-                reason = _one_line(event.error or event.event)
+                reason = one_line(event.error or event.event)
                 raise DeployFailed(f"{record.name}: {reason} (log: {record.log})")
             if exited:
                 raise DeployFailed(
@@ -521,7 +521,6 @@ DRAIN_POLL_SECONDS = 0.1
 STOP_GRACE_SECONDS = 5.0
 # Requests in flight when the orchestrator finishes get this long to complete.
 SHUTDOWN_DRAIN_SECONDS = 5.0
-ONE_LINE_CHARS = 500
 
 
 def _served_path(profile: Profile) -> PurePosixPath:
@@ -532,15 +531,6 @@ def _served_path(profile: Profile) -> PurePosixPath:
     if path.is_absolute() or ".." in path.parts or str(path) != name:
         raise DeployFailed(f"{profile.name}: served_model_name {name!r} is not a plain name")
     return path
-
-
-def _one_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    if not lines:
-        return "no reason given"
-    # The first line says what failed; the last is the engine's last word about why.
-    line = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
-    return line if len(line) <= ONE_LINE_CHARS else line[:ONE_LINE_CHARS] + "…"
 
 
 def _orphan_reason(record: ProcessRecord) -> str:
