@@ -49,10 +49,6 @@ from serving.router.comparison import ShadowStats
 
 # How often a bake looks for a crashed canary, so a crash ends the bake at once.
 CRASH_CHECK_SECONDS = 2.0
-# The router answers /admin/stats in milliseconds; a miss is a starved host or a router coming
-# back, worth a few more tries before the window is left unjudged.
-STATS_ATTEMPTS = 3
-STATS_RETRY_SECONDS = 5.0
 
 
 class Bake(BaseModel):
@@ -201,7 +197,7 @@ def analyse_canary(model: str, target: Target, canary: Release, stable: Release 
     profile, platform = _context(model, target)
     crashed = window.crashes > 0 or window.stopped
     try:
-        stats = _stats(platform, profile, window.started)
+        stats = platform.stats(profile, since=window.started)  # retried by the router client
     except RouterAdminError as exc:
         if not crashed:  # a crash needs no measurements to fail
             analysis = unmeasured(one_line(exc))
@@ -244,17 +240,6 @@ def analyse_canary(model: str, target: Target, canary: Release, stable: Release 
     get_run_logger().info("%s at %d%%: %s — %s", model, window.weight, analysis.verdict,
                           analysis.reason)  # fmt: skip
     return analysis
-
-
-def _stats(platform: Platform, profile: Profile, since: float) -> dict[str, Any]:
-    for attempt in range(1, STATS_ATTEMPTS):
-        try:
-            return platform.stats(profile, since=since)
-        except RouterAdminError as exc:
-            get_run_logger().warning("%s: router stats, attempt %d of %d: %s", profile.name,
-                                     attempt, STATS_ATTEMPTS, one_line(exc))  # fmt: skip
-            time.sleep(STATS_RETRY_SECONDS)
-    return platform.stats(profile, since=since)
 
 
 def _asker(platform: Platform, profile: Profile, release_id: str, seconds: float) -> Ask:
