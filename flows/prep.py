@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from serving.config.loader import load_profile
 from serving.platform import Target
 from tasks.stopwatch import Stopwatch
-from tasks.weights import bytes_transferred, compile_kernels, resolve, submit_download, verify
+from tasks.weights import bytes_transferred, resolve, submit_compile, submit_download, verify
 
 
 class PrepReport(BaseModel):
@@ -39,7 +39,7 @@ def prep(model: str, revision: str | None = None, target: Target = "local") -> P
     sha = resolve(model, revision or profile.hub.revision, target)
     seconds["resolve"] = watch.lap()
     downloaded = submit_download(model, sha, target)
-    compiled = compile_kernels.submit(model, sha, target)
+    compiled = submit_compile(model, sha, target)
     weights, kernels = downloaded.result(), compiled.result()
     seconds["download+compile"] = watch.lap()
     proof = verify(model, sha, target)

@@ -102,7 +102,7 @@ def rollout(
             decided = promote(model, target, canary, decision.reason)
             outcome, reason = decided.outcome, decided.reason
         else:
-            rollback(model, target, decision.reason)
+            rollback(model, target, decision.reason, canary)
         report.stage(decision.kind, watch.lap())
     return _finish(report, outcome, reason)
 

@@ -49,10 +49,6 @@ from serving.router.comparison import ShadowStats
 
 # How often a bake looks for a crashed canary, so a crash ends the bake at once.
 CRASH_CHECK_SECONDS = 2.0
-# The router answers /admin/stats in milliseconds; a miss is a starved host or a router coming
-# back, worth a few more tries before the window is left unjudged.
-STATS_ATTEMPTS = 3
-STATS_RETRY_SECONDS = 5.0
 
 
 class Bake(BaseModel):
@@ -91,16 +87,32 @@ def _announce(model: str, entry: HistoryEntry) -> None:
 
 def revert_and_retire(
     model: str, target: Target, reason: str, flow_run_id: str | None, owner: str | None = None
-) -> None:
+) -> HistoryEntry | None:
     """Weights back to stable, the canary recorded as rolled back and retired; nothing when
-    there is no canary (or none `owner` owns) any more."""
+    there is no canary (or none `owner` owns) any more. The entry written, if any."""
     profile, platform = _context(model, target)
     entry = lifecycle.revert(profile, platform, reason, flow_run_id, owner=owner)
     if entry is None:
-        return
+        return None
     _log().warning("%s: %s: %s", model, entry.outcome, reason)
     _announce(model, entry)
     lifecycle.retire_released(profile, platform)
+    return entry
+
+
+def _decided_elsewhere(platform: Platform, model: str, canary: Release) -> HistoryEntry | None:
+    """The entry another process wrote for a canary it took from this run (`rollout abort`)."""
+    for entry in reversed(platform.release_store().read(model).history):
+        if entry.revision == canary.revision:
+            return entry
+    return None
+
+
+def _announce_taken(model: str, entry: HistoryEntry) -> None:
+    """`rollout abort` emits no event itself: it would first have to start or reach a Prefect
+    API. The run whose canary it rolled back announces it."""
+    if entry.outcome == "rolled-back":
+        _announce(model, entry)
 
 
 def settle_ended_run(
@@ -201,7 +213,7 @@ def analyse_canary(model: str, target: Target, canary: Release, stable: Release 
     profile, platform = _context(model, target)
     crashed = window.crashes > 0 or window.stopped
     try:
-        stats = _stats(platform, profile, window.started)
+        stats = platform.stats(profile, since=window.started)  # retried by the router client
     except RouterAdminError as exc:
         if not crashed:  # a crash needs no measurements to fail
             analysis = unmeasured(one_line(exc))
@@ -246,17 +258,6 @@ def analyse_canary(model: str, target: Target, canary: Release, stable: Release 
     return analysis
 
 
-def _stats(platform: Platform, profile: Profile, since: float) -> dict[str, Any]:
-    for attempt in range(1, STATS_ATTEMPTS):
-        try:
-            return platform.stats(profile, since=since)
-        except RouterAdminError as exc:
-            get_run_logger().warning("%s: router stats, attempt %d of %d: %s", profile.name,
-                                     attempt, STATS_ATTEMPTS, one_line(exc))  # fmt: skip
-            time.sleep(STATS_RETRY_SECONDS)
-    return platform.stats(profile, since=since)
-
-
 def _asker(platform: Platform, profile: Profile, release_id: str, seconds: float) -> Ask:
     """Platform.ask bound to one release, a refusal or a timeout told as Unanswered."""
 
@@ -278,11 +279,12 @@ def promote(model: str, target: Target, canary: Release, reason: str) -> History
     profile, platform = _context(model, target)
     entry = lifecycle.promote(profile, platform, canary, reason, _run_id())
     if entry is None:
-        for lost in reversed(platform.release_store().read(model).history):
-            if lost.revision == canary.revision:
-                get_run_logger().warning("%s: not promoted: %s", model, lost.reason)
-                return lost
-        raise RuntimeError(f"{canary.id} left the release record without an outcome")
+        lost = _decided_elsewhere(platform, model, canary)
+        if lost is None:
+            raise RuntimeError(f"{canary.id} left the release record without an outcome")
+        get_run_logger().warning("%s: not promoted: %s", model, lost.reason)
+        _announce_taken(model, lost)
+        return lost
     get_run_logger().info("%s: promoted %s", model, canary.id)
     _announce(model, entry)
     lifecycle.retire_released(profile, platform)
@@ -290,8 +292,14 @@ def promote(model: str, target: Target, canary: Release, reason: str) -> History
 
 
 @task(name="rollback", cache_policy=NO_CACHE)
-def rollback(model: str, target: Target, reason: str) -> None:
-    revert_and_retire(model, target, reason, _run_id())
+def rollback(model: str, target: Target, reason: str, canary: Release | None = None) -> None:
+    """The canary rolled back by decision; if an abort took `canary` first, the abort's entry
+    is announced instead."""
+    if revert_and_retire(model, target, reason, _run_id()) is not None or canary is None:
+        return
+    taken = _decided_elsewhere(get_platform(target), model, canary)
+    if taken is not None:
+        _announce_taken(model, taken)
 
 
 @task(name="record", cache_policy=NO_CACHE)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 from datetime import timedelta
+from typing import TypeVar
 from uuid import UUID
 
 from huggingface_hub.utils import disable_progress_bars
@@ -16,7 +17,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.futures import PrefectFuture
 from prefect.states import State
-from prefect.tasks import exponential_backoff
+from prefect.tasks import Task, exponential_backoff
 
 from serving.config.loader import load_profile
 from serving.core.errors import ExpectedFailure
@@ -31,6 +32,8 @@ from tasks.cache import stage_key
 PROVEN_FOR = timedelta(days=1)
 # The name Prefect gives a task run that handed back an earlier run's persisted result.
 CACHED_STATE_NAME = "Cached"
+
+R = TypeVar("R")
 
 
 class VerifyFailed(ExpectedFailure):
@@ -92,13 +95,21 @@ def download(model: str, revision: str, target: Target) -> DownloadResult:
 
 
 def submit_download(model: str, revision: str, target: Target) -> PrefectFuture[DownloadResult]:
-    """The download stage, whose cached result is trusted only while its sentinel is still on
-    the volume: weights deleted since (by hand, a volume cleanup) are downloaded again, where a
-    Cached result would hand verify a path that no longer exists for as long as it is proven."""
-    if get_platform(target).has_weights(load_profile(model), revision):
-        return download.submit(model, revision, target)
-    get_run_logger().info("%s@%s: no weights on the volume; downloading", model, revision[:8])
-    return download.with_options(refresh_cache=True).submit(model, revision, target)
+    """The download stage, its cached result trusted only while its sentinel is on the volume."""
+    present = get_platform(target).has_weights(load_profile(model), revision)
+    return _submit_proven(download, present, "no weights on the volume; downloading",
+                          model, revision, target)  # fmt: skip
+
+
+def _submit_proven(stage: Task[..., R], present: bool, missing: str, model: str,
+                   revision: str, target: Target) -> PrefectFuture[R]:  # fmt: skip
+    """A proven stage whose output is gone (deleted by hand, a volume cleanup) runs again,
+    where its Cached result would have verify fail for as long as it stays proven. The fresh
+    result replaces the stale one under the same key: `prefect flow-run retry` still finds it."""
+    if present:
+        return stage.submit(model, revision, target)
+    get_run_logger().info("%s@%s: %s", model, revision[:8], missing)
+    return stage.with_options(refresh_cache=True).submit(model, revision, target)
 
 
 def bytes_transferred(run: PrefectFuture[DownloadResult]) -> int:
@@ -129,6 +140,13 @@ def compile_kernels(model: str, revision: str, target: Target) -> CompileResult:
 
 def gpu_limit_name(gpu: str | None) -> str:
     return f"gpu-{(gpu or 'cpu').lower()}"
+
+
+def submit_compile(model: str, revision: str, target: Target) -> PrefectFuture[CompileResult]:
+    """The compile stage, its cached result trusted only while its marker is in the cache."""
+    present = get_platform(target).has_kernels(load_profile(model), revision)
+    return _submit_proven(compile_kernels, present, "no compiled kernels in the cache; compiling",
+                          model, revision, target)  # fmt: skip
 
 
 @task(name="verify", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_final)

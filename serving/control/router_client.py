@@ -9,6 +9,7 @@ source.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -19,12 +20,19 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from serving.core.errors import one_line
 from serving.router.table import RoutingTable
 
 # Two CPU engines under load can starve a local router for seconds; an admin call waits it out.
 ADMIN_TIMEOUT_SECONDS = 20.0
 # Enough of a refusal's body to say why, not enough to flood a log line.
 REFUSAL_CHARS = 200
+# The router answers /admin/stats in milliseconds; a miss is a starved host or a router coming
+# back, worth a few more tries before a bake window is left unjudged.
+STATS_ATTEMPTS = 3
+STATS_RETRY_SECONDS = 5.0
+
+logger = logging.getLogger(__name__)
 
 # The admin token, read when a call is made; raises RouterUnreachable when there is none.
 TokenSource = Callable[[], str]
@@ -67,11 +75,13 @@ class PushAnswer:
 
 
 class RouterClient:
-    def __init__(self, url: str, token: TokenSource, http: httpx.Client | None = None) -> None:
+    def __init__(self, url: str, token: TokenSource, http: httpx.Client | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:  # fmt: skip
         self.url = url.rstrip("/")
         self._token = token
         # None: the process's pooled client (see `pooled_http`).
         self._http = http or pooled_http(os.getpid())
+        self._sleep = sleep
 
     def routes(self) -> RoutesView:
         return self._view(self._checked("GET", "/admin/routes"))
@@ -90,11 +100,20 @@ class RouterClient:
 
     def stats(self, model: str, since: float, until: float | None = None) -> dict[str, Any]:
         """Per-backend measurements of the model over [since, until] (until: now), with the
-        in-flight counts and weights of this moment."""
+        in-flight counts and weights of this moment. Asked up to STATS_ATTEMPTS times,
+        STATS_RETRY_SECONDS apart; then the last RouterAdminError (RouterUnreachable when
+        nothing answered) is raised."""
         params: dict[str, Any] = {"model": model, "since": since}
         if until is not None:
             params["until"] = until
-        return dict(self._checked("GET", "/admin/stats", params=params).json())
+        for attempt in range(1, STATS_ATTEMPTS):
+            try:
+                return self._stats(params)
+            except RouterAdminError as exc:
+                logger.warning("%s: router stats, attempt %d of %d: %s", model, attempt,
+                               STATS_ATTEMPTS, one_line(exc))  # fmt: skip
+                self._sleep(STATS_RETRY_SECONDS)
+        return self._stats(params)
 
     def ask(self, backend: str, chat: dict[str, Any], timeout: float) -> dict[str, Any]:
         """One chat completion from one named backend, sent by the router with that backend's
@@ -103,9 +122,13 @@ class RouterClient:
         return dict(response.json())
 
     def in_flight(self, model: str, backend: str) -> int:
-        # since=now: an empty window; in-flight counts are kept outside any window.
-        stats = self.stats(model, time.time())
+        # since=now: an empty window; in-flight counts are kept outside any window. Asked once:
+        # a drain polls it anyway.
+        stats = self._stats({"model": model, "since": time.time()})
         return int(stats.get("backends", {}).get(backend, {}).get("in_flight", 0))
+
+    def _stats(self, params: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._checked("GET", "/admin/stats", params=params).json())
 
     def _checked(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         return _ok(self._request(method, path, **kwargs), f"{method} {path}")

@@ -94,6 +94,24 @@ def test_weights_deleted_after_a_cached_prep_are_downloaded_again(
     assert "Cached" in task_states(third.state_details.flow_run_id)["download"]
 
 
+def test_kernels_deleted_after_a_cached_prep_are_compiled_again(
+    workspace: Path, mirror: MirrorServer, synthetic_repo: SyntheticRepo
+) -> None:
+    prep(MODEL, synthetic_repo.v1)
+    shutil.rmtree(workspace / "home/volumes/dg")  # the cache volume, by hand or a cleanup
+    state = prep(MODEL, synthetic_repo.v1, return_state=True)
+    again = state.result()
+    assert again.verified and again.compile_status == "compiled"
+    assert compile_attempts(workspace) == 2
+    states = task_states(state.state_details.flow_run_id)
+    assert StateType.COMPLETED in states["compile"] and "Cached" not in states["compile"]
+    assert "Cached" in states["download"]  # the weights are still there
+    # The fresh result replaced the stale one: the next run is Cached again.
+    third = prep(MODEL, synthetic_repo.v1, return_state=True)
+    assert "Cached" in task_states(third.state_details.flow_run_id)["compile"]
+    assert compile_attempts(workspace) == 2
+
+
 def test_compile_failing_twice_is_retried(
     workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -38,6 +39,13 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
 )
+from prefect.events import Event
+from prefect.events.filters import (
+    EventFilter,
+    EventNameFilter,
+    EventOccurredFilter,
+    EventResourceFilter,
+)
 
 from dev.load import ChatLoad
 from dev.mirror import MirrorServer, run_mirror
@@ -47,7 +55,7 @@ from flows.rollout import DUMMY_REASON, rollout
 from serving.config.layout import dummy_weights_dir, weights_dir
 from serving.config.loader import DEFAULT_MODELS_DIR, load_profile
 from serving.core.home import REPO_ROOT
-from serving.core.procs import free_port
+from serving.core.procs import free_port, wait_for
 from serving.domain.release import release_id
 from serving.engines.engine import FAULT_ENGINES_ENV
 from serving.platforms.local.platform import LocalPlatform
@@ -62,6 +70,7 @@ OVERLOADED_MODEL = "tiny-chat-overloaded"  # golden answers within 1 s
 THIN_MODEL = "tiny-chat-thin"  # 6 canary requests a step, a 2 s bake that may grow to 15 s
 SHADOW_MODEL = "tiny-chat-shadow"  # a shadow step at 0%, then 100%: no golden prompts
 FAKE_ENGINE = REPO_ROOT / "tests" / "fake_engine.py"
+EVENTS_PAGE = 50  # the most the Prefect API returns at once
 ROOT = REPO_ROOT
 
 
@@ -483,6 +492,7 @@ def test_abort_rolls_back_a_running_canary_and_status_shows_it(
     home: Path, revisions: dict[str, str], prefect_server: str
 ) -> None:
     rollout(MODEL, "v1")
+    began = datetime.now(UTC)
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     cli = [sys.executable, "-m", "rollout.cli"]
     run_v2 = [*cli, "run", MODEL, "--revision", "v2"]
@@ -499,6 +509,20 @@ def test_abort_rolls_back_a_running_canary_and_status_shows_it(
     assert running.returncode == 1 and "rolled-back" in output
     assert history()[-1] == ("rolled-back", "aborted (rollout abort)")
     assert_stable_alone(revisions["v1"])
+    # The run that lost its canary announced the abort, as a gate's rollback is announced.
+    assert wait_for(lambda: [e.payload for e in rolled_back_events(MODEL, began)] == [
+        {"revision": revisions["v2"], "reason": "aborted (rollout abort)"}
+    ], timeout=30, interval=0.5), [e.payload for e in rolled_back_events(MODEL, began)]
+
+
+def rolled_back_events(model: str, since: datetime) -> list[Event]:
+    """The `rollout.rolled-back` events of a model the Prefect API stored since a moment."""
+    with get_client(sync_client=True) as client:
+        return client.read_events(EventFilter(
+            occurred=EventOccurredFilter(since=since),
+            event=EventNameFilter(name=["rollout.rolled-back"]),
+            resource=EventResourceFilter(id=[f"rollout.model.{model}"]),
+        ), limit=EVENTS_PAGE).events  # fmt: skip
 
 
 @contextmanager

@@ -155,6 +155,8 @@ def test_prep_downloads_in_shards_compiles_and_verifies_on_modal(
     assert [c.arguments[0] for c in modal_double.calls_of(compile_app, "compile")] == [(glm_main,)]
     assert [c.arguments[0] for c in modal_double.calls_of(weights, "verify")] == [(glm_main,)]
     assert deployed(modal_double, environment) == [compile_app, weights]
+    # Once each: the stages share the process's platform (no second deploy before verify).
+    assert Counter(modal_double.publishes) == {compile_app: 1, weights: 1}
     assert modal_double.volume_version(profile.volumes.weights, environment) == V2
     # Each spawned call is on record, so a restarted orchestrator re-attaches to it.
     records = CallStore(tmp_path / "home/state/modal-calls.json").records()

@@ -39,7 +39,7 @@ from serving.config.profile import Profile, Shadow
 from serving.control.drain import drain
 from serving.control.router_client import RouterAdminError
 from serving.control.routes import release_backend, traffic_backends
-from serving.core.errors import DeployFailed
+from serving.core.errors import DeployFailed, one_line
 from serving.core.home import rollout_home
 from serving.core.procs import free_port, spawn, start_ticks, stop_process, sweep
 from serving.core.restarts import RestartPolicy
@@ -50,10 +50,11 @@ from serving.engines.deepgemm import (
     CompileResult,
     Log,
     compile_kernels,
+    read_marker,
     run_compile,
     unavailable_reason,
 )
-from serving.engines.sglang import COMPILE_ENTRYPOINT, Command
+from serving.engines.sglang import COMPILE_ENTRYPOINT, Command, deepgemm_cache_key
 from serving.platform import Target
 from serving.platforms.local.engine_env import engine_env, engine_threads
 from serving.platforms.local.inventory import Inventory, Owner, ProcessRecord
@@ -175,6 +176,17 @@ class LocalPlatform:
         manifest = accept_sentinel(raw, hub.repo, revision, hub.allow_patterns, hub.ignore_patterns)
         return manifest is not None
 
+    def has_kernels(self, profile: Profile, revision: str) -> bool:
+        deepgemm_root = self._deepgemm_root(profile)
+        if not profile.deepgemm or deepgemm_root is None or not self._can_compile():
+            return True  # a compile here skips: it promised no kernels
+        config = compile_model_dir(deepgemm_root, profile, revision) / "config.json"
+        try:
+            key = deepgemm_cache_key(profile, config.read_bytes())
+        except OSError:  # the cache volume went with its kernels
+            return False
+        return read_marker(deepgemm_dir(deepgemm_root, profile), key) is not None
+
     def compile(self, profile: Profile, revision: str, log: Log = print) -> CompileResult:
         deepgemm_root = self._deepgemm_root(profile)
         if not profile.deepgemm or deepgemm_root is None:
@@ -199,6 +211,10 @@ class LocalPlatform:
             unavailable=(lambda: None) if self.compile_entrypoint else unavailable_reason,
         )
 
+    def _can_compile(self) -> bool:
+        """A GPU with SGLang here, or a compile entrypoint standing in for it."""
+        return self.compile_entrypoint is not None or unavailable_reason() is None
+
     def _run_compile(self, command: Command, timeout: float, log: Log) -> None:
         if self.compile_entrypoint:
             argv = self.compile_entrypoint + command.argv[len(COMPILE_ENTRYPOINT) :]
@@ -211,7 +227,7 @@ class LocalPlatform:
             revision,
             weights_root=self._weights_root(profile),
             deepgemm_root=self._deepgemm_root(profile),
-            compile_required=self.compile_entrypoint is not None or unavailable_reason() is None,
+            compile_required=self._can_compile(),
             token=hf_token(),
             endpoint=self.endpoint,
         )
@@ -444,7 +460,7 @@ class LocalPlatform:
             if event is not None and event.event == "ready":
                 return event
             if event is not None:
-                reason = _one_line(event.error or event.event)
+                reason = one_line(event.error or event.event)
                 raise DeployFailed(f"{record.name}: {reason} (log: {record.log})")
             if exited:
                 raise DeployFailed(
@@ -505,7 +521,6 @@ DRAIN_POLL_SECONDS = 0.1
 STOP_GRACE_SECONDS = 5.0
 # Requests in flight when the orchestrator finishes get this long to complete.
 SHUTDOWN_DRAIN_SECONDS = 5.0
-ONE_LINE_CHARS = 500
 
 
 def _served_path(profile: Profile) -> PurePosixPath:
@@ -516,15 +531,6 @@ def _served_path(profile: Profile) -> PurePosixPath:
     if path.is_absolute() or ".." in path.parts or str(path) != name:
         raise DeployFailed(f"{profile.name}: served_model_name {name!r} is not a plain name")
     return path
-
-
-def _one_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    if not lines:
-        return "no reason given"
-    # The first line says what failed; the last is the engine's last word about why.
-    line = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
-    return line if len(line) <= ONE_LINE_CHARS else line[:ONE_LINE_CHARS] + "…"
 
 
 def _orphan_reason(record: ProcessRecord) -> str:

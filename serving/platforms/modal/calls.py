@@ -150,6 +150,8 @@ class Poll:
 
 
 Probe = Callable[[str], Poll]
+# Whether a finished call's result no longer holds: what it made is gone from the volume since.
+Stale = Callable[[Any], bool]
 
 
 @dataclass(frozen=True)
@@ -160,13 +162,18 @@ class Decision:
     result: Any = None
 
 
-def attach_or_spawn(record: CallRecord | None, probe: Probe) -> Decision:
-    """Whether to start a call, wait for the recorded one, or take its finished result."""
+def attach_or_spawn(
+    record: CallRecord | None, probe: Probe, stale: Stale | None = None
+) -> Decision:
+    """Whether to start a call, wait for the recorded one, or take its finished result (unless
+    `stale` says it no longer holds)."""
     if record is None:
         return Decision("spawn", "no call on record")
     poll = probe(record.call_id)
     if poll.state is CallState.RUNNING:
         return Decision("attach", f"call {record.call_id} is still running", record.call_id)
+    if poll.state is CallState.SUCCEEDED and stale is not None and stale(poll.result):
+        return Decision("spawn", f"call {record.call_id} finished, but what it made is gone")
     if poll.state is CallState.SUCCEEDED:
         return Decision(
             "use-result", f"call {record.call_id} finished", record.call_id, poll.result

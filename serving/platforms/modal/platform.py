@@ -128,6 +128,9 @@ class ModalPlatform:
     def has_weights(self, profile: Profile, revision: str) -> bool:
         return self.prep.has_weights(profile, revision)
 
+    def has_kernels(self, profile: Profile, revision: str) -> bool:
+        return self.prep.has_kernels(profile, revision)
+
     def compile(self, profile: Profile, revision: str) -> CompileResult:
         return self.prep.compile(profile, revision)
 

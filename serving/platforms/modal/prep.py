@@ -33,7 +33,7 @@ from serving.engines.deepgemm import CompileResult, marker_path, parse_marker
 from serving.engines.sglang import deepgemm_cache_key
 from serving.platforms.modal import resources
 from serving.platforms.modal.apps import build_compile_app, build_weights_app
-from serving.platforms.modal.calls import CallKey, CallStore, Stage
+from serving.platforms.modal.calls import CallKey, CallStore, Stage, Stale
 from serving.platforms.modal.gateway import Gateway
 from serving.platforms.modal.spawned import SpawnedCalls, Started
 from serving.weights.download import accept_sentinel, plan_shards
@@ -135,7 +135,12 @@ class Preparation:
         report.update(0)
         if count == 1:
             key = self._key("download", profile, revision)
-            started = self._start(key, profile, "weights", resources.DOWNLOAD_FUNCTION, revision)
+            # The call wrote the sentinel before it returned: a finished one, with no sentinel
+            # now, made weights that were deleted since.
+            started = self._start(
+                key, profile, "weights", resources.DOWNLOAD_FUNCTION, revision,
+                stale=lambda _: not self.has_weights(profile, revision),
+            )  # fmt: skip
             result = DownloadResult.model_validate(self.spawned.finish(started, "download"))
             report.update(total)
             return result
@@ -166,6 +171,13 @@ class Preparation:
     def has_weights(self, profile: Profile, revision: str) -> bool:
         return self._sentinel_on_volume(profile, revision) is not None
 
+    def has_kernels(self, profile: Profile, revision: str) -> bool:
+        # The compile container's marker, the only sign of finished kernels: one volume read.
+        require_commit(revision)
+        if not profile.deepgemm or profile.volumes.deepgemm is None:
+            return True
+        return self._marker_on_volume(profile, self._cache_key(profile, revision)) is not None
+
     def compile(self, profile: Profile, revision: str) -> CompileResult:
         require_commit(revision)
         if not profile.deepgemm or profile.volumes.deepgemm is None:
@@ -178,7 +190,10 @@ class Preparation:
                 status="cached", reason="marker found", key=key, marker=marker, seconds=0.0
             )
         call_key = self._key("compile", profile, revision, key)
-        started = self._start(call_key, profile, "compile", resources.COMPILE_FUNCTION, revision)
+        started = self._start(
+            call_key, profile, "compile", resources.COMPILE_FUNCTION, revision,
+            stale=lambda result: self._kernels_gone(profile, key, result),
+        )  # fmt: skip
         return CompileResult.model_validate(self.spawned.finish(started, "compile"))
 
     def verify(self, profile: Profile, revision: str) -> VerifyResult:
@@ -209,9 +224,10 @@ class Preparation:
         app_kind: Literal["weights", "compile"],
         function: str,
         *args: Any,
+        stale: Stale | None = None,
     ) -> Started:
         return self.spawned.start(
-            key, lambda: self._ensure_deployed(profile, app_kind), function, *args
+            key, lambda: self._ensure_deployed(profile, app_kind), function, *args, stale=stale
         )
 
     def _ensure_deployed(self, profile: Profile, app_kind: Literal["weights", "compile"]) -> str:
@@ -252,6 +268,10 @@ class Preparation:
         if raw is None or parse_marker(raw) is None:
             return None
         return str(marker_path(Path(deepgemm_dir(DEEPGEMM_MOUNT, profile)), key))
+
+    def _kernels_gone(self, profile: Profile, key: str, result: dict[str, Any]) -> bool:
+        """A compile that returned "compiled" had committed its marker: none now, no kernels."""
+        return result.get("status") == "compiled" and self._marker_on_volume(profile, key) is None
 
     def _cache_key(self, profile: Profile, revision: str) -> str:
         """The DeepGEMM cache key, from the revision's config.json fetched here (one small

@@ -24,6 +24,7 @@ from serving.platforms.modal.calls import (
     CallStore,
     ModalCallError,
     Poll,
+    Stale,
     attach_or_spawn,
 )
 from serving.platforms.modal.gateway import Gateway
@@ -59,15 +60,17 @@ class SpawnedCalls:
         self.gateway = gateway
         self._sleep = sleep
 
-    def start(self, key: CallKey, deploy: Callable[[], str], function: str, *args: Any) -> Started:
-        """Attach to the recorded call, take its result, or spawn one and record it. `deploy`
-        deploys the App if needed and names it; it runs only when a call is spawned."""
+    def start(self, key: CallKey, deploy: Callable[[], str], function: str, *args: Any,
+              stale: Stale | None = None) -> Started:  # fmt: skip
+        """Attach to the recorded call, take its result (unless `stale`), or spawn one and
+        record it. `deploy` deploys the App if needed and names it; it runs only when a call
+        is spawned."""
         what = f"{key.stage} {key.model}@{key.revision[:8]}"
 
         def probe(call_id: str) -> Poll:
             return self._answered(call_id, 0, what)
 
-        decision = attach_or_spawn(self.store.get(key), probe)
+        decision = attach_or_spawn(self.store.get(key), probe, stale)
         log.info("%s: %s", what, decision.reason)
         if decision.action == "attach":
             return Started(key, decision.call_id)

@@ -1,4 +1,5 @@
-"""RouterClient against the real router process: admin calls share one pooled connection.
+"""RouterClient against the real router process: admin calls share one pooled connection;
+stats are asked again when the router refuses or does not answer.
 
 A rollback reaches the router through several admin calls, each from a new RouterClient (the
 local platform builds one per call); a client per call paid a new connection and a new TLS
@@ -7,13 +8,23 @@ context (35-70 ms of CPU) every time, on a machine whose engines already share t
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
 import pytest
 
-from serving.control.router_client import RouterAdminError, RouterClient
+from serving.control.router_client import (
+    STATS_ATTEMPTS,
+    STATS_RETRY_SECONDS,
+    RouterAdminError,
+    RouterClient,
+    RouterUnreachable,
+)
+from serving.core.procs import free_port
 from tests.router_fixtures import RouterProc, new_secret, start_router
 
 CALLS = 5
@@ -51,3 +62,52 @@ def test_each_call_still_carries_its_own_token(router: RouterProc) -> None:
     assert RouterClient(router.url, lambda: token).routes().generation >= 0
     with pytest.raises(RouterAdminError, match="HTTP 401"):
         RouterClient(router.url, lambda: "not-the-token").routes()
+
+
+class FlakyStats(BaseHTTPRequestHandler):
+    """FAULT: a router whose /admin/stats answers 503 the first `failures` times (the real
+    router has no such mode; a starved or restarting one does this)."""
+
+    failures = 0
+    asked = 0
+
+    def do_GET(self) -> None:
+        type(self).asked += 1
+        failing = type(self).asked <= self.failures
+        body = b"starting" if failing else json.dumps({"backends": {"a": {"requests": 7}}}).encode()
+        self.send_response(503 if failing else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def flaky_router() -> Iterator[tuple[str, type[FlakyStats]]]:
+    handler = type("Flaky", (FlakyStats,), {"failures": 1, "asked": 0})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    server.shutdown()
+    server.server_close()
+
+
+def test_stats_are_asked_again_after_a_refusal(
+    flaky_router: tuple[str, type[FlakyStats]],
+) -> None:
+    url, handler = flaky_router
+    slept: list[float] = []
+    stats = RouterClient(url, lambda: "token", sleep=slept.append).stats("m", since=0.0)
+    assert stats["backends"]["a"]["requests"] == 7
+    assert handler.asked == 2 and slept == [STATS_RETRY_SECONDS]
+
+
+def test_stats_of_a_router_that_never_answers_raise_unreachable_after_every_attempt() -> None:
+    slept: list[float] = []
+    client = RouterClient(f"http://127.0.0.1:{free_port()}", lambda: "token", sleep=slept.append)
+    with pytest.raises(RouterUnreachable, match="does not answer"):
+        client.stats("m", since=0.0)
+    assert slept == [STATS_RETRY_SECONDS] * (STATS_ATTEMPTS - 1)

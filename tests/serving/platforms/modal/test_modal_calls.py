@@ -149,6 +149,12 @@ def test_a_finished_call_gives_its_result() -> None:
     assert (decision.action, decision.result) == ("use-result", {"status": "compiled"})
 
 
+def test_a_finished_call_whose_output_is_gone_is_spawned_anew() -> None:
+    finished = FakeCallProbe(Poll(CallState.SUCCEEDED, result={"status": "compiled"}))
+    decision = attach_or_spawn(record("fc-7"), finished, stale=lambda result: True)
+    assert decision.action == "spawn" and "gone" in decision.reason
+
+
 def test_a_failed_call_is_spawned_anew() -> None:
     failed = Poll(CallState.FAILED, error=CompileFailed("the compile server process died\ntail"))
     decision = attach_or_spawn(record("fc-7"), FakeCallProbe(failed))

@@ -119,6 +119,24 @@ def test_small_repo_download_is_one_recorded_call_and_a_rerun_starts_nothing(
     assert len(modal_double.calls) == 1 and modal_double.publishes == [WEIGHTS_APP]
 
 
+def test_weights_deleted_from_the_volume_are_downloaded_by_a_new_call(
+    modal_double: ModalDouble, mirror: Any, synthetic_repo: SyntheticRepo, cpu: Profile,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    home = tmp_path / "home"
+    platform(home, mirror.url).download(cpu, synthetic_repo.v1)
+    files = modal_double.volumes[(ENVIRONMENT, cpu.volumes.weights)].files
+    for path in [p for p in files if p.startswith(f"{cpu.hub.repo}/{synthetic_repo.v1}/")]:
+        del files[path]  # by hand, or a volume cleanup
+    assert not platform(home, mirror.url).has_weights(cpu, synthetic_repo.v1)
+
+    # The recorded call finished, but what it made is gone: its result no longer holds.
+    again = platform(home, mirror.url).download(cpu, synthetic_repo.v1)
+
+    assert not again.cached and len(modal_double.calls_of(WEIGHTS_APP, "download")) == 2
+    assert platform(home, mirror.url).has_weights(cpu, synthetic_repo.v1)
+
+
 def test_big_repo_is_sharded_then_merged(
     modal_double: ModalDouble, mirror: Any, synthetic_repo: SyntheticRepo, cpu: Profile,
     tmp_path: Path,
@@ -266,11 +284,13 @@ def test_an_expired_or_finished_compile_record(
     modal_double.script(COMPILE_APP, "compile", RUNNING)
     recorded = compile_then_crash(modal_double, profile, synthetic_repo.v1, home, mirror.url)
     key = CallStore(home / CALLS).records()[0].key.detail
-    finished = {"status": "compiled", "reason": "compiled", "key": key, "marker": "/m",
+    # Finished without kernels to check for (a "compiled" one would have its marker on the
+    # volume, or be stale: see test_kernels_are_there_while_their_marker_is_on_the_volume).
+    finished = {"status": "skipped", "reason": "no GPU", "key": key, "marker": None,
                 "seconds": 1.0}  # fmt: skip
     modal_double.settle(recorded.call_id, returned(finished))
 
-    assert platform(home, mirror.url).compile(profile, synthetic_repo.v1).marker == "/m"
+    assert platform(home, mirror.url).compile(profile, synthetic_repo.v1).reason == "no GPU"
     assert len(modal_double.calls) == 1
 
     modal_double.settle(recorded.call_id, EXPIRED)
@@ -310,6 +330,23 @@ def test_a_compiled_marker_on_the_volume_starts_no_gpu_container(
         marker_path(deepgemm_dir(Path("/deepgemm"), gpu.profile), str(first.key))
     )
     assert len(modal_double.calls) == 1 and modal_double.publishes == deploys
+
+
+def test_kernels_are_there_while_their_marker_is_on_the_volume(
+    modal_double: ModalDouble, mirror: Any, synthetic_repo: SyntheticRepo, gpu: PrepContainers,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    home = tmp_path / "home"
+    assert not platform(home, mirror.url).has_kernels(gpu.profile, synthetic_repo.v1)
+    first = platform(home, mirror.url).compile(gpu.profile, synthetic_repo.v1)
+    assert platform(home, mirror.url).has_kernels(gpu.profile, synthetic_repo.v1)
+
+    # The cache volume loses the marker (a cleanup): the kernels are gone, a compile runs.
+    files = modal_double.volumes[(ENVIRONMENT, str(gpu.profile.volumes.deepgemm))].files
+    del files[str(marker_path(deepgemm_dir(Path(""), gpu.profile), str(first.key)))]
+    assert not platform(home, mirror.url).has_kernels(gpu.profile, synthetic_repo.v1)
+    assert platform(home, mirror.url).compile(gpu.profile, synthetic_repo.v1).status == "compiled"
+    assert len(modal_double.calls_of(COMPILE_APP, "compile")) == 2
 
 
 def test_a_failing_call_raises_one_line_and_keeps_its_record(
