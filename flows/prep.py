@@ -12,6 +12,7 @@ from prefect import flow
 from pydantic import BaseModel
 
 from serving.config.loader import load_profile
+from serving.config.profile import is_commit_sha
 from serving.platform import Target
 from tasks.stopwatch import Stopwatch
 from tasks.weights import bytes_transferred, resolve, submit_compile, submit_download, verify
@@ -36,7 +37,9 @@ def prep(model: str, revision: str | None = None, target: Target = "local") -> P
     profile = load_profile(model)
     watch = Stopwatch()
     seconds: dict[str, float] = {}
-    sha = resolve(model, revision or profile.hub.revision, target)
+    asked = revision or profile.hub.revision
+    # A commit (the rollout flow's, resolved already) is its own answer: no second task run.
+    sha = asked if is_commit_sha(asked) else resolve(model, asked, target)
     seconds["resolve"] = watch.lap()
     downloaded = submit_download(model, sha, target)
     compiled = submit_compile(model, sha, target)

@@ -18,14 +18,15 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from rollout.orchestration import NoPrefectApi, connect
-from serving.config.loader import load_profile
+from serving.config.loader import load_profile, read_profile
 from serving.config.profile import Profile, ProfileError, check_revision
 from serving.control import lifecycle
 from serving.core.errors import EXPECTED_FAILURE_RECORD, one_line
 from serving.domain.release import Release
-from serving.platforms import get_platform
+from serving.platforms import get_platform, get_serving
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -96,10 +97,10 @@ def plan_command(args: argparse.Namespace) -> None:
     print(plan.model_dump_json(indent=2) if args.json else render_text(plan))
 
 
-def _checked(args: argparse.Namespace) -> Profile:
+def _checked(args: argparse.Namespace, load: Callable[[str], Profile] = load_profile) -> Profile:
     """Bad input fails here, before Prefect starts or anything is spent."""
     try:
-        profile = load_profile(args.model)
+        profile = load(args.model)
         if getattr(args, "revision", None):
             check_revision(args.revision)
     except (ProfileError, ValueError) as exc:
@@ -182,8 +183,8 @@ def run_command(args: argparse.Namespace) -> None:
 
 
 def status_command(args: argparse.Namespace) -> None:
-    profile = _checked(args)
-    platform = get_platform(args.target)
+    profile = _checked(args, read_profile)
+    platform = get_serving(args.target)
     record = platform.release_store().read(profile.name)
     running = [release.id for release in platform.running_releases(profile)]
     status = {
@@ -208,8 +209,9 @@ def _id(release: Release | None) -> str:
 
 
 def abort_command(args: argparse.Namespace) -> None:
-    profile = _checked(args)
-    platform = get_platform(args.target)
+    # Only what a rollback uses is imported and checked: it acts as soon as it can.
+    profile = _checked(args, read_profile)
+    platform = get_serving(args.target)
     # Decided on the record under the store's lock: if the canary is promoted first, it stays.
     entry = lifecycle.revert(profile, platform, ABORT_REASON, flow_run_id=None)
     if entry is None:

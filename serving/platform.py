@@ -1,6 +1,7 @@
 """The Platform seam: what the Prefect tasks ask of a target, and nothing more.
 
-Two implementations, chosen by the caller through `serving.platforms.get_platform`:
+Two implementations, chosen by the caller through `serving.platforms.get_platform` (or
+`get_serving`, for the Serving half alone):
 `serving.platforms.local` (directories as volumes, processes as containers) and
 `serving.platforms.modal` (Volumes, GPU functions, one App per release). Tasks never talk to
 Modal or to processes directly.
@@ -8,20 +9,24 @@ Modal or to processes directly.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from serving.config.profile import Profile, Shadow
 from serving.domain.records import ReleaseStore
 from serving.domain.release import Release, VerifyResult
-from serving.engines.deepgemm import CompileResult
-from serving.weights.models import DownloadResult, ProgressCallback
+
+if TYPE_CHECKING:
+    # Named by Preparation's signatures alone: the Serving half's users (the lifecycle,
+    # `rollout abort`) do not load the compiler's and the downloader's modules for them.
+    from serving.engines.deepgemm import CompileResult
+    from serving.weights.models import DownloadResult, ProgressCallback
 
 Target = Literal["local", "modal"]
 
 
+class Preparation(Protocol):
+    """What makes a revision ready to serve on a target: weights, kernels, their proof."""
 
-class Platform(Protocol):
-    target: Target
     # Names where this platform keeps prepared weights and kernels (a ROLLOUT_HOME, a Modal
     # environment): cached stage results are only valid in the same scope.
     cache_scope: str
@@ -52,6 +57,13 @@ class Platform(Protocol):
     def compile(self, profile: Profile, revision: str) -> CompileResult: ...
 
     def verify(self, profile: Profile, revision: str) -> VerifyResult: ...
+
+
+class Serving(Protocol):
+    """A target's releases, their traffic and the release store: all that the lifecycle,
+    `rollout abort` and `rollout status` need, so they import no Hub client nor compiler."""
+
+    target: Target
 
     def deploy(self, profile: Profile, revision: str) -> Release:
         """Start a release at 0% traffic; returns once it is ready and passed its probes."""
@@ -106,3 +118,5 @@ class Platform(Protocol):
         ...
 
 
+class Platform(Preparation, Serving, Protocol):
+    """A target whole."""

@@ -1,5 +1,9 @@
 """Profiles from models/*.yaml: parsed, validated and checked against SGLang's flag table, with
-one-line errors."""
+one-line errors.
+
+Two ways in. `load_profile` checks everything: what prepares, plans or starts an engine uses it.
+`read_profile` leaves the engine's flags out: a rollback (`rollout abort`) or a `status` starts
+no engine, and must still work while a flag the operator just mistyped waits for its fix."""
 
 from __future__ import annotations
 
@@ -26,15 +30,30 @@ def available_models(directory: Path | None = None) -> list[str]:
 
 
 def load_profile(name: str, directory: Path | None = None) -> Profile:
+    path = profile_path(name, directory)
+    profile = parse_profile(path)
+    try:
+        check_flags(profile)
+    except ValueError as exc:
+        raise ProfileError(f"{path}: {exc}") from None
+    return profile
+
+
+def read_profile(name: str, directory: Path | None = None) -> Profile:
+    return parse_profile(profile_path(name, directory))
+
+
+def profile_path(name: str, directory: Path | None = None) -> Path:
     directory = directory or models_dir()
     path = directory / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(available_models(directory)) or "none"
         raise ProfileError(f"unknown model {name!r} (profiles in {directory}: {known})")
-    return parse_profile(path)
+    return path
 
 
 def parse_profile(path: Path) -> Profile:
+    """The profile in `path`, validated, its engine flags not yet checked."""
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -65,10 +84,6 @@ def parse_profile(path: Path) -> Profile:
         profile = Profile.model_validate(data)
     except ValidationError as exc:
         raise ProfileError(f"{path}: {_first_error(exc)}") from None
-    try:
-        check_flags(profile)
-    except ValueError as exc:
-        raise ProfileError(f"{path}: {exc}") from None
     return profile
 
 

@@ -33,10 +33,10 @@ from pydantic import BaseModel
 from serving.config.profile import Profile
 from serving.domain.records import HistoryEntry, Outcome, ReleaseRecord, RunMark, now
 from serving.domain.release import Release
-from serving.platform import Platform
+from serving.platform import Serving
 
 
-def start_canary(platform: Platform, release: Release, owner: str) -> ReleaseRecord:
+def start_canary(platform: Serving, release: Release, owner: str) -> ReleaseRecord:
     """The release, deployed at 0%, is the model's canary, owned by flow run `owner`."""
     return platform.release_store().update(
         release.model,
@@ -45,7 +45,7 @@ def start_canary(platform: Platform, release: Release, owner: str) -> ReleaseRec
 
 
 def promote(
-    profile: Profile, platform: Platform, canary: Release, reason: str, flow_run_id: str | None
+    profile: Profile, platform: Serving, canary: Release, reason: str, flow_run_id: str | None
 ) -> HistoryEntry | None:
     """`canary` becomes stable and takes all the traffic; the old stable is left to
     `retire_released`. None, and nothing changed, when the record's canary is no longer this
@@ -70,7 +70,7 @@ def promote(
 
 def revert(
     profile: Profile,
-    platform: Platform,
+    platform: Serving,
     reason: str,
     flow_run_id: str | None,
     *,
@@ -98,7 +98,7 @@ def revert(
     return after.history[-1]
 
 
-def retire_released(profile: Profile, platform: Platform) -> list[Release]:
+def retire_released(profile: Profile, platform: Serving) -> list[Release]:
     """Drain and stop each release the record names as retiring, within the profile's grace,
     and strike it off once it is stopped. Safe to repeat: retiring a stopped release is a
     no-op on both platforms."""
@@ -114,7 +114,7 @@ def retire_released(profile: Profile, platform: Platform) -> list[Release]:
 
 
 def record_outcome(
-    platform: Platform,
+    platform: Serving,
     model: str,
     revision: str,
     outcome: Outcome,
@@ -128,7 +128,7 @@ def record_outcome(
 
 
 def record_failure(
-    platform: Platform, model: str, revision: str, reason: str, flow_run_id: str
+    platform: Serving, model: str, revision: str, reason: str, flow_run_id: str
 ) -> HistoryEntry | None:
     """A "failed" line for a run that ended (failed, crashed, cancelled) before writing its
     own (it failed before its canary); None, and nothing written, if it had written one."""
@@ -151,7 +151,7 @@ class Reconciled(BaseModel):
 
 
 def reconcile(
-    profile: Profile, platform: Platform, flow_run_id: str | None, revision: str
+    profile: Profile, platform: Serving, flow_run_id: str | None, revision: str
 ) -> Reconciled:
     """Mark run `flow_run_id` (of `revision`) as begun, and finish what a killed orchestrator
     left: its run gets a "failed" line, processes it started are stopped, its canary is
@@ -197,7 +197,7 @@ def _entry(revision: str, outcome: Outcome, reason: str, flow_run_id: str | None
 
 
 def _transition(
-    platform: Platform, model: str, decide: Callable[[ReleaseRecord], ReleaseRecord | None]
+    platform: Serving, model: str, decide: Callable[[ReleaseRecord], ReleaseRecord | None]
 ) -> ReleaseRecord | None:
     """Apply `decide` to the record under the store's lock; it returns None to change nothing.
     The record as written, or None when nothing changed."""

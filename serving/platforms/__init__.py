@@ -1,5 +1,8 @@
-"""The platforms, and the one function that knows them all: the caller names a target, and
-only the platform it names is imported (Modal's SDK is not needed for the local target)."""
+"""The platforms, and the functions that know them all: the caller names a target, and only
+the platform it names is imported (Modal's SDK is not needed for the local target). A caller
+that only routes, retires or reads records asks for the Serving half: on the local target it
+comes without the Hub client, the verification and the compiler, whose imports `rollout abort`
+would otherwise pay before it can act."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from functools import cache
 from pathlib import Path
 
 from serving.core.home import rollout_home
-from serving.platform import Platform, Target
+from serving.platform import Platform, Serving, Target
 
 # Where a ModalPlatform's Modal API is (modal's own client reads it; tests point it at a double).
 MODAL_SERVER_ENV = "MODAL_SERVER_URL"
@@ -39,3 +42,11 @@ def _modal_platform(
     from serving.platforms.modal.platform import ModalPlatform
 
     return ModalPlatform(home, environment=environment, endpoint=endpoint)
+
+
+def get_serving(target: Target) -> Serving:
+    if target == "local":
+        from serving.platforms.local.releases import LocalReleases
+
+        return LocalReleases.from_env()
+    return get_platform(target)

@@ -30,7 +30,7 @@ class EveryOtherUnavailable(BaseHTTPRequestHandler):
     served = 0
     lock = threading.Lock()
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
         with self.lock:
             type(self).served += 1

@@ -52,7 +52,9 @@ def test_rerun_of_a_commit_makes_no_hub_request(
     assert mirror.requests == []
     assert compile_attempts(workspace) == 1  # the compile marker held
     # Prefect handed back the first run's DownloadResult; this run transferred nothing.
-    assert "Cached" in task_states(state.state_details.flow_run_id)["download"]
+    states = task_states(state.state_details.flow_run_id)
+    assert "Cached" in states["download"]
+    assert "resolve" not in states  # a commit needs no resolving (the rollout's prep gets one)
     assert again.bytes_downloaded == 0
 
 
