@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
+from huggingface_hub import constants
 
 from dev.mirror import MirrorServer
-from dev.mirror_faults import CorruptFault
+from dev.mirror_faults import CorruptFault, CutFault
 from serving.config.layout import SENTINEL_NAME
 from serving.verification import verify_revision
 from serving.weights.digests import HashingWriter
@@ -29,7 +30,7 @@ from serving.weights.fetch import HashMethod, fetch_proven
 from serving.weights.hub import fetch_files
 from serving.weights.models import FileEntry, Stamp
 from serving.weights.verify import EVIDENCE_FRESH_FOR, verify
-from tests.mirror_fixtures import MID_SHARD, SYNTHETIC_SHARDS, SyntheticRepo
+from tests.mirror_fixtures import BIG_SHARD, MID_SHARD, SYNTHETIC_SHARDS, SyntheticRepo
 from tests.serving.weights.test_weights_repair import (
     count_hashing,
     flip_a_byte,
@@ -87,6 +88,28 @@ def test_a_fresh_download_is_proven_without_reading_it_again(
     assert proof.passed and proof.repaired == []
     assert proof.weights.bytes_hashed == 0 and reads == {}
     assert proof.weights.bytes_trusted == first.manifest.bytes_total
+
+
+def test_a_cut_download_resumes_where_the_socket_stopped_and_is_still_proven(
+    mirror: MirrorServer, synthetic_repo: SyntheticRepo, tmp_path: Path
+) -> None:
+    # Each socket read goes to disk as it arrives (huggingface_hub's 10 MiB re-chunking is
+    # off while we fetch), so a cut loses nothing: the resume asks for the very next byte.
+    cut_at = SYNTHETIC_SHARDS[0] // 3
+    mirror.set_faults(cut=CutFault(after_bytes=cut_at, paths=f"*/resolve/*/{BIG_SHARD}", times=1))
+    chunk_size = constants.DOWNLOAD_CHUNK_SIZE
+    files = fetch_files(synthetic_repo.repo_id, synthetic_repo.v1, endpoint=mirror.url)
+    evidence: dict[str, Stamp] = {}
+
+    fetch_proven(
+        synthetic_repo.repo_id, synthetic_repo.v1, tmp_path, files, evidence,
+        token=None, endpoint=mirror.url,
+    )  # fmt: skip
+
+    gets = [r for r in mirror.requests if r.method == "GET" and r.path.endswith(BIG_SHARD)]
+    assert [(r.status, r.range) for r in gets] == [(200, None), (206, f"bytes={cut_at}-")]
+    assert sorted(evidence) == sorted(entry.path for entry in files)  # hashed across the resume
+    assert chunk_size == constants.DOWNLOAD_CHUNK_SIZE  # the library's own setting is back
 
 
 def test_a_file_changed_between_download_and_proof_is_read_and_found_bad(
