@@ -140,8 +140,7 @@ def _stream(
     partial = directory / HF_DOWNLOAD_DIR / f"{entry.path}.{unique}"
     partial.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with partial.open("wb") as file:
-            writer = HashingWriter(file, entry)
+        with partial.open("wb") as file, HashingWriter(file, entry) as writer:
             http_get(
                 hf_hub_url(repo, entry.path, revision=revision, endpoint=endpoint),
                 writer,  # type: ignore[arg-type]  # what http_get calls of a file, it has

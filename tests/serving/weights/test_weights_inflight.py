@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +25,7 @@ from dev.mirror import MirrorServer
 from dev.mirror_faults import CorruptFault, CutFault
 from serving.config.layout import SENTINEL_NAME
 from serving.verification import verify_revision
-from serving.weights.digests import HashingWriter
+from serving.weights.digests import HASH_BATCH, HashingWriter
 from serving.weights.download import Transfer, download, read_sentinel, write_sentinel
 from serving.weights.fetch import HashMethod, fetch_proven
 from serving.weights.hub import fetch_files
@@ -173,18 +174,38 @@ def test_an_old_download_is_read_again(
     assert (first.directory / SENTINEL_NAME).exists()
 
 
-def test_the_hash_starts_over_when_the_download_does() -> None:
-    data = os.urandom(4096)
-    entry = FileEntry(
+SOCKET_READ = 64 * 1024  # what http_get hands on: one socket read at a time
+
+
+def write_in_reads(writer: HashingWriter, data: bytes) -> None:
+    for start in range(0, len(data), SOCKET_READ):
+        writer.write(data[start : start + SOCKET_READ])
+
+
+def lfs_entry(data: bytes) -> FileEntry:
+    return FileEntry(
         path="shard.safetensors", size=len(data), lfs=True, sha256=hashlib.sha256(data).hexdigest()
     )
-    writer = HashingWriter(io.BytesIO(), entry)
-    writer.write(data[:1000])
-    # What http_get does when a server ignores Range on a resume: back to the start.
-    writer.seek(max(writer.tell() - 1000, 0))
-    writer.truncate()
-    writer.write(data)
-    assert writer.matches()
 
-    writer.seek(10)  # anywhere else: no digest can be trusted, the file will be read
-    assert not writer.matches()
+
+def test_the_hash_starts_over_when_the_download_does() -> None:
+    # Over one batch, so part of the first attempt is on the hashing thread when it restarts.
+    data = os.urandom(2 * HASH_BATCH + 4096)
+    with HashingWriter(io.BytesIO(), lfs_entry(data)) as writer:
+        write_in_reads(writer, data[: HASH_BATCH + 1000])
+        # What http_get does when a server ignores Range on a resume: back to the start.
+        writer.seek(0)
+        writer.truncate()
+        write_in_reads(writer, data)
+        assert writer.matches()
+
+        writer.seek(10)  # anywhere else: no digest can be trusted, the file will be read
+        assert not writer.matches()
+
+
+def test_the_hashing_thread_ends_with_a_failed_download() -> None:
+    data = os.urandom(2 * HASH_BATCH)
+    with pytest.raises(ConnectionResetError), HashingWriter(io.BytesIO(), lfs_entry(data)) as w:
+        write_in_reads(w, data[: HASH_BATCH + 1000])
+        raise ConnectionResetError  # http_get gave up
+    assert not [t for t in threading.enumerate() if t.name.startswith("hash ")]
