@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
-from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import build_hf_headers
 
@@ -74,9 +76,40 @@ def fetch_proven(
         else:
             evidence[entry.path] = proven
 
-    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+    with _socket_reads_passed_on(), ThreadPoolExecutor(max_workers=max_workers) as pool:
         for future in [pool.submit(one, entry) for entry in entries]:
             future.result()
+
+
+class _Rechunking:
+    """How many fetches in this process want huggingface_hub's downloads unchunked, and the
+    chunk size to restore when none does."""
+
+    lock = threading.Lock()
+    users = 0
+    saved: int | None = None
+
+
+@contextmanager
+def _socket_reads_passed_on() -> Iterator[None]:
+    """huggingface_hub's `http_get` gathers a download's socket reads (<= 64 KiB each) into
+    fresh 10 MiB `bytes` (`DOWNLOAD_CHUNK_SIZE`) before writing them: two more copies of every
+    byte, through buffers too large for the CPU's caches. That doubled a download's CPU, most of
+    it kernel time (bench/download.py: our prep went from 1.23x to 0.6x the CPU of
+    `hf download`). For as long as a fetch runs, each read is handed on as it came. The library
+    reads the constant on every call and has no parameter for it; restored after the last fetch."""
+    with _Rechunking.lock:
+        if _Rechunking.users == 0:
+            _Rechunking.saved = constants.DOWNLOAD_CHUNK_SIZE
+            constants.DOWNLOAD_CHUNK_SIZE = None  # type: ignore[assignment]
+        _Rechunking.users += 1
+    try:
+        yield
+    finally:
+        with _Rechunking.lock:
+            _Rechunking.users -= 1
+            if _Rechunking.users == 0:
+                constants.DOWNLOAD_CHUNK_SIZE = _Rechunking.saved  # type: ignore[assignment]
 
 
 def _written_by_xet(
@@ -107,8 +140,7 @@ def _stream(
     partial = directory / HF_DOWNLOAD_DIR / f"{entry.path}.{unique}"
     partial.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with partial.open("wb") as file:
-            writer = HashingWriter(file, entry)
+        with partial.open("wb") as file, HashingWriter(file, entry) as writer:
             http_get(
                 hf_hub_url(repo, entry.path, revision=revision, endpoint=endpoint),
                 writer,  # type: ignore[arg-type]  # what http_get calls of a file, it has

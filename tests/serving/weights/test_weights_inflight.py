@@ -12,24 +12,26 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import get_args
 
 import pytest
+from huggingface_hub import constants
 
 from dev.mirror import MirrorServer
-from dev.mirror_faults import CorruptFault
+from dev.mirror_faults import CorruptFault, CutFault
 from serving.config.layout import SENTINEL_NAME
 from serving.verification import verify_revision
-from serving.weights.digests import HashingWriter
+from serving.weights.digests import HASH_BATCH, HashingWriter
 from serving.weights.download import Transfer, download, read_sentinel, write_sentinel
 from serving.weights.fetch import HashMethod, fetch_proven
 from serving.weights.hub import fetch_files
 from serving.weights.models import FileEntry, Stamp
 from serving.weights.verify import EVIDENCE_FRESH_FOR, verify
-from tests.mirror_fixtures import MID_SHARD, SYNTHETIC_SHARDS, SyntheticRepo
+from tests.mirror_fixtures import BIG_SHARD, MID_SHARD, SYNTHETIC_SHARDS, SyntheticRepo
 from tests.serving.weights.test_weights_repair import (
     count_hashing,
     flip_a_byte,
@@ -87,6 +89,28 @@ def test_a_fresh_download_is_proven_without_reading_it_again(
     assert proof.passed and proof.repaired == []
     assert proof.weights.bytes_hashed == 0 and reads == {}
     assert proof.weights.bytes_trusted == first.manifest.bytes_total
+
+
+def test_a_cut_download_resumes_where_the_socket_stopped_and_is_still_proven(
+    mirror: MirrorServer, synthetic_repo: SyntheticRepo, tmp_path: Path
+) -> None:
+    # Each socket read goes to disk as it arrives (huggingface_hub's 10 MiB re-chunking is
+    # off while we fetch), so a cut loses nothing: the resume asks for the very next byte.
+    cut_at = SYNTHETIC_SHARDS[0] // 3
+    mirror.set_faults(cut=CutFault(after_bytes=cut_at, paths=f"*/resolve/*/{BIG_SHARD}", times=1))
+    chunk_size = constants.DOWNLOAD_CHUNK_SIZE
+    files = fetch_files(synthetic_repo.repo_id, synthetic_repo.v1, endpoint=mirror.url)
+    evidence: dict[str, Stamp] = {}
+
+    fetch_proven(
+        synthetic_repo.repo_id, synthetic_repo.v1, tmp_path, files, evidence,
+        token=None, endpoint=mirror.url,
+    )  # fmt: skip
+
+    gets = [r for r in mirror.requests if r.method == "GET" and r.path.endswith(BIG_SHARD)]
+    assert [(r.status, r.range) for r in gets] == [(200, None), (206, f"bytes={cut_at}-")]
+    assert sorted(evidence) == sorted(entry.path for entry in files)  # hashed across the resume
+    assert chunk_size == constants.DOWNLOAD_CHUNK_SIZE  # the library's own setting is back
 
 
 def test_a_file_changed_between_download_and_proof_is_read_and_found_bad(
@@ -150,18 +174,38 @@ def test_an_old_download_is_read_again(
     assert (first.directory / SENTINEL_NAME).exists()
 
 
-def test_the_hash_starts_over_when_the_download_does() -> None:
-    data = os.urandom(4096)
-    entry = FileEntry(
+SOCKET_READ = 64 * 1024  # what http_get hands on: one socket read at a time
+
+
+def write_in_reads(writer: HashingWriter, data: bytes) -> None:
+    for start in range(0, len(data), SOCKET_READ):
+        writer.write(data[start : start + SOCKET_READ])
+
+
+def lfs_entry(data: bytes) -> FileEntry:
+    return FileEntry(
         path="shard.safetensors", size=len(data), lfs=True, sha256=hashlib.sha256(data).hexdigest()
     )
-    writer = HashingWriter(io.BytesIO(), entry)
-    writer.write(data[:1000])
-    # What http_get does when a server ignores Range on a resume: back to the start.
-    writer.seek(max(writer.tell() - 1000, 0))
-    writer.truncate()
-    writer.write(data)
-    assert writer.matches()
 
-    writer.seek(10)  # anywhere else: no digest can be trusted, the file will be read
-    assert not writer.matches()
+
+def test_the_hash_starts_over_when_the_download_does() -> None:
+    # Over one batch, so part of the first attempt is on the hashing thread when it restarts.
+    data = os.urandom(2 * HASH_BATCH + 4096)
+    with HashingWriter(io.BytesIO(), lfs_entry(data)) as writer:
+        write_in_reads(writer, data[: HASH_BATCH + 1000])
+        # What http_get does when a server ignores Range on a resume: back to the start.
+        writer.seek(0)
+        writer.truncate()
+        write_in_reads(writer, data)
+        assert writer.matches()
+
+        writer.seek(10)  # anywhere else: no digest can be trusted, the file will be read
+        assert not writer.matches()
+
+
+def test_the_hashing_thread_ends_with_a_failed_download() -> None:
+    data = os.urandom(2 * HASH_BATCH)
+    with pytest.raises(ConnectionResetError), HashingWriter(io.BytesIO(), lfs_entry(data)) as w:
+        write_in_reads(w, data[: HASH_BATCH + 1000])
+        raise ConnectionResetError  # http_get gave up
+    assert not [t for t in threading.enumerate() if t.name.startswith("hash ")]
