@@ -105,9 +105,3 @@ def test_a_dummy_weights_plan_serves_with_load_format_dummy() -> None:
     real = build_plan(load_profile("qwen3-8b"))
     assert not real.dummy_weights and "--load-format" not in real.serve.argv
     assert "DUMMY" in render_text(build_plan(load_profile("qwen3-8b").with_dummy_weights()))
-
-
-def test_dummy_weights_on_modal_fail_before_anything_starts() -> None:
-    result = run("run", "qwen3-8b", "--dummy-weights", "--target", "modal")
-    assert result.returncode == 2
-    assert result.stderr.strip() == "rollout: error: dummy weights run on the local target only"

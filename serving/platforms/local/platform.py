@@ -71,7 +71,7 @@ from serving.platforms.local.router_process import (
 )
 from serving.platforms.local.stores import FileReleaseStore
 from serving.supervisor.events import ServerEvent
-from serving.verification import verify_revision
+from serving.verification import check_serving_config, verify_revision
 from serving.weights.download import accept_sentinel, download
 from serving.weights.hub import (
     SERVING_CONFIG_PATTERNS,
@@ -163,7 +163,7 @@ class LocalPlatform:
             endpoint=self.endpoint,
             patterns=SERVING_CONFIG_PATTERNS,
         )
-        return str(directory)
+        return check_serving_config(profile, directory).proven()
 
     def has_weights(self, profile: Profile, revision: str) -> bool:
         sentinel = weights_dir(self._weights_root(profile), profile, revision) / SENTINEL_NAME

@@ -325,11 +325,15 @@ def test_the_modal_closures_carry_only_strings_into_the_container() -> None:
 
 def test_the_release_and_router_classes_carry_only_strings_into_the_container() -> None:
     """The same for the Server classes: every lifecycle method closes over names only (the
-    profile, the revision, volume and Dict names), never a Modal object or a profile."""
+    profile, the revision, volume and Dict names) and switches (dummy weights), never a Modal
+    object or a profile."""
     profile = load_profile("glm-5.1")
-    release = apps.build_release_app(profile, "0123456789abcdef0123456789abcdef01234567")
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    release = apps.build_release_app(profile, revision)
+    dummy = apps.build_release_app(profile.with_dummy_weights(), revision)
     router = apps.build_router_app(profile)
     for server, methods in ((release.server, {"start", "serve", "stop"}),
+                            (dummy.server, {"start", "serve", "stop"}),
                             (router.server, {"start", "stop"})):  # fmt: skip
         user_cls = synchronizer._translate_in(server)._user_cls
         found = set()
@@ -339,5 +343,5 @@ def test_the_release_and_router_classes_carry_only_strings_into_the_container() 
                 continue
             found.add(name)
             cells = [cell.cell_contents for cell in raw.__closure__ or ()]
-            assert all(isinstance(value, str) for value in cells), (user_cls.__name__, name)
+            assert all(isinstance(value, str | bool) for value in cells), (user_cls.__name__, name)
         assert found == methods
