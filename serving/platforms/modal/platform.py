@@ -222,9 +222,8 @@ class ModalPlatform:
 
     def running_releases(self, profile: Profile) -> list[Release]:
         """The model's deployed release Apps (`<model>-<rev8>`, `<model>-<rev8>-dummy`), whoever
-        deployed them. A
-        release deployed here is described by its record in the model's Dict; one without a
-        record gets its URL from Modal and its 8-hex revision prefix."""
+        deployed them. A release deployed here is described by its record in the model's Dict;
+        one without a record gets its URL from Modal and its 8-hex revision prefix."""
         pattern = re.compile(
             rf"{re.escape(profile.name)}-(?P<rev>[0-9a-f]{{{RELEASE_ID_HEX}}})"
             rf"(?P<dummy>{re.escape(DUMMY_SUFFIX)})?"
