@@ -68,8 +68,6 @@ def rollout(
 ) -> RolloutReport:
     profile = load_profile(model)
     dummy = dummy_weights or profile.dummy_weights
-    if dummy and target != "local":
-        raise ValueError("dummy weights run on the local target only")
     report = RolloutReport(model=model, dummy_weights=dummy)
     watch = Stopwatch()
 

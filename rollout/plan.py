@@ -11,8 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from serving.config.layout import DEEPGEMM_MOUNT, WEIGHTS_MOUNT
+from serving.config.layout import DEEPGEMM_MOUNT, DUMMY_DIR, WEIGHTS_MOUNT
 from serving.config.profile import CanaryStep, Gates, Profile, check_revision, is_commit_sha
+from serving.domain.release import release_id
 from serving.engines.deepgemm import COMPILE_TIMEOUT_SECONDS
 from serving.engines.sglang import compile_command, serve_command
 from serving.platforms.modal.apps import build_compile_app, build_release_app, build_weights_app
@@ -68,13 +69,16 @@ def build_plan(profile: Profile, revision: str | None = None) -> Plan:
     requested = check_revision(revision) if revision else profile.hub.revision
     pinned = is_commit_sha(requested)
     commit = requested if pinned else UNRESOLVED
-    weights_path = WEIGHTS_MOUNT / profile.hub.repo / commit
+    # Dummy weights are served from the config and tokenizer alone, in a directory of their own.
+    weights_root = WEIGHTS_MOUNT / DUMMY_DIR if profile.dummy_weights else WEIGHTS_MOUNT
+    weights_path = weights_root / profile.hub.repo / commit
     deepgemm_path = _deepgemm_path(profile)
     serve = serve_command(
         profile, weights_path=weights_path, deepgemm_path=deepgemm_path, port=ENGINE_PORT
     )
     compile_plan = None
-    if profile.deepgemm and deepgemm_path is not None:
+    # A dummy rollout compiles nothing ahead: SGLang compiles what the cache lacks at startup.
+    if profile.deepgemm and deepgemm_path is not None and not profile.dummy_weights:
         compile_cmd = compile_command(
             profile,
             weights_path=weights_path,
@@ -128,12 +132,12 @@ def _app_names(profile: Profile, commit: str) -> list[str]:
     if profile.engine.kind != "sglang":
         return []
     names = [build_weights_app(profile).app.name]
-    if profile.deepgemm:
+    if profile.deepgemm and not profile.dummy_weights:
         names.append(build_compile_app(profile).app.name)
     if is_commit_sha(commit):
         names.append(build_release_app(profile, commit).app.name)
     else:
-        names.append(f"{profile.name}-<rev8>")
+        names.append(release_id(profile, "<rev8>"))
     return [name for name in names if name]
 
 
@@ -142,8 +146,9 @@ def render_text(plan: Plan) -> str:
         f"model     {plan.model}  ({plan.hub_repo})",
         f"revision  {plan.revision.requested} [{plan.revision.policy}] — {plan.revision.note}",
         f"engine    {plan.engine}  image={plan.image or '-'}",
-        *(["weights   DUMMY: random, config and tokenizer only (no download); probed at 0%,"
-           " never promoted"] if plan.dummy_weights else []),
+        *(["weights   DUMMY: random, from config and tokenizer only (no download, no"
+           " compile); served at 0% beside stable, probed, retired: never weighted or"
+           " promoted"] if plan.dummy_weights else []),
         f"gpu       {plan.gpu or 'cpu'}  tp={plan.tp} ep={plan.ep}",
         f"apps      {', '.join(plan.apps) or '- (local target)'}",
         "volumes   " + ", ".join(f"{mount} ← {name}" for mount, name in plan.volumes.items()),
@@ -157,6 +162,8 @@ def render_text(plan: Plan) -> str:
     for probe in plan.probes:
         contains = f" containing {probe.contains!r}" if probe.contains else ""
         lines.append(f"          - {probe.name}: expect {probe.expect}{contains}")
+    if plan.dummy_weights:
+        return "\n".join(lines)  # no canary steps, no gates: it never takes traffic
     lines.append("canary    " + " → ".join(
         _step(s) + (" (approval)" if s.approval else "") for s in plan.canary_steps
     ))  # fmt: skip

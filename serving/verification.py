@@ -8,12 +8,19 @@
   compiled kernels are for something else);
 - the serve command accepted by SGLang's own parser where SGLang is installed (the engine
   image), else by the flag table the profile was already checked against.
+
+A dummy-weights release has no weights and needs no kernels (SGLang compiles what the cache
+volume lacks at startup, within the startup budget): its proof is the serving config it will
+start from (`check_serving_config`) and the same serve command, with `--load-format dummy`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
+
+from pydantic import BaseModel
 
 from serving.config.layout import deepgemm_dir, weights_dir
 from serving.config.profile import Profile
@@ -21,7 +28,7 @@ from serving.domain.release import VerifyResult
 from serving.engines.deepgemm import read_marker
 from serving.engines.sglang import deepgemm_cache_key, parse_serve_argv, serve_command
 from serving.weights.download import read_sentinel, repair_download
-from serving.weights.models import VerifyReport
+from serving.weights.models import VerifyReport, WeightsError
 from serving.weights.verify import fresh_evidence, verify
 
 
@@ -93,3 +100,38 @@ def _check_serve_command(profile: Profile, directory: Path) -> str | None:
         return None  # the flag table check ran when the profile loaded
     command = serve_command(profile, weights_path=directory, deepgemm_path=None, port=8000)
     return parse_serve_argv(command.argv)
+
+
+class ServingConfigCheck(BaseModel):
+    """What a dummy-weights release will serve from, and what stands in its way."""
+
+    directory: str
+    files: list[str]
+    problems: list[str]
+
+    def proven(self) -> str:
+        """The directory, once nothing stands in the way; else one line naming the problems."""
+        if self.problems:
+            raise WeightsError(f"dummy weights at {self.directory}: " + "; ".join(self.problems))
+        return self.directory
+
+
+def check_serving_config(profile: Profile, directory: Path) -> ServingConfigCheck:
+    """A dummy-weights release's verify: the config SGLang builds the random model from is
+    there and parses, and the serve command (with `--load-format dummy`) is accepted."""
+    problems = []
+    config = directory / "config.json"
+    try:
+        json.loads(config.read_bytes())
+    except (OSError, ValueError) as exc:
+        problems.append(f"no readable config.json ({type(exc).__name__})")
+    problem = _check_serve_command(profile.with_dummy_weights(), directory)
+    if problem:
+        problems.append(problem)
+    # huggingface_hub keeps its download bookkeeping under .cache/: not the model's files.
+    files = sorted(
+        path.relative_to(directory).as_posix()
+        for path in directory.rglob("*")
+        if path.is_file() and not path.relative_to(directory).parts[0].startswith(".")
+    )
+    return ServingConfigCheck(directory=str(directory), files=files, problems=problems)

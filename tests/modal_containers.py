@@ -8,10 +8,12 @@ mounted: the double's files reloaded in, the container's files committed back.
 `ServingContainers` runs the Servers (tests.modal_double.servers.Containers) on loopback from
 serving.platforms.modal.server_bodies:
 
-- A release App `<model>-<rev8>`: the real supervisor (start_release, resume_release) over a
-  FAKE engine (tests/fake_engine.py or tests/engines/fake_engine.py), on the weights volume as
+- A release App `<model>-<rev8>` (or `<model>-<rev8>-dummy`, on the dummy-weights profile, as
+  its Server class loads it): the real supervisor (start_release, resume_release) over a FAKE
+  engine (tests/fake_engine.py or tests/engines/fake_engine.py), on the weights volume as
   the container mounts it: the double's files of that volume, copied to a directory on every
-  reload. `seed_verified_weights` leaves there what a finished download would.
+  reload. `seed_verified_weights` leaves there what a finished download would. The engine
+  command the container would have run instead is kept in `commands`.
 - The router App `<model>-router`: the real router (router_config, start_router) polling the
   model's routes Dict through the real modal SDK, against the double.
 - Stopping an App runs its container's exit body (stop_release, stop_router).
@@ -36,6 +38,7 @@ from modal_proto import api_pb2
 from serving.config.layout import SENTINEL_NAME, weights_dir
 from serving.config.profile import Profile
 from serving.core.procs import free_port
+from serving.engines.engine import engine_command as real_engine_command
 from serving.engines.sglang import Command
 from serving.platforms.modal import bodies, resources, server_bodies
 from serving.supervisor.supervisor import EngineFailed
@@ -116,6 +119,7 @@ class PrepContainers:
         double.run(weights, resources.DOWNLOAD_FUNCTION, self.download)
         double.run(weights, resources.MERGE_FUNCTION, self.merge)
         double.run(weights, resources.VERIFY_FUNCTION, self.verify)
+        double.run(weights, resources.SERVING_CONFIG_FUNCTION, self.serving_config)
         if profile.deepgemm:
             double.run(resources.compile_app_name(profile), resources.COMPILE_FUNCTION,
                        self.compile)  # fmt: skip
@@ -148,6 +152,11 @@ class PrepContainers:
         return bodies.verify_body(self.profile, revision, weights_root=root,
                                   weights_volume=volume, deepgemm_root=kernels[0],
                                   deepgemm_volume=kernels[1], endpoint=self.endpoint)  # fmt: skip
+
+    def serving_config(self, revision: str) -> dict[str, Any]:
+        root, volume = self._mount(self.profile.volumes.weights)
+        return bodies.serving_config_body(self.profile, revision, root=root, volume=volume,
+                                          endpoint=self.endpoint)  # fmt: skip
 
     def compile(self, revision: str) -> dict[str, Any]:
         root, volume = self._mount(self.profile.volumes.deepgemm)
@@ -185,6 +194,8 @@ class ServingContainers:
         self.engines = engines
         self.environment = environment
         self.running: dict[str, Callable[[], None]] = {}  # App name -> its exit body
+        # App name -> the engine command its container would run (the FAKE engine runs instead)
+        self.commands: dict[str, Command] = {}
         self.started: list[str] = []
         self.stopped: list[str] = []
         self.crashes: list[EngineFailed] = []  # engines that died serving (Modal would restart)
@@ -194,14 +205,15 @@ class ServingContainers:
     def start(self, app_name: str, server: str) -> str | None:
         if app_name == resources.router_app_name(self.profile):
             return self._start_router(app_name)
-        revision = next(
-            (rev for rev in self.engines
-             if resources.release_app_name(self.profile, rev) == app_name),
+        served = next(
+            ((profile, rev) for rev in self.engines
+             for profile in (self.profile, self.profile.with_dummy_weights())
+             if resources.release_app_name(profile, rev) == app_name),
             None,
         )  # fmt: skip
-        if revision is None:
+        if served is None:
             return None
-        return self._start_release(app_name, revision)
+        return self._start_release(app_name, *served)
 
     def stop(self, app_name: str) -> None:
         with self._lock:
@@ -237,18 +249,19 @@ class ServingContainers:
         self.router_url = f"http://127.0.0.1:{router.port}"
         return self.router_url
 
-    def _start_release(self, app_name: str, revision: str) -> str:
+    def _start_release(self, app_name: str, profile: Profile, revision: str) -> str:
         weights = self.root / app_name / "weights"
         volume = MountedVolume(self.double, self.profile.volumes.weights, self.environment,
                                weights)  # fmt: skip
         engine = self.engines[revision]
 
-        def engine_command(profile: Profile, **options: Any) -> Command:
+        def engine_command(served: Profile, **options: Any) -> Command:
             # serving.engines.engine's engine_command, for the FAKE engine: the same port.
+            self.commands[app_name] = real_engine_command(served, **options)
             return engine(options["port"], app_name)
 
         supervisor = server_bodies.start_release(
-            self.profile, revision, weights_root=weights, deepgemm_root=None, volumes=[volume],
+            profile, revision, weights_root=weights, deepgemm_root=None, volumes=[volume],
             private_dir=self.root / app_name / "private",
             api_key=server_bodies.container_api_key(self.profile), port=free_port(),
             bind_host="127.0.0.1", on_crash=self.crashes.append, build_command=engine_command,

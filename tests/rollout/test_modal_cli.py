@@ -34,12 +34,13 @@ from dev.demo_model import make_synthetic_repo
 from dev.mirror import MirrorServer
 from dev.mirror_store import KiB, MirrorStore
 from rollout.cli import main
-from serving.config.layout import SENTINEL_NAME, weights_dir
+from serving.config.layout import SENTINEL_NAME, dummy_weights_dir, weights_dir
 from serving.config.loader import DEFAULT_MODELS_DIR, load_profile
 from serving.domain.release import VerifyResult
 from serving.platforms.modal import resources
 from serving.platforms.modal.calls import CallStore
 from serving.platforms.modal.gateway import ModalGateway
+from serving.platforms.modal.platform import ModalPlatform
 from serving.weights.hub import fetch_files
 from serving.weights.models import Manifest, VerifyReport
 from tasks.weights import gpu_limit_name
@@ -288,3 +289,67 @@ def test_run_promotes_a_first_release_then_a_canary_and_rolls_a_failing_one_back
     ]  # fmt: skip
     # The router retried the canary's failures on the stable release: clients saw none.
     assert load.statuses and set(load.statuses) == {200}, Counter(load.statuses)
+
+
+# --------------------------------------------------------------------------------------------
+# rollout run qwen3-8b --target modal --dummy-weights
+# --------------------------------------------------------------------------------------------
+
+QWEN_SHARDS = [4 * KiB] * 2
+TOKENIZER = {"tokenizer.json": b'{"model": {"type": "BPE"}}'}
+
+
+def test_a_dummy_rollout_fetches_config_only_serves_and_never_becomes_stable(
+    capsys: pytest.CaptureFixture[str], modal_double: ModalDouble, environment: str,
+    serving: ServingContainers, mirror_store: MirrorStore, mirror: MirrorServer,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    profile = load_profile("qwen3-8b")
+    sha = make_synthetic_repo(mirror_store, profile.hub.repo, QWEN_SHARDS, seed=8,
+                              extra_files=TOKENIZER)  # fmt: skip
+    monkeypatch.setenv("HF_ENDPOINT", mirror.url)
+    PrepContainers(modal_double, profile, tmp_path / "prep", mirror.url, environment,
+                   FakeCompileRun())  # fmt: skip
+    serving.engines[sha] = fake_engine()
+    weights, dummy_app = "qwen3-8b-weights", f"qwen3-8b-{sha[:8]}-dummy"
+    run = ("run", "qwen3-8b", "--target", "modal", "--revision", sha)
+    mirror.clear_requests()
+
+    code, dummy = rollout(capsys, *run, "--dummy-weights")
+
+    assert (code, dummy["decision"], dummy["dummy_weights"]) == (0, "dummy", True), dummy
+    assert dummy["bytes_downloaded"] == 0
+    # Config and tokenizer only, from the Hub into the volume's dummy directory: no download
+    # call, no shard fetched, nothing where real weights go, no sentinel anywhere.
+    assert modal_double.calls_of(weights, resources.DOWNLOAD_FUNCTION) == []
+    fetched = {r.path.rsplit("/", 1)[1] for r in mirror.requests if "/resolve/" in r.path}
+    assert fetched == {"config.json", "generation_config.json", "tokenizer.json"}
+    files = modal_double.volumes[(environment, profile.volumes.weights)].files
+    config_dir = dummy_weights_dir(PurePosixPath(), profile, sha).as_posix()
+    assert {f"{config_dir}/{name}" for name in fetched} <= set(files)
+    of_revision = [path for path in files if sha in path]
+    assert [path for path in of_revision if not path.startswith(f"{config_dir}/")] == []
+    assert [path for path in of_revision if path.endswith(SENTINEL_NAME)] == []
+    # SGLang would serve random weights built from that config; the release was probed at 0%
+    # (its container's enter ran the probes), then retired, recorded as dummy, never stable.
+    argv = serving.commands[dummy_app].argv
+    assert argv[argv.index("--load-format") + 1] == "dummy"
+    assert argv[argv.index("--model-path") + 1].endswith(config_dir)
+    assert serving.stopped == [dummy_app]
+    stored = ModalGateway(environment).dict(resources.routes_dict_name(profile))
+    assert json.loads(stored.get(f"{resources.RELEASE_KEY_PREFIX}{dummy_app}"))["dummy_weights"]
+    record = ModalPlatform().release_store().read("qwen3-8b")
+    assert (record.stable, record.canary, record.retiring) == (None, None, [])
+    assert [(entry.revision, entry.outcome) for entry in record.history] == [(sha, "dummy")]
+
+    code, real_run = rollout(capsys, *run)
+
+    # The dummy release is no stable: the real rollout of the revision is a first release.
+    assert (code, real_run["decision"]) == (0, "promoted"), real_run
+    assert "first release" in real_run["reason"] and real_run["bytes_downloaded"] > 0
+    stable_app = f"qwen3-8b-{sha[:8]}"
+    assert "--load-format" not in serving.commands[stable_app].argv
+    assert deployed(modal_double, environment) == [stable_app, "qwen3-8b-router", weights]
+    record = ModalPlatform().release_store().read("qwen3-8b")
+    assert record.stable is not None and record.stable.id == stable_app
+    assert [entry.outcome for entry in record.history] == ["dummy", "promoted"]

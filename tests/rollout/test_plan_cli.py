@@ -106,12 +106,12 @@ def test_a_dummy_weights_plan_serves_with_load_format_dummy() -> None:
     assert plan["dummy_weights"] is True
     argv = plan["serve"]["argv"]
     assert argv[argv.index("--load-format") + 1] == "dummy"
+    # Served from the config alone, in its own directory; nothing compiled ahead, no canary.
+    assert argv[argv.index("--model-path") + 1].startswith("/weights/.dummy/")
+    assert plan["compile"] is None
+    assert plan["apps"] == ["qwen3-8b-weights", "qwen3-8b-220b46e3-dummy"]
     real = build_plan(load_profile("qwen3-8b"))
     assert not real.dummy_weights and "--load-format" not in real.serve.argv
+    assert real.compile is not None and "qwen3-8b-compile" in real.apps
+    assert "canary" not in render_text(build_plan(load_profile("qwen3-8b").with_dummy_weights()))
     assert "DUMMY" in render_text(build_plan(load_profile("qwen3-8b").with_dummy_weights()))
-
-
-def test_dummy_weights_on_modal_fail_before_anything_starts() -> None:
-    result = run("run", "qwen3-8b", "--dummy-weights", "--target", "modal")
-    assert result.returncode == 2
-    assert result.stderr.strip() == "rollout: error: dummy weights run on the local target only"

@@ -35,7 +35,7 @@ from serving.engines.deepgemm import (
 from serving.engines.sglang import COMPILE_ENTRYPOINT, Command, deepgemm_cache_key
 from serving.platforms.local.releases import LocalReleases, serving_settings_from_env
 from serving.platforms.local.router_process import DEFAULT_ROUTER_PORT
-from serving.verification import verify_revision
+from serving.verification import check_serving_config, verify_revision
 from serving.weights.download import accept_sentinel, download
 from serving.weights.hub import (
     SERVING_CONFIG_PATTERNS,
@@ -105,7 +105,7 @@ class LocalPlatform(LocalReleases):
             endpoint=self.endpoint,
             patterns=SERVING_CONFIG_PATTERNS,
         )
-        return str(directory)
+        return check_serving_config(profile, directory).proven()
 
     def has_weights(self, profile: Profile, revision: str) -> bool:
         sentinel = weights_dir(self._weights_root(profile), profile, revision) / SENTINEL_NAME

@@ -2,7 +2,8 @@
 
 Any change to an App redeploys every function in it, so each job kind gets its own App:
 
-    <model>-weights   download (CPU; big repos one spawned call per shard), merge, verify
+    <model>-weights   download (CPU; big repos one spawned call per shard), merge, verify, and
+                      the serving config (config and tokenizer) of dummy weights
     <model>-compile   DeepGEMM precompile on the profile's GPUs
     <model>-<rev8>    one per release: the Server running the engine supervisor
     <model>-router    the canary router (CPU, always on), weights read from a modal.Dict
@@ -30,7 +31,13 @@ from serving.config.layout import DEEPGEMM_MOUNT, WEIGHTS_MOUNT
 from serving.config.loader import load_profile
 from serving.config.profile import Profile
 from serving.engines.deepgemm import COMPILE_TIMEOUT_SECONDS
-from serving.platforms.modal.bodies import compile_body, download_body, merge_body, verify_body
+from serving.platforms.modal.bodies import (
+    compile_body,
+    download_body,
+    merge_body,
+    serving_config_body,
+    verify_body,
+)
 from serving.platforms.modal.resources import (
     COMPILE_FUNCTION,
     COMPILE_TIMEOUT,
@@ -51,6 +58,10 @@ from serving.platforms.modal.resources import (
     ROUTER_PORT,
     ROUTER_STARTUP_TIMEOUT,
     SERVER_NAME,
+    SERVING_CONFIG_CPU,
+    SERVING_CONFIG_FUNCTION,
+    SERVING_CONFIG_MEMORY_MIB,
+    SERVING_CONFIG_TIMEOUT,
     VERIFY_FUNCTION,
     VERIFY_MEMORY_MIB,
     VERIFY_TIMEOUT,
@@ -88,6 +99,7 @@ class WeightsApp:
     download: modal.Function
     merge: modal.Function
     verify: modal.Function
+    serving_config: modal.Function
 
 
 @dataclass(frozen=True)
@@ -158,6 +170,16 @@ def build_weights_app(profile: Profile) -> WeightsApp:
             token=hf_token(),
         )
 
+    def serving_config(revision: str) -> dict:
+        """Config and tokenizer of a revision, for dummy weights, into the weights volume."""
+        return serving_config_body(
+            load_profile(profile_name),
+            revision,
+            root=Path(WEIGHTS_MOUNT),
+            volume=mounted_volume(weights_name),
+            token=hf_token(),
+        )
+
     def cpu_function(
         fn: Callable[..., dict], *, name: str, cpu: float, memory: int, timeout: int,
         mounts: dict[str, modal.Volume],
@@ -182,7 +204,11 @@ def build_weights_app(profile: Profile) -> WeightsApp:
     verify_fn = cpu_function(verify, name=VERIFY_FUNCTION, cpu=DOWNLOAD_CPU,
                              memory=VERIFY_MEMORY_MIB, timeout=VERIFY_TIMEOUT,
                              mounts=verify_volumes)  # fmt: skip
-    return WeightsApp(app=app, download=download_fn, merge=merge_fn, verify=verify_fn)
+    config_fn = cpu_function(serving_config, name=SERVING_CONFIG_FUNCTION, cpu=SERVING_CONFIG_CPU,
+                             memory=SERVING_CONFIG_MEMORY_MIB, timeout=SERVING_CONFIG_TIMEOUT,
+                             mounts=volumes)  # fmt: skip
+    return WeightsApp(app=app, download=download_fn, merge=merge_fn, verify=verify_fn,
+                      serving_config=config_fn)  # fmt: skip
 
 
 def build_compile_app(profile: Profile) -> CompileApp:
@@ -224,7 +250,9 @@ def build_compile_app(profile: Profile) -> CompileApp:
 
 
 def build_release_app(profile: Profile, revision: str) -> ReleaseApp:
-    """One App per release, so a canary and the stable release scale and stop independently."""
+    """One App per release, so a canary and the stable release scale and stop independently.
+    A dummy-weights profile gets an App of its own (`<model>-<rev8>-dummy`), serving random
+    weights from the config in the volume's dummy directory."""
     app = modal.App(release_app_name(profile, revision))
     volumes = {WEIGHTS_MOUNT: weights_volume(profile).with_mount_options(read_only=True)}
     if profile.deepgemm:
@@ -236,6 +264,7 @@ def build_release_app(profile: Profile, revision: str) -> ReleaseApp:
         profile.volumes.deepgemm if profile.deepgemm and profile.volumes.deepgemm else ""
     )
     snapshot = profile.engine.memory_snapshot
+    dummy = profile.dummy_weights
 
     class Server:
         # snap=True for memory-snapshot profiles: the container is snapshotted after this
@@ -243,6 +272,8 @@ def build_release_app(profile: Profile, revision: str) -> ReleaseApp:
         @modal.enter(snap=snapshot)
         def start(self) -> None:
             loaded = load_profile(profile_name)
+            if dummy:  # the profiles in the image are the real ones
+                loaded = loaded.with_dummy_weights()
             mounted = [mounted_volume(weights_name)]
             if deepgemm_name:
                 mounted.append(mounted_volume(deepgemm_name))

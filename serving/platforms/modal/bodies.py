@@ -1,4 +1,5 @@
-"""What runs inside the weights and compile containers: download, merge, verify, compile.
+"""What runs inside the weights and compile containers: download, merge, verify, compile, and
+the serving config of a dummy-weights release.
 
 Module-level functions with the roots and volumes as arguments. The Modal functions in
 serving.platforms.modal.apps are thin closures that pass the mounts; tests call these with a
@@ -13,14 +14,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from serving.config.layout import compile_model_dir, deepgemm_dir, weights_dir
+from serving.config.layout import compile_model_dir, deepgemm_dir, dummy_weights_dir, weights_dir
 from serving.config.profile import Profile
 from serving.engines.deepgemm import CompileFailed, compile_kernels
 from serving.platforms.modal.resources import Syncable, reload_read_only
-from serving.verification import verify_revision
+from serving.verification import check_serving_config, verify_revision
 from serving.weights.download import Transfer, download_files, merge
 from serving.weights.download import download as download_revision
-from serving.weights.hub import fetch_model_config, revision_files
+from serving.weights.hub import SERVING_CONFIG_PATTERNS, fetch_model_config, revision_files
 from serving.weights.models import DownloadResult, FileEntry, ShardResult
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,33 @@ def verify_body(
         raise
     weights_volume.commit()  # repaired files, and the fresh sentinel written after a repair
     return result.model_dump(mode="json")
+
+
+def serving_config_body(
+    profile: Profile,
+    revision: str,
+    *,
+    root: Path,
+    volume: Syncable,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> dict[str, Any]:
+    """Dummy weights: the revision's config and tokenizer (SERVING_CONFIG_PATTERNS) into its
+    dummy directory of the weights volume, checked as a dummy release's verify; never a weight
+    file, never a sentinel, never the real weights' directory. Returns a
+    serving.verification.ServingConfigCheck."""
+    _quiet_hub()
+    volume.reload()
+    directory = fetch_model_config(
+        profile.hub.repo,
+        revision,
+        dummy_weights_dir(root, profile, revision),
+        token=token,
+        endpoint=endpoint,
+        patterns=SERVING_CONFIG_PATTERNS,
+    )
+    volume.commit()
+    return check_serving_config(profile, directory).model_dump(mode="json")
 
 
 def compile_body(

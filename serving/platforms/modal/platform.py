@@ -5,7 +5,8 @@ spawned on the deployed `<model>-weights` / `<model>-compile` Apps, their call i
 restarted orchestrator re-attaches instead of paying for a second 8-GPU job. Everything that
 talks to Modal sits behind the small `Gateway` protocol (serving.platforms.modal.gateway).
 
-Serving: one `<model>-<rev8>` App per release (apps.build_release_app) and one
+Serving: one `<model>-<rev8>` App per release (apps.build_release_app; `<model>-<rev8>-dummy`
+serves random weights from the config `fetch_serving_config` put on the weights volume) and one
 `<model>-router` App per model. Routing lives in the model's modal.Dict (`<model>-routes`, key
 "routes": a RoutingTable whose backends are the releases' Modal URLs), which the router reads
 every second; each change is also pushed to the router's admin API so it applies at once. The
@@ -35,7 +36,13 @@ from serving.control.routes import ModelRoutes, release_backend, traffic_backend
 from serving.core.errors import DeployFailed
 from serving.core.home import rollout_home
 from serving.domain.records import ReleaseStore
-from serving.domain.release import RELEASE_ID_HEX, Release, VerifyResult, release_id
+from serving.domain.release import (
+    DUMMY_SUFFIX,
+    RELEASE_ID_HEX,
+    Release,
+    VerifyResult,
+    release_id,
+)
 from serving.engines.deepgemm import CompileResult
 from serving.platform import Target
 from serving.platforms.modal import resources
@@ -121,9 +128,7 @@ class ModalPlatform:
         return self.prep.download(profile, revision, progress)
 
     def fetch_serving_config(self, profile: Profile, revision: str) -> str:
-        # Not built on Modal yet (the rollout flow refuses dummy weights there before anything
-        # runs); its release App would already serve them: serve_command adds the flag.
-        raise NotImplementedError("dummy weights run on the local target only")
+        return self.prep.fetch_serving_config(profile, revision)
 
     def has_weights(self, profile: Profile, revision: str) -> bool:
         return self.prep.has_weights(profile, revision)
@@ -160,7 +165,7 @@ class ModalPlatform:
             if release is None or release.url != url or release.revision != revision:
                 release = Release(
                     model=profile.name, revision=revision, id=rid, url=url,
-                    deployed_at=datetime.now(UTC),
+                    deployed_at=datetime.now(UTC), dummy_weights=profile.dummy_weights,
                 )  # fmt: skip
                 self._routes(profile).put(_release_key(rid), release.model_dump_json())
             self._model_routes(profile).add(release_backend(release, 0, _key_env(profile)))
@@ -193,7 +198,9 @@ class ModalPlatform:
         unrouted = routes.take_out(release.id)
         drain(routes.router, routes.model, release.id, deadline, unrouted=unrouted,
               poll_seconds=RETIRE_POLL_SECONDS, clock=self._clock, sleep=self._sleep)  # fmt: skip
-        self.gateway.stop_app(resources.release_app_name(profile, release.revision))
+        # The App is named by the release id: a dummy release of the stable revision is another
+        # App, which the profile (never dummy here) would not name.
+        self.gateway.stop_app(release.id)
         log.info("%s: retired", release.id)
 
     def router_url(self, profile: Profile) -> str:
@@ -217,13 +224,17 @@ class ModalPlatform:
         return self._router_client(profile).stats(profile.served_model_name, since)
 
     def running_releases(self, profile: Profile) -> list[Release]:
-        """The model's deployed release Apps (`<model>-<rev8>`), whoever deployed them. A
-        release deployed here is described by its record in the model's Dict; one without a
-        record gets its URL from Modal and its 8-hex revision prefix."""
-        pattern = re.compile(rf"{re.escape(profile.name)}-[0-9a-f]{{{RELEASE_ID_HEX}}}")
+        """The model's deployed release Apps (`<model>-<rev8>`, `<model>-<rev8>-dummy`), whoever
+        deployed them. A release deployed here is described by its record in the model's Dict;
+        one without a record gets its URL from Modal and its 8-hex revision prefix."""
+        pattern = re.compile(
+            rf"{re.escape(profile.name)}-(?P<rev>[0-9a-f]{{{RELEASE_ID_HEX}}})"
+            rf"(?P<dummy>{re.escape(DUMMY_SUFFIX)})?"
+        )
         releases = []
         for name in sorted(self.gateway.deployed_apps()):
-            if not pattern.fullmatch(name):
+            match = pattern.fullmatch(name)
+            if match is None:
                 continue
             release = self._stored_release(profile, name)
             if release is None:
@@ -232,8 +243,9 @@ class ModalPlatform:
                     log.warning("%s: deployed, but Modal gives it no URL", name)
                     continue
                 release = Release(
-                    model=profile.name, revision=name.rsplit("-", 1)[1], id=name,
+                    model=profile.name, revision=match["rev"], id=name,
                     url=url.rstrip("/"), deployed_at=datetime.now(UTC),
+                    dummy_weights=match["dummy"] is not None,
                 )  # fmt: skip
             releases.append(release)
         return releases

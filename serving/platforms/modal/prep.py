@@ -1,4 +1,5 @@
-"""The preparation stages on Modal: resolve, download, compile, verify.
+"""The preparation stages on Modal: resolve, download, compile, verify (and, for dummy weights,
+the serving config alone).
 
 Download and compile are calls SPAWNED on the deployed `<model>-weights` / `<model>-compile`
 Apps and recorded in the CallStore (serving.platforms.modal.calls), so a retried or restarted
@@ -36,6 +37,7 @@ from serving.platforms.modal.apps import build_compile_app, build_weights_app
 from serving.platforms.modal.calls import CallKey, CallStore, Stage, Stale
 from serving.platforms.modal.gateway import Gateway
 from serving.platforms.modal.spawned import SpawnedCalls, Started
+from serving.verification import ServingConfigCheck
 from serving.weights.download import accept_sentinel, plan_shards
 from serving.weights.hub import (
     fetch_model_config,
@@ -167,6 +169,15 @@ class Preparation:
         merged = self.gateway.call(app_name, resources.MERGE_FUNCTION, revision, results, files)
         report.update(total)
         return DownloadResult.model_validate(merged)
+
+    def fetch_serving_config(self, profile: Profile, revision: str) -> str:
+        """Dummy weights: one short call on the weights App (not spawned: a few MB, and a
+        rerun fetches nothing already there) puts config and tokenizer in the volume's dummy
+        directory and checks them; their path in a container."""
+        require_commit(revision)
+        app_name = self._ensure_deployed(profile, "weights")
+        fetched = self.gateway.call(app_name, resources.SERVING_CONFIG_FUNCTION, revision)
+        return ServingConfigCheck.model_validate(fetched).proven()
 
     def has_weights(self, profile: Profile, revision: str) -> bool:
         return self._sentinel_on_volume(profile, revision) is not None

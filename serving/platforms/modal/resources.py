@@ -66,6 +66,10 @@ VERIFY_MEMORY_MIB = 8 * 1024
 MERGE_CPU = 1.0
 MERGE_MEMORY_MIB = 2 * 1024
 MERGE_TIMEOUT = 15 * MINUTES
+# Dummy weights: config and tokenizer only, a few MB.
+SERVING_CONFIG_CPU = 1.0
+SERVING_CONFIG_MEMORY_MIB = 2 * 1024
+SERVING_CONFIG_TIMEOUT = 15 * MINUTES
 # compile_deep_gemm gives up first (COMPILE_TIMEOUT_SECONDS), so its own log says why.
 COMPILE_TIMEOUT = COMPILE_TIMEOUT_SECONDS + 10 * MINUTES
 # Modal caps a server's exit grace period at one hour.
@@ -218,6 +222,7 @@ def compile_app_name(profile: Profile) -> str:
 DOWNLOAD_FUNCTION = "download"
 MERGE_FUNCTION = "merge"
 VERIFY_FUNCTION = "verify"
+SERVING_CONFIG_FUNCTION = "serving-config"
 COMPILE_FUNCTION = "compile"
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
-from serving.config.layout import deepgemm_dir, weights_dir
+from serving.config.layout import deepgemm_dir, dummy_weights_dir, weights_dir
 from serving.config.profile import Profile
 from serving.engines.engine import engine_command, request_model, write_secrets_config
 from serving.engines.sglang import Command
@@ -114,12 +114,7 @@ def start_release(
     `build_command` is serving.engine.engine_command (tests pass the FAKE engine's).
     """
     reload_read_only(volumes)
-    weights = weights_dir(weights_root, profile, revision)
-    # Verified weights only: the sentinel is written last, after verification.
-    if read_sentinel(Path(weights), profile.hub.repo, revision) is None:
-        raise ReleaseStartFailed(
-            f"{release_app_name(profile, revision)}: no verified weights at {weights}"
-        )
+    weights = _checked_weights(profile, revision, weights_root)
     deepgemm = (
         deepgemm_dir(deepgemm_root, profile)
         if profile.deepgemm and deepgemm_root is not None
@@ -155,6 +150,21 @@ def start_release(
         supervisor.stop(drain_seconds=0)  # nothing routes to a release that never got ready
         raise
     return supervisor
+
+
+def _checked_weights(profile: Profile, revision: str, weights_root: PurePath) -> PurePath:
+    """Verified weights only: the sentinel is written last, after verification. Dummy weights
+    have none: the config their random model is built from, checked when it was fetched."""
+    if profile.dummy_weights:
+        weights = dummy_weights_dir(weights_root, profile, revision)
+        missing = not Path(weights, "config.json").is_file()
+    else:
+        weights = weights_dir(weights_root, profile, revision)
+        missing = read_sentinel(Path(weights), profile.hub.repo, revision) is None
+    if missing:
+        what = "no config for dummy weights" if profile.dummy_weights else "no verified weights"
+        raise ReleaseStartFailed(f"{release_app_name(profile, revision)}: {what} at {weights}")
+    return weights
 
 
 def resume_release(supervisor: Supervisor) -> None:

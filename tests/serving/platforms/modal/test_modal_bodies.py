@@ -13,12 +13,21 @@ import modal.volume
 import pytest
 from modal._utils.async_utils import synchronizer
 
-from serving.config.layout import SENTINEL_NAME, compile_model_dir, deepgemm_dir, weights_dir
+from dev.demo_model import make_synthetic_repo
+from dev.mirror_store import KiB, MirrorStore
+from serving.config.layout import (
+    SENTINEL_NAME,
+    compile_model_dir,
+    deepgemm_dir,
+    dummy_weights_dir,
+    weights_dir,
+)
 from serving.config.loader import load_profile
 from serving.domain.release import VerifyResult
 from serving.engines.deepgemm import CompileFailed, CompileResult, read_marker
 from serving.engines.sglang import deepgemm_cache_key
 from serving.platforms.modal import apps, bodies
+from serving.verification import ServingConfigCheck
 from serving.weights.download import plan_shards, read_sentinel
 from serving.weights.hub import HIGH_PERFORMANCE_ENV, fetch_files
 from serving.weights.models import DownloadResult, ShardResult, WeightsError
@@ -34,6 +43,7 @@ from tests.modal_fixtures import (
 
 TOKEN = "hf_test_SECRET_token_value_0987654321"
 MISSING_SHA = "f" * 40
+BROKEN_CONFIG_REPO = "test-org/broken-config"
 COMPILE_TIMEOUT_S = 60
 
 
@@ -146,6 +156,28 @@ def test_a_failed_download_commits_what_it_has_and_never_shows_the_token(
     assert TOKEN not in str(failure.value)
     # Modal retries the input: files that finished stay on the volume for it.
     assert volume.events == [("reload", "weights"), ("commit", "weights")]
+
+
+def test_serving_config_body_fetches_config_only_and_reports_a_config_that_does_not_parse(
+    mirror: Any, mirror_store: MirrorStore, tmp_path: Path
+) -> None:
+    """Dummy weights' verify: the config SGLang builds the random model from must parse; the
+    directory is the dummy one, with no weight file and no sentinel."""
+    profile = cpu_profile(BROKEN_CONFIG_REPO)
+    sha = make_synthetic_repo(mirror_store, BROKEN_CONFIG_REPO, [KiB], seed=3,
+                              extra_files={"config.json": b"{not json"})  # fmt: skip
+    volume = FakeVolume("weights")
+
+    check = ServingConfigCheck.model_validate(bodies.serving_config_body(
+        profile, sha, root=tmp_path, volume=volume, endpoint=mirror.url,
+    ))  # fmt: skip
+
+    assert check.directory == str(dummy_weights_dir(tmp_path, profile, sha))
+    assert check.files == ["config.json", "generation_config.json"]
+    assert volume.events == [("reload", "weights"), ("commit", "weights")]
+    assert not weights_dir(tmp_path, profile, sha).exists()
+    with pytest.raises(WeightsError, match=r"^dummy weights at .*: no readable config.json"):
+        check.proven()
 
 
 def test_verify_body_refetches_a_corrupted_file_and_commits_the_repair(
@@ -325,11 +357,15 @@ def test_the_modal_closures_carry_only_strings_into_the_container() -> None:
 
 def test_the_release_and_router_classes_carry_only_strings_into_the_container() -> None:
     """The same for the Server classes: every lifecycle method closes over names only (the
-    profile, the revision, volume and Dict names), never a Modal object or a profile."""
+    profile, the revision, volume and Dict names) and switches (dummy weights), never a Modal
+    object or a profile."""
     profile = load_profile("glm-5.1")
-    release = apps.build_release_app(profile, "0123456789abcdef0123456789abcdef01234567")
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    release = apps.build_release_app(profile, revision)
+    dummy = apps.build_release_app(profile.with_dummy_weights(), revision)
     router = apps.build_router_app(profile)
     for server, methods in ((release.server, {"start", "serve", "stop"}),
+                            (dummy.server, {"start", "serve", "stop"}),
                             (router.server, {"start", "stop"})):  # fmt: skip
         user_cls = synchronizer._translate_in(server)._user_cls
         found = set()
@@ -339,5 +375,5 @@ def test_the_release_and_router_classes_carry_only_strings_into_the_container() 
                 continue
             found.add(name)
             cells = [cell.cell_contents for cell in raw.__closure__ or ()]
-            assert all(isinstance(value, str) for value in cells), (user_cls.__name__, name)
+            assert all(isinstance(value, str | bool) for value in cells), (user_cls.__name__, name)
         assert found == methods

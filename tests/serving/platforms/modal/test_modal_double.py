@@ -50,15 +50,15 @@ def glm(modal_double: ModalDouble) -> Profile:
     return profile
 
 
-def test_weights_app_deploys_three_cpu_functions_on_a_v2_weights_volume(
+def test_weights_app_deploys_four_cpu_functions_on_a_v2_weights_volume(
     modal_double: ModalDouble, glm: Profile
 ) -> None:
     ModalGateway().deploy(apps.build_weights_app(glm).app)
 
     app = modal_double.deployed("glm-5.1-weights")
-    assert sorted(app.function_ids) == ["download", "merge", "verify"]
+    assert sorted(app.function_ids) == ["download", "merge", "serving-config", "verify"]
     assert modal_double.volume_version("glm51-weights") == V2
-    for tag in ("download", "merge"):
+    for tag in ("download", "merge", "serving-config"):
         function = modal_double.function("glm-5.1-weights", tag)
         assert function.resources.gpu_config.count == 0
         assert modal_double.volume_mounts(function) == {WEIGHTS_MOUNT: ("glm51-weights", False)}

@@ -111,6 +111,19 @@ def test_a_release_without_verified_weights_starts_no_engine(tmp_path: Path) -> 
     assert builder.calls == []
 
 
+def test_a_dummy_release_needs_its_config_not_the_verified_weights(tmp_path: Path) -> None:
+    profile = serving_profile(snapshot=False, api_key=False)
+    write_verified_weights(tmp_path / "weights", profile, REV_A)  # the real release's, not its
+    builder = FakeEngineBuilder(tmp_path / "engine.jsonl")
+    with pytest.raises(server_bodies.ReleaseStartFailed, match="no config for dummy weights"):
+        server_bodies.start_release(
+            profile.with_dummy_weights(), REV_A, weights_root=tmp_path / "weights",
+            deepgemm_root=None, volumes=[], private_dir=tmp_path / "private", api_key=None,
+            build_command=builder,
+        )  # fmt: skip
+    assert builder.calls == []
+
+
 def test_a_release_that_fails_its_probe_kills_its_engine(tmp_path: Path) -> None:
     profile = serving_profile(snapshot=True, api_key=False).model_copy(
         update={"probes": [probe("empty", "canned:empty", expect="content")]}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import httpx
@@ -17,6 +17,7 @@ import modal
 import pytest
 from modal_proto import api_pb2
 
+from serving.config.layout import dummy_weights_dir
 from serving.config.profile import Profile
 from serving.core.procs import wait_for
 from serving.platforms.modal import apps, resources, server_bodies
@@ -224,6 +225,32 @@ def test_running_releases_are_the_models_release_apps(
                                       environment_name=ENVIRONMENT).get_url()  # fmt: skip
     assert hand.revision == "cccccccc" and hand.url == by_modal.rstrip("/")
     assert by_modal.startswith("https://") and by_modal.endswith(".modal.run")
+
+
+def test_a_dummy_release_of_the_stable_revision_is_an_app_of_its_own(
+    serving: tuple[Profile, ServingContainers, ModalPlatform], modal_double: ModalDouble
+) -> None:
+    """Iterating on flags beside stable: its dummy-weights release, of the same revision, is
+    deployed, listed and retired as its own App, and the stable one serves on."""
+    profile, containers, platform = serving
+    dummy = profile.with_dummy_weights()
+    config = dummy_weights_dir(PurePosixPath(), profile, REV_A) / "config.json"
+    modal_double.write_volume_file(profile.volumes.weights, str(config), b"{}", ENVIRONMENT)
+    stable = platform.deploy(profile, REV_A)
+
+    release = platform.deploy(dummy, REV_A)
+
+    assert release.id == "qwen3-8b-aaaaaaaa-dummy" and release.dummy_weights
+    listed = {r.id: r.dummy_weights for r in platform.running_releases(profile)}
+    assert listed == {stable.id: False, release.id: True}
+    platform.set_traffic(profile, {stable.id: 100})
+    assert weights_of(dict_table(profile), profile) == {stable.id: 100, release.id: 0}
+
+    platform.retire(profile, release, drain_seconds=5)
+
+    assert containers.stopped == [release.id]
+    assert [r.id for r in platform.running_releases(profile)] == [stable.id]
+    assert chat(platform.router_url(profile)).status_code == 200
 
 
 def test_shutdown_stops_nothing_modal_apps_outlive_the_orchestrator(

@@ -53,7 +53,7 @@ def test_glm51_compile_asks_for_eight_b200_and_mounts_only_the_cache_volume() ->
 def test_weights_functions_are_cpu_only_and_retried() -> None:
     app = apps.build_weights_app(load_profile("glm-5.1"))
     assert app.app.name == "glm-5.1-weights"
-    for function in (app.download, app.merge, app.verify):
+    for function in (app.download, app.merge, app.verify, app.serving_config):
         info = function.info()
         assert info.gpus == []
         assert info.max_retries == 2
@@ -64,6 +64,9 @@ def test_weights_functions_are_cpu_only_and_retried() -> None:
     # Merging reads no weights: a small container.
     assert app.merge.info().memory_mib == resources.MERGE_MEMORY_MIB
     assert app.merge.info().timeout == resources.MERGE_TIMEOUT
+    # Dummy weights' config and tokenizer go to the weights volume, a few MB in a small container.
+    assert _mounts(app.serving_config.info()) == {"/weights": ("glm51-weights", False)}
+    assert app.serving_config.info().memory_mib == resources.SERVING_CONFIG_MEMORY_MIB
 
 
 def test_verify_reads_the_compile_marker_from_a_read_only_cache_mount() -> None:
