@@ -88,7 +88,10 @@ def revert(
         # A dummy-weights release always ends so, served and probed, and is no failure of
         # its revision.
         outcome: Outcome = "dummy" if canary.dummy_weights else "rolled-back"
-        entry = _entry(canary.revision, outcome, reason, flow_run_id)
+        # `rollout abort` runs in no flow run of its own: its line ends the run that owns the
+        # canary, whose mark would otherwise read as interrupted at the next reconcile.
+        ended = flow_run_id if flow_run_id is not None else record.canary_owner
+        entry = _entry(canary.revision, outcome, reason, ended)
         return record.model_copy(update=change).with_history(entry)
 
     after = _transition(platform, profile.name, decide)

@@ -121,7 +121,7 @@ def test_abort_against_promotion_exactly_one_wins_every_time(
         winner, loser = (canary, stable) if promoted else (stable, canary)
         expected.append(
             ("promoted", PROMOTE_REASON, RUN_ID) if promoted else
-            ("rolled-back", ABORT_REASON, None)
+            ("rolled-back", ABORT_REASON, RUN_ID)  # the aborted canary's run ended so
         )  # fmt: skip
         record = store.read(MODEL)
         assert record.stable == winner and record.canary is None and record.canary_owner is None
