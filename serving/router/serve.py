@@ -2,7 +2,9 @@
 
 It listens on --port, or serves on a socket its parent already listens on (--fd): the local
 keeper holds that socket across router restarts, so connections wait in its backlog instead
-of being refused while the next router starts.
+of being refused while the next router starts, and splits it among N replicas. With
+--stats-dir, each replica publishes its measurements there every second, one file per replica,
+for the orchestrator to merge.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from serving.core.files import write_atomically
 from serving.router.app import RouterApp
 from serving.router.config import (
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -49,6 +52,16 @@ def state_file_poll(path: Path) -> Callable[[], RoutingTable | None]:
     return poll
 
 
+def stats_dir_publish(directory: Path) -> Callable[[str, bytes], None]:
+    """A stats_publish writing each replica's snapshot to `<directory>/<replica>.json`,
+    replaced atomically: a reader never sees half of one."""
+
+    def publish(replica: str, snapshot: bytes) -> None:
+        write_atomically(directory / f"{replica}.json", snapshot.decode())
+
+    return publish
+
+
 def fastest_uvicorn_impls() -> tuple[str, str]:
     """uvloop + httptools when installed: measured ~2x the throughput of asyncio + h11."""
     try:
@@ -81,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         total_timeout_s=args.total_timeout,
         routing_poll=state_file_poll(args.state_file) if args.state_file else None,
         poll_interval_s=args.poll_interval,
+        stats_publish=stats_dir_publish(args.stats_dir) if args.stats_dir else None,
     )
     loop, http = fastest_uvicorn_impls()
     listening = f"inherited socket (fd {args.fd})" if args.fd is not None else (
@@ -107,6 +121,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     listen.add_argument("--port", type=int)
     listen.add_argument("--fd", type=int, help="serve on this inherited, listening socket")
     parser.add_argument("--state-file", type=Path, help="JSON RoutingTable, polled every second")
+    parser.add_argument("--stats-dir", type=Path,
+                        help="publish this replica's measurements here every second")
     parser.add_argument("--admin-token-env", help="env var holding the admin Bearer token")
     parser.add_argument("--client-api-key-env", help="env var holding the client API key")
     parser.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT_S)

@@ -37,6 +37,7 @@ from serving.config.layout import (
 )
 from serving.config.profile import Profile, Shadow
 from serving.control.drain import drain
+from serving.control.measured import window_stats
 from serving.control.router_client import RouterAdminError
 from serving.control.routes import release_backend, traffic_backends
 from serving.core.errors import DeployFailed
@@ -230,7 +231,7 @@ class LocalPlatform:
         weights = place(self._weights_root(profile), profile, revision)
         if not weights.is_dir():
             raise DeployFailed(f"{rid}: no weights at {weights} (download and verify first)")
-        router = self._router()
+        router = self._router(profile.router.replicas)
         try:
             router.ensure_running()  # fails before an engine is paid for
         except RouterUnavailable as exc:
@@ -273,7 +274,7 @@ class LocalPlatform:
         backends = traffic_backends(
             profile, weights, self.running_releases(profile), profile.secrets.api_key, shadow
         )
-        router = self._router()
+        router = self._router(profile.router.replicas)
         router.ensure_running()
         router.routes(profile.served_model_name).set(backends)
 
@@ -292,10 +293,13 @@ class LocalPlatform:
         return self._router().url
 
     def stats(self, profile: Profile, since: float) -> dict[str, Any]:
-        """GET /admin/stats of the model since `since` (unix time): per-backend requests,
-        errors, TTFT and latency percentiles, in-flight counts and weights."""
+        """The model's window since `since` (unix time), merged from every router replica:
+        per-backend requests, errors, TTFT and latency percentiles, in-flight counts and
+        weights (serving.control.measured)."""
         # An unanswered query is an error, never an empty window: empty reads as "no traffic".
-        return self._router().client().stats(profile.served_model_name, since)
+        router = self._router()
+        return window_stats(router.client(), router.stats_store(), profile.served_model_name,
+                            since)  # fmt: skip
 
     def ask(
         self, profile: Profile, release_id: str, chat: dict[str, Any], timeout: float
@@ -362,13 +366,13 @@ class LocalPlatform:
 
     # -- serving internals ----------------------------------------------------------------------
 
-    def _router(self) -> LocalRouter:
+    def _router(self, replicas: int = 1) -> LocalRouter:
         # A live router of this home is used where it runs, even if the configured port
         # changed since it started: one router per home.
         record = self.inventory.get(ROUTER_RECORD)
         port = record.port if record is not None and record.running() else self.router_port
         return LocalRouter(self.home, port, self.inventory, self.owner, keep=self.keep_serving,
-                           restarts=self.restarts)
+                           restarts=self.restarts, replicas=replicas)
 
     def _release_workdir(self, profile: Profile, rid: str, weights: Path) -> Path:
         """The release's working directory, where the served model name is a symlink to the
