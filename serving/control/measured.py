@@ -4,7 +4,8 @@ measurements merged (serving.router.replicas), in the shape of GET /admin/stats.
 N replicas sit behind one load balancer (Modal's; locally, N processes accepting on one
 socket), so no one replica can be asked for the window. Each publishes a snapshot every second
 to the platform's StatsStore; a window ending now waits until every replica still publishing
-has published after its end, so no request that ended in it is missing.
+has published after its end, so no request that ended in it is missing. A drain counts the
+requests in flight on all of them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from serving.control.router_client import RouterAdminError, RouterClient
+from serving.control.router_client import RouterClient
+from serving.control.routes import Outcome
 from serving.router.measurements import DEFAULT_RETENTION_S
 from serving.router.replicas import STALE_AFTER_SECONDS, Snapshot, merge
 
@@ -37,41 +39,69 @@ class StatsStore(Protocol):
     def forget(self, replica: str) -> None: ...
 
 
-def window_stats(
-    router: RouterClient, store: StatsStore, model: str, since: float, *,
-    clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
-) -> dict[str, Any]:  # fmt: skip
-    """The model's stats over [since, now]: per-backend counts, errors and percentiles (and
-    `measured_since`) of every replica; weights and shadow comparisons from the replica that
-    answers the admin API (shadow comparisons are of that replica's copies only)."""
-    until = clock()
-    snapshots = _fresh_snapshots(store, until, clock, sleep)
-    if not snapshots:
-        # No replica publishes: an empty window would read as "no traffic".
-        raise RouterAdminError("no router replica published its measurements")
-    merged = merge(snapshots, model, since, until)
-    view = router.stats(model, since, until)
-    weights: dict[str, int] = view.get("weights", {})
-    backends = {name: {**stats.model_dump(), "weight": weights.get(name)}
-                for name, stats in merged.backends.items()}  # fmt: skip
-    return {**view, "since": since, "until": until, "measured_since": merged.measured_since,
-            "backends": backends, "replicas": len(snapshots)}  # fmt: skip
+class Replicas:
+    """A model's router replicas, as the orchestrator sees them: through the admin API of
+    whichever answers, and through the snapshots all of them publish.
 
+    A router that publishes nothing at all (one deployed before replicas published, which is
+    never redeployed under a running canary) is asked alone, as before."""
 
-def _fresh_snapshots(
-    store: StatsStore, until: float, clock: Callable[[], float],
-    sleep: Callable[[float], None],
-) -> list[Snapshot]:  # fmt: skip
-    """The snapshots once every replica still publishing has published past `until` (or was
-    silent for STALE_AFTER_SECONDS: then it is gone, and the merge says what that cost)."""
-    while True:
-        snapshots = _read(store, clock())
-        # One silent for longer than that already is gone: nothing to wait for.
-        late = [s for s in snapshots if s.stopped_unannounced(until)
-                and s.published_at >= until - STALE_AFTER_SECONDS]
-        if not late or clock() > until + STALE_AFTER_SECONDS:
-            return snapshots
-        sleep(POLL_SECONDS)
+    def __init__(self, router: RouterClient, store: StatsStore, *,
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep) -> None:  # fmt: skip
+        self.router = router
+        self._store = store
+        self._clock = clock
+        self._sleep = sleep
+
+    def window(self, model: str, since: float) -> dict[str, Any]:
+        """The model's stats over [since, now]: per-backend counts, errors and percentiles,
+        in-flight counts and `measured_since` of every replica; weights and shadow comparisons
+        from the replica that answers (shadow comparisons of its own copies only)."""
+        until = self._clock()
+        snapshots = self._fresh(until)
+        if snapshots is None:
+            return self.router.stats(model, since)
+        merged = merge(snapshots, model, since, until)
+        view = self.router.stats(model, since, until)
+        weights: dict[str, int] = view.get("weights", {})
+        backends = {name: {**stats.model_dump(), "weight": weights.get(name)}
+                    for name, stats in merged.backends.items()}  # fmt: skip
+        return {**view, "since": since, "until": until, "backends": backends,
+                "measured_since": merged.measured_since, "replicas": len(snapshots)}  # fmt: skip
+
+    def in_flight(self, model: str, backend: str) -> int:
+        """The requests in flight to `backend` on every replica, as each published after the
+        question: what a drain counts, since any replica may hold some."""
+        asked = self._clock()
+        snapshots = self._fresh(asked)
+        if snapshots is None:
+            return self.router.in_flight(model, backend)
+        stats = merge(snapshots, model, asked, asked).backends.get(backend)
+        return 0 if stats is None else stats.in_flight
+
+    def unrouted(self, outcome: Outcome) -> Outcome:
+        """How taking a release out of routing went on every replica: a push reaches only the
+        one that answered it; the others apply it when they next read the store."""
+        now = self._clock()
+        live = [s for s in _read(self._store, now)
+                if not s.final and s.published_at >= now - STALE_AFTER_SECONDS]  # fmt: skip
+        return outcome if len(live) <= 1 else Outcome.PENDING
+
+    def _fresh(self, until: float) -> list[Snapshot] | None:
+        """The snapshots once every replica still publishing has published past `until` (or
+        was silent for STALE_AFTER_SECONDS: then it is gone, and the merge says what that
+        cost). None when no replica publishes."""
+        while True:
+            snapshots = _read(self._store, self._clock())
+            if not snapshots:
+                return None
+            # One silent for longer than that already is gone: nothing to wait for.
+            late = [s for s in snapshots if s.stopped_unannounced(until)
+                    and s.published_at >= until - STALE_AFTER_SECONDS]  # fmt: skip
+            if not late or self._clock() > until + STALE_AFTER_SECONDS:
+                return snapshots
+            self._sleep(POLL_SECONDS)
 
 
 def _read(store: StatsStore, now: float) -> list[Snapshot]:

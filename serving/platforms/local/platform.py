@@ -37,7 +37,6 @@ from serving.config.layout import (
 )
 from serving.config.profile import Profile, Shadow
 from serving.control.drain import drain
-from serving.control.measured import window_stats
 from serving.control.router_client import RouterAdminError
 from serving.control.routes import release_backend, traffic_backends
 from serving.core.errors import DeployFailed
@@ -297,9 +296,7 @@ class LocalPlatform:
         per-backend requests, errors, TTFT and latency percentiles, in-flight counts and
         weights (serving.control.measured)."""
         # An unanswered query is an error, never an empty window: empty reads as "no traffic".
-        router = self._router()
-        return window_stats(router.client(), router.stats_store(), profile.served_model_name,
-                            since)  # fmt: skip
+        return self._router().replicas().window(profile.served_model_name, since)
 
     def ask(
         self, profile: Profile, release_id: str, chat: dict[str, Any], timeout: float
@@ -470,8 +467,10 @@ class LocalPlatform:
             # Unlike a Modal router, a local one that does not answer carries no requests:
             # there is nothing to drain through it.
             if record.running() and router.answers():
-                drain(router.client(), record.route, record.name, deadline,
-                      unrouted=unrouted, poll_seconds=DRAIN_POLL_SECONDS)  # fmt: skip
+                replicas = router.replicas()
+                drain(replicas, record.route, record.name, deadline,
+                      unrouted=replicas.unrouted(unrouted),
+                      poll_seconds=DRAIN_POLL_SECONDS)  # fmt: skip
         grace = max(deadline - time.monotonic(), STOP_GRACE_SECONDS)
         gone = stop_process(record.pid, record.ticks, groups=record.extra_groups(),
                             term_seconds=grace)  # fmt: skip

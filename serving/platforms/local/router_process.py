@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from serving.control.measured import Replicas
 from serving.control.router_client import RouterAdminError, RouterClient
 from serving.control.routes import ModelRoutes
 from serving.core.files import locked
@@ -189,6 +190,9 @@ class LocalRouter:
 
     def stats_store(self) -> DirectoryStatsStore:
         return DirectoryStatsStore(self.stats_dir)
+
+    def replicas(self) -> Replicas:
+        return Replicas(self.client(), self.stats_store())
 
     def client(self) -> RouterClient:
         return RouterClient(self.url, self.admin_token)

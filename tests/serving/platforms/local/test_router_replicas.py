@@ -17,7 +17,6 @@ import httpx
 import pytest
 
 from serving.config.profile import Gates
-from serving.control.measured import window_stats
 from serving.core.procs import free_port, stop_process
 from serving.domain.analysis import Analysis, Window, analyse
 from serving.platforms.local.inventory import Inventory, Owner
@@ -138,7 +137,7 @@ def test_two_routers_merged_window_is_what_the_clients_saw_and_decides_as_one(
     try:
         assert len(two.server_pids()) == 2
         since, seen_by_two = _traffic(two)
-        merged = window_stats(two.client(), two.stats_store(), MODEL, since)
+        merged = two.replicas().window(MODEL, since)
         published = [Snapshot.model_validate_json(raw)
                      for raw in two.stats_store().published().values()]  # fmt: skip
     finally:
