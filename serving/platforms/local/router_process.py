@@ -78,7 +78,7 @@ class LocalRouter:
         self.routes_file = self.state / ROUTES_FILE
         self.stats_dir = self.state / STATS_DIR
         # Applies when this starts the home's router; a running one keeps its count.
-        self.replicas = replicas
+        self.replicas_to_start = replicas
 
     # -- the process ---------------------------------------------------------------------------
 
@@ -133,7 +133,7 @@ class LocalRouter:
             sys.executable, "-m", "serving.platforms.local.router_keeper",
             "--restart-limit", str(self.restarts.limit),
             "--restart-backoff", f"{self.restarts.first_backoff_seconds:g}",
-            "--replicas", str(self.replicas),
+            "--replicas", str(self.replicas_to_start),
             # The keeper holds the port: clients wait while it restarts the router.
             "--listen-port", str(self.port),
             "--", sys.executable, "-m", "serving.router",
