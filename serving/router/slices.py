@@ -6,8 +6,8 @@ records are), per model and backend: a Tally of counters and fixed-bucket histog
 and latency (serving.router.buckets) with their sums and maxima. Everything in a slice adds
 up across replicas. A snapshot holds every slice of the retention period, so any window in it
 can be answered; a slice is rendered to JSON once and again only after it changed (a long
-request changes the slice it started in when it ends), so publishing every second costs little
-more than the slices that moved.
+request changes the slice it started in when it ends), so publishing every second costs the
+event loop little more than the slices that moved; the snapshot's bytes are joined off it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from serving.router.buckets import bucket_of
 from serving.router.windows import Record, Tally
@@ -79,21 +80,35 @@ class Slices:
         piece.count(record)
 
     def snapshot(self, *, replica: str, started_at: float, now: float, final: bool,
-                 in_flight: Mapping[tuple[str, str], int]) -> bytes:  # fmt: skip
-        """The JSON of serving.router.replicas.Snapshot, slices older than the retention
-        dropped first."""
+                 in_flight: Mapping[tuple[str, str], int]) -> SnapshotParts:  # fmt: skip
+        """What a snapshot is made of, slices older than the retention dropped first. Only
+        the slices that changed are rendered here, on the event loop; the parts are joined
+        into a snapshot's JSON elsewhere (`SnapshotParts.encode`, in a worker thread)."""
         horizon = math.floor((now - self.retention_s) / self.slice_seconds)
-        models: dict[str, list[str]] = {}
-        for (model, backend) in sorted(self._series.keys() | in_flight.keys()):
+        series: list[tuple[str, str, int, list[str]]] = []
+        for model, backend in sorted(self._series.keys() | in_flight.keys()):
             slices = self._series.get((model, backend), {})
             for index in [i for i in slices if i < horizon]:
                 del slices[index]
-            rendered = ",".join(slices[i].render() for i in sorted(slices))
+            rendered = [slices[i].render() for i in sorted(slices)]
+            series.append((model, backend, in_flight.get((model, backend), 0), rendered))
+        head = {"replica": replica, "started_at": started_at, "published_at": now,
+                "final": final, "slice_seconds": self.slice_seconds}  # fmt: skip
+        return SnapshotParts(head, series)
+
+
+@dataclass(frozen=True)
+class SnapshotParts:
+    head: dict[str, object]
+    series: list[tuple[str, str, int, list[str]]]  # model, backend, in flight, slices' JSON
+
+    def encode(self) -> bytes:
+        """The JSON of serving.router.replicas.Snapshot."""
+        models: dict[str, list[str]] = {}
+        for model, backend, in_flight, rendered in self.series:
             models.setdefault(model, []).append(
-                f'{json.dumps(backend)}:{{"in_flight":{in_flight.get((model, backend), 0)},'
-                f'"slices":[{rendered}]}}'
+                f'{json.dumps(backend)}:{{"in_flight":{in_flight},'
+                f'"slices":[{",".join(rendered)}]}}'
             )
-        head = json.dumps({"replica": replica, "started_at": started_at, "published_at": now,
-                           "final": final, "slice_seconds": self.slice_seconds})  # fmt: skip
         body = ",".join(f'{json.dumps(m)}:{{{",".join(bs)}}}' for m, bs in models.items())
-        return f'{head[:-1]},"models":{{{body}}}}}'.encode()
+        return f'{json.dumps(self.head)[:-1]},"models":{{{body}}}}}'.encode()

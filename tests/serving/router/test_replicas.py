@@ -37,7 +37,7 @@ def _record(measurements: Measurements, backend: str, record: Record) -> None:
 
 def _snapshot(measurements: Measurements, replica: str, *, final: bool = False,
               published_at: float | None = None) -> Snapshot:  # fmt: skip
-    snapshot = Snapshot.model_validate_json(measurements.snapshot(replica, final=final))
+    snapshot = Snapshot.model_validate_json(measurements.snapshot(replica, final=final).encode())
     if published_at is not None:
         snapshot.published_at = published_at
     return snapshot
