@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from serving.router.measurements import DEFAULT_RETENTION_S
+from serving.router.slices import Published
 from serving.router.table import RoutingTable
 
 DEFAULT_CONNECT_TIMEOUT_S = 3.0
@@ -36,9 +37,9 @@ class RouterConfig(BaseModel):
     routing_poll: Callable[[], RoutingTable | None] | None = None
     poll_interval_s: float = Field(default=DEFAULT_POLL_INTERVAL_S, gt=0)
     # Called in a worker thread every publish_interval_s, and once more as the router stops,
-    # with this replica's id and its measurements' snapshot (Measurements.snapshot): the
-    # platform keeps it where the orchestrator merges every replica's. None: not published.
-    stats_publish: Callable[[str, bytes], None] | None = None
+    # with what changed of this replica's measurements (serving.router.slices.Published): the
+    # platform stores it where the orchestrator merges every replica's. None: not published.
+    stats_publish: Callable[[Published], None] | None = None
     publish_interval_s: float = Field(default=DEFAULT_PUBLISH_INTERVAL_S, gt=0)
     # per backend origin
     max_connections: int = Field(default=DEFAULT_MAX_CONNECTIONS, gt=0)

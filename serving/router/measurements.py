@@ -33,7 +33,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from serving.router.slices import Slices, SnapshotParts
+from serving.router.slices import Publication, Slices
 from serving.router.windows import (
     BackendStats,
     ErrorKind,
@@ -159,12 +159,17 @@ class Measurements:
         return ModelStats(model=model, since=since, until=until,
                           measured_since=self.started_at, backends=backends)
 
-    def snapshot(self, replica: str, *, final: bool = False) -> SnapshotParts:
-        """What this router publishes for the merge of every replica's measurements
-        (serving.router.replicas.Snapshot, as JSON once encoded)."""
+    def publication(self, replica: str, *, final: bool = False) -> Publication:
+        """What this router publishes now for the merge of every replica's measurements
+        (serving.router.slices)."""
         in_flight = {key: series.in_flight for key, series in self._series.items()}
-        return self._slices.snapshot(replica=replica, started_at=self.started_at,
-                                     now=time.time(), final=final, in_flight=in_flight)  # fmt: skip
+        return self._slices.publication(
+            replica=replica, started_at=self.started_at, now=time.time(), final=final,
+            in_flight=in_flight,
+        )
+
+    def unpublished(self, publication: Publication) -> None:
+        self._slices.unpublished(publication)
 
     def collector(self) -> Collector:
         return _PrometheusCollector(self)

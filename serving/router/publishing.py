@@ -1,5 +1,5 @@
 """A router replica publishes its measurements every second, and once more as it stops, through
-the platform's `stats_publish` (a JSON file per replica locally, a key of the model's Dict on
+the platform's `stats_publish` (files of the replica locally, keys of the model's Dict on
 Modal): the orchestrator merges every replica's (serving.router.replicas)."""
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import uuid
 from collections.abc import Callable
 
 from serving.router.measurements import Measurements
+from serving.router.slices import Published
 
 logger = logging.getLogger("rollout.router")
 
-Publish = Callable[[str, bytes], None]
+Publish = Callable[[Published], None]
 
 
 def new_replica_id() -> str:
@@ -53,9 +54,10 @@ class Publisher:
 
     async def _once(self, *, final: bool) -> None:
         # Taken on the event loop (the measurements have no locks), encoded and written in a
-        # thread: a snapshot of the whole retention is ~1 MB at 50 requests/s.
-        parts = self._measurements.snapshot(self.replica, final=final)
+        # thread.
+        publication = self._measurements.publication(self.replica, final=final)
         try:
-            await asyncio.to_thread(lambda: self._publish(self.replica, parts.encode()))
+            await asyncio.to_thread(lambda: self._publish(publication.encode()))
         except Exception as exc:  # a full disk or a Dict hiccup must not take the router down
+            self._measurements.unpublished(publication)
             logger.warning("publishing measurements failed: %s", type(exc).__name__)

@@ -3,8 +3,8 @@
 It listens on --port, or serves on a socket its parent already listens on (--fd): the local
 keeper holds that socket across router restarts, so connections wait in its backlog instead
 of being refused while the next router starts, and splits it among N replicas. With
---stats-dir, each replica publishes its measurements there every second, one file per replica,
-for the orchestrator to merge.
+--stats-dir, each replica publishes its measurements there every second (a head file and chunk
+files per replica), for the orchestrator to merge.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from serving.router.config import (
     DEFAULT_TOTAL_TIMEOUT_S,
     RouterConfig,
 )
+from serving.router.slices import Published
 from serving.router.table import RoutingTable
 
 logger = logging.getLogger("rollout.router")
@@ -52,12 +53,27 @@ def state_file_poll(path: Path) -> Callable[[], RoutingTable | None]:
     return poll
 
 
-def stats_dir_publish(directory: Path) -> Callable[[str, bytes], None]:
-    """A stats_publish writing each replica's snapshot to `<directory>/<replica>.json`,
-    replaced atomically: a reader never sees half of one."""
+HEAD_SUFFIX = ".head.json"
 
-    def publish(replica: str, snapshot: bytes) -> None:
-        write_atomically(directory / f"{replica}.json", snapshot.decode())
+
+def head_file(directory: Path, replica: str) -> Path:
+    return directory / f"{replica}{HEAD_SUFFIX}"
+
+
+def chunk_file(directory: Path, replica: str, chunk: int) -> Path:
+    return directory / f"{replica}.{chunk}.chunk.json"
+
+
+def stats_dir_publish(directory: Path) -> Callable[[Published], None]:
+    """A stats_publish writing a replica's changed chunks, then its head, into `directory`,
+    each file replaced atomically: a reader never sees half of one."""
+
+    def publish(published: Published) -> None:
+        for chunk, data in published.chunks.items():
+            write_atomically(chunk_file(directory, published.replica, chunk), data.decode())
+        for chunk in published.gone:
+            chunk_file(directory, published.replica, chunk).unlink(missing_ok=True)
+        write_atomically(head_file(directory, published.replica), published.head.decode())
 
     return publish
 

@@ -4,10 +4,15 @@ behind one load balancer can be merged exactly (serving.router.replicas).
 Attempts are counted in time slices of SLICE_SECONDS by the time they *started* (as a window's
 records are), per model and backend: a Tally of counters and fixed-bucket histograms of TTFT
 and latency (serving.router.buckets) with their sums and maxima. Everything in a slice adds
-up across replicas. A snapshot holds every slice of the retention period, so any window in it
-can be answered; a slice is rendered to JSON once and again only after it changed (a long
-request changes the slice it started in when it ends), so publishing every second costs the
-event loop little more than the slices that moved; the snapshot's bytes are joined off it.
+up across replicas.
+
+A replica publishes a small head every second (when it started, when it published, whether it
+stopped, its requests in flight, which chunks it holds) and the chunks that changed: a chunk is
+CHUNK_SLICES slices of every backend. So a publication is about the size of the current
+minute's slices, not of the whole retention (a long request changes the chunk it started in
+when it ends, and that chunk is published again); chunks older than the retention are deleted.
+Slices are rendered to JSON on the event loop only when they changed; a publication's bytes are
+joined off it (`Publication.encode`, in a worker thread).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from serving.router.windows import Record, Tally
 
 # The window resolution: a window starting inside a slice counts that whole slice.
 SLICE_SECONDS = 1.0
+# Slices per published chunk: a minute.
+CHUNK_SLICES = 60
 
 
 class _Slice:
@@ -64,51 +71,83 @@ class _Slice:
 
 
 class Slices:
-    """The slices of one router's attempts. Single event loop, no locks."""
+    """The slices of one router's attempts, by chunk. Single event loop, no locks."""
 
     def __init__(self, retention_s: float, slice_seconds: float = SLICE_SECONDS) -> None:
         self.retention_s = retention_s
         self.slice_seconds = slice_seconds
-        self._series: dict[tuple[str, str], dict[int, _Slice]] = {}
+        # chunk -> (model, backend) -> slice index -> slice
+        self._chunks: dict[int, dict[tuple[str, str], dict[int, _Slice]]] = {}
+        self._changed: set[int] = set()
+        self._gone: set[int] = set()  # dropped here, still to delete where they were published
 
     def count(self, model: str, backend: str, record: Record) -> None:
-        slices = self._series.setdefault((model, backend), {})
         index = math.floor(record.started_at / self.slice_seconds)
+        chunk = index // CHUNK_SLICES
+        slices = self._chunks.setdefault(chunk, {}).setdefault((model, backend), {})
         piece = slices.get(index)
         if piece is None:
             piece = slices[index] = _Slice(index * self.slice_seconds)
         piece.count(record)
+        self._changed.add(chunk)
 
-    def snapshot(self, *, replica: str, started_at: float, now: float, final: bool,
-                 in_flight: Mapping[tuple[str, str], int]) -> SnapshotParts:  # fmt: skip
-        """What a snapshot is made of, slices older than the retention dropped first. Only
-        the slices that changed are rendered here, on the event loop; the parts are joined
-        into a snapshot's JSON elsewhere (`SnapshotParts.encode`, in a worker thread)."""
+    def publication(self, *, replica: str, started_at: float, now: float, final: bool,
+                    in_flight: Mapping[tuple[str, str], int]) -> Publication:  # fmt: skip
+        """The head and the chunks changed since the last publication, chunks wholly older
+        than the retention dropped (and named to delete). Only changed slices are rendered
+        here. Until `unpublished` is called with it, it counts as published."""
         horizon = math.floor((now - self.retention_s) / self.slice_seconds)
-        series: list[tuple[str, str, int, list[str]]] = []
-        for model, backend in sorted(self._series.keys() | in_flight.keys()):
-            slices = self._series.get((model, backend), {})
-            for index in [i for i in slices if i < horizon]:
-                del slices[index]
-            rendered = [slices[i].render() for i in sorted(slices)]
-            series.append((model, backend, in_flight.get((model, backend), 0), rendered))
+        for chunk in [c for c in self._chunks if (c + 1) * CHUNK_SLICES <= horizon]:
+            del self._chunks[chunk]
+            self._gone.add(chunk)
+        self._changed &= self._chunks.keys()
+        changed = {chunk: [(model, backend, [s.render() for _, s in sorted(slices.items())])
+                           for (model, backend), slices in sorted(self._chunks[chunk].items())]
+                   for chunk in sorted(self._changed)}  # fmt: skip
+        flying: dict[str, dict[str, int]] = {}
+        for (model, backend), count in sorted(in_flight.items()):
+            flying.setdefault(model, {})[backend] = count
         head = {"replica": replica, "started_at": started_at, "published_at": now,
-                "final": final, "slice_seconds": self.slice_seconds}  # fmt: skip
-        return SnapshotParts(head, series)
+                "final": final, "slice_seconds": self.slice_seconds,
+                "chunk_slices": CHUNK_SLICES, "chunks": sorted(self._chunks),
+                "in_flight": flying}  # fmt: skip
+        publication = Publication(replica, head, changed, sorted(self._gone))
+        self._changed.clear()
+        self._gone.clear()
+        return publication
+
+    def unpublished(self, publication: Publication) -> None:
+        """A publication that did not reach the store: its chunks go with the next one."""
+        self._changed |= publication.changed.keys() & self._chunks.keys()
+        self._gone |= set(publication.gone)
 
 
 @dataclass(frozen=True)
-class SnapshotParts:
-    head: dict[str, object]
-    series: list[tuple[str, str, int, list[str]]]  # model, backend, in flight, slices' JSON
+class Published:
+    """What the platform's stats_publish stores: the chunks first, then the head that names
+    them (a reader of the head finds chunks at least as new), and the chunks to delete."""
 
-    def encode(self) -> bytes:
-        """The JSON of serving.router.replicas.Snapshot."""
-        models: dict[str, list[str]] = {}
-        for model, backend, in_flight, rendered in self.series:
-            models.setdefault(model, []).append(
-                f'{json.dumps(backend)}:{{"in_flight":{in_flight},'
-                f'"slices":[{",".join(rendered)}]}}'
-            )
-        body = ",".join(f'{json.dumps(m)}:{{{",".join(bs)}}}' for m, bs in models.items())
-        return f'{json.dumps(self.head)[:-1]},"models":{{{body}}}}}'.encode()
+    replica: str
+    head: bytes
+    chunks: dict[int, bytes]
+    gone: list[int]
+
+
+@dataclass(frozen=True)
+class Publication:
+    replica: str
+    head: dict[str, object]
+    # chunk -> (model, backend, its slices' JSON)
+    changed: dict[int, list[tuple[str, str, list[str]]]]
+    gone: list[int]
+
+    def encode(self) -> Published:
+        """serving.router.replicas.Head and .Chunk, as JSON."""
+        chunks = {}
+        for chunk, series in self.changed.items():
+            models: dict[str, list[str]] = {}
+            for model, backend, rendered in series:
+                models.setdefault(model, []).append(f'{json.dumps(backend)}:[{",".join(rendered)}]')
+            body = ",".join(f'{json.dumps(m)}:{{{",".join(bs)}}}' for m, bs in models.items())
+            chunks[chunk] = f'{{"models":{{{body}}}}}'.encode()
+        return Published(self.replica, json.dumps(self.head).encode(), chunks, self.gone)

@@ -37,13 +37,13 @@ from serving.platforms.modal.resources import (
     ROUTER_START_SECONDS,
     ROUTER_STOP_MARGIN_SECONDS,
     ROUTES_KEY,
-    STATS_KEY_PREFIX,
     SUPERVISOR_HOST,
     KeyValue,
     Syncable,
     release_app_name,
     reload_read_only,
 )
+from serving.platforms.modal.stats import dict_publish
 from serving.supervisor.supervisor import CrashCallback, Supervisor, exit_process_on_crash
 from serving.weights.download import read_sentinel
 
@@ -192,17 +192,6 @@ def routes_poll(routes: KeyValue) -> Callable[[], RoutingTable | None]:
     return poll
 
 
-def dict_publish(routes: KeyValue) -> Callable[[str, bytes], None]:
-    """The router's stats_publish: this replica's snapshot under `stats:<replica>` of the
-    model's routes Dict, where the orchestrator merges every replica's
-    (serving.platforms.modal.stats)."""
-
-    def publish(replica: str, snapshot: bytes) -> None:
-        routes.put(f"{STATS_KEY_PREFIX}{replica}", snapshot)
-
-    return publish
-
-
 def router_config(profile: Profile, routes: KeyValue) -> RouterConfig:
     """The router's config from the container's environment (the Modal Secrets)."""
     from serving.router.config import RouterConfig
@@ -219,6 +208,7 @@ def router_config(profile: Profile, routes: KeyValue) -> RouterConfig:
         routing_poll=routes_poll(routes),
         poll_interval_s=ROUTER_POLL_SECONDS,
         stats_publish=dict_publish(routes),
+
     )
 
 

@@ -12,7 +12,7 @@ from serving.control.measured import Replicas
 from serving.control.router_client import RouterClient
 from serving.control.routes import Outcome
 from serving.router.measurements import Measurements
-from serving.router.replicas import STALE_AFTER_SECONDS, Snapshot
+from serving.router.replicas import STALE_AFTER_SECONDS, Head
 from tests.modal_fixtures import FakeClock
 
 MODEL, BACKEND = "m", "canary"
@@ -21,22 +21,25 @@ UNASKED = RouterClient("http://127.0.0.1:9", lambda: "unused")
 
 
 class Store:
-    """A StatsStore in memory, as the directory or the Dict holds snapshots: one per replica."""
+    """A StatsStore in memory, as the directory or the Dict holds what replicas publish."""
 
     def __init__(self) -> None:
-        self.snapshots: dict[str, bytes] = {}
+        self.heads_by_replica: dict[str, bytes] = {}
 
-    def published(self) -> dict[str, bytes]:
-        return dict(self.snapshots)
+    def heads(self) -> dict[str, bytes]:
+        return dict(self.heads_by_replica)
 
-    def forget(self, replica: str) -> None:
-        self.snapshots.pop(replica, None)
+    def chunk(self, replica: str, chunk: int) -> bytes | None:
+        return None  # in-flight counts and routing need heads only
+
+    def forget(self, replica: str, chunks: list[int]) -> None:
+        self.heads_by_replica.pop(replica, None)
 
 
 def publish(store: Store, replica: str, measurements: Measurements, at: float) -> None:
-    snapshot = Snapshot.model_validate_json(measurements.snapshot(replica).encode())
-    snapshot.published_at = at
-    store.snapshots[replica] = snapshot.model_dump_json().encode()
+    head = Head.model_validate_json(measurements.publication(replica).encode().head)
+    head.published_at = at
+    store.heads_by_replica[replica] = head.model_dump_json().encode()
 
 
 def busy(requests: int, started_at: float) -> Measurements:

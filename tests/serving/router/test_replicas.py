@@ -8,7 +8,7 @@ import random
 
 from serving.router.buckets import bucket_of
 from serving.router.measurements import Measurements
-from serving.router.replicas import STALE_AFTER_SECONDS, Snapshot, merge
+from serving.router.replicas import STALE_AFTER_SECONDS, Chunk, Head, Snapshot, merge
 from serving.router.windows import ErrorKind, Record
 
 MODEL = "m"
@@ -37,10 +37,13 @@ def _record(measurements: Measurements, backend: str, record: Record) -> None:
 
 def _snapshot(measurements: Measurements, replica: str, *, final: bool = False,
               published_at: float | None = None) -> Snapshot:  # fmt: skip
-    snapshot = Snapshot.model_validate_json(measurements.snapshot(replica, final=final).encode())
+    """Everything the replica publishes from its start: its head and every chunk it wrote."""
+    published = measurements.publication(replica, final=final).encode()
+    head = Head.model_validate_json(published.head)
     if published_at is not None:
-        snapshot.published_at = published_at
-    return snapshot
+        head.published_at = published_at
+    chunks = [Chunk.model_validate_json(data) for data in published.chunks.values()]
+    return Snapshot(head=head, chunks=chunks)
 
 
 def _traffic(replicas: int) -> tuple[Measurements, list[Measurements]]:
@@ -109,13 +112,14 @@ def test_in_flight_adds_up_over_the_replicas_still_publishing() -> None:
     now = replicas[0].started_at + 1
     snapshots = [_snapshot(m, f"r{i}", published_at=now) for i, m in enumerate(replicas)]
     assert merge(snapshots, MODEL, now - 1, now).backends["canary"].in_flight == 2
-    snapshots[1].published_at = now - STALE_AFTER_SECONDS - 1  # it died: its count died too
+    snapshots[1].head.published_at = now - STALE_AFTER_SECONDS - 1  # it died: so did its count
     assert merge(snapshots, MODEL, now - 1, now).backends["canary"].in_flight == 1
 
 
 def _replica(started_at: float, published_at: float, *, final: bool = False) -> Snapshot:
-    return Snapshot(replica=f"r{started_at}", started_at=started_at, published_at=published_at,
-                    final=final, slice_seconds=1.0, models={})  # fmt: skip
+    head = Head(replica=f"r{started_at}", started_at=started_at, published_at=published_at,
+                final=final, slice_seconds=1.0, chunk_slices=60, chunks=[], in_flight={})
+    return Snapshot(head=head, chunks=[])
 
 
 def test_a_replica_that_vanished_in_the_window_makes_it_incomplete() -> None:
@@ -142,12 +146,21 @@ def test_replicas_that_all_started_after_the_window_did_missed_its_beginning() -
     assert merge(restarted, MODEL, since, until).measured_since == T0 + 130
 
 
-def test_slices_older_than_the_retention_are_not_published() -> None:
-    measurements = Measurements(retention_s=60)
+def test_a_publication_carries_the_changed_chunks_and_names_those_too_old_to_keep() -> None:
+    measurements = Measurements(retention_s=120)
     now = measurements.started_at
-    for age in (120, 30):
+
+    def attempt(age: float) -> None:
         _record(measurements, "stable", Record(now - age, 0.01, 0.02, 200, None,
                                                False, False, False))  # fmt: skip
-    snapshot = _snapshot(measurements, "r0")
-    assert [len(b.slices) for b in snapshot.models[MODEL].values()] == [1]
-    assert merge([snapshot], MODEL, now - 200, now).backends["stable"].requests == 1
+
+    attempt(100)
+    first = measurements.publication("r0").encode()
+    attempt(1)
+    second = measurements.publication("r0").encode()
+    assert len(first.chunks) == len(Head.model_validate_json(first.head).chunks) >= 1
+    assert len(second.chunks) == 1 and not second.gone  # only the chunk that changed
+    measurements._slices.retention_s = 30  # time passes: the first attempt's chunk is too old
+    third = measurements.publication("r0").encode()
+    head = Head.model_validate_json(third.head)
+    assert not third.chunks and third.gone and not set(third.gone) & set(head.chunks)

@@ -21,8 +21,14 @@ from serving.core.procs import free_port, stop_process
 from serving.domain.analysis import Analysis, Window, analyse
 from serving.platforms.local.inventory import Inventory, Owner
 from serving.platforms.local.router_process import ROUTER_RECORD, LocalRouter
-from serving.router.replicas import Snapshot
-from tests.router_fixtures import Proc, backend, chat_body, start_fake_engine, write_state_file
+from tests.router_fixtures import (
+    Proc,
+    backend,
+    chat_body,
+    served_by_replica,
+    start_fake_engine,
+    write_state_file,
+)
 
 MODEL = "replicas-model"
 REQUESTS = 48
@@ -138,15 +144,12 @@ def test_two_routers_merged_window_is_what_the_clients_saw_and_decides_as_one(
         assert len(two.server_pids()) == 2
         since, seen_by_two = _traffic(two)
         merged = two.replicas().window(MODEL, since)
-        published = [Snapshot.model_validate_json(raw)
-                     for raw in two.stats_store().published().values()]  # fmt: skip
+        served = served_by_replica(two.stats_store(), MODEL)
     finally:
         _stop(two)
 
     assert _counted(merged) == _expected(seen_by_two, engines)
     assert merged["measured_since"] <= since
-    served = [sum(s.tally[0] for b in p.models.get(MODEL, {}).values() for s in b.slices)
-              for p in published]  # fmt: skip
     assert len(served) == 2 and all(served), f"the clients were not split: {served}"
 
     ours, theirs = _decision(merged, engines), _decision(alone, engines)

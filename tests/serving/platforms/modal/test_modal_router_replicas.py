@@ -18,11 +18,11 @@ from serving.core.procs import wait_for
 from serving.platforms.modal import resources, server_bodies
 from serving.platforms.modal.gateway import ModalGateway
 from serving.platforms.modal.stats import DictStatsStore
-from serving.router.replicas import Snapshot
+from serving.router.replicas import Head
 from serving.router.table import Backend, RoutingTable
 from tests.modal_double.servicer import ModalDouble
 from tests.modal_fixtures import serving_profile
-from tests.router_fixtures import Proc, chat_body, start_fake_engine
+from tests.router_fixtures import Proc, chat_body, served_by_replica, start_fake_engine
 from tests.server_fixtures import POLL_SECONDS
 
 # What the load balancer sent to each container.
@@ -67,10 +67,8 @@ def test_router_containers_publish_to_the_dict_and_their_window_merges(
     assert window["backends"][engine.name]["requests"] == sum(SENT)
     assert window["backends"][engine.name]["weight"] == 100
     assert window["measured_since"] <= since
-    # Stopped containers leave final snapshots: nothing of theirs is missing afterwards.
-    published = [Snapshot.model_validate_json(raw)
-                 for raw in DictStatsStore(routes).published().values()]  # fmt: skip
-    assert len(published) == len(SENT) and all(snapshot.final for snapshot in published)
-    served = sorted(sum(s.tally[0] for s in p.models[model][engine.name].slices)
-                    for p in published)  # fmt: skip
-    assert served == sorted(SENT)
+    # Stopped containers leave final heads: nothing of theirs is missing afterwards.
+    store = DictStatsStore(routes)
+    heads = [Head.model_validate_json(raw) for raw in store.heads().values()]
+    assert len(heads) == len(SENT) and all(head.final for head in heads)
+    assert sorted(served_by_replica(store, model)) == sorted(SENT)
