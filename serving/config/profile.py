@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 MINUTES = 60
-# Each replica publishes a snapshot every second, and the gates read them all.
+# Each replica publishes its measurements every second, and the gates read them all.
 MAX_ROUTER_REPLICAS = 16
 
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
