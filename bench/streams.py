@@ -1,7 +1,7 @@
 """The router on token streams: added inter-token latency, against nginx, in one run.
 
     .venv/bin/python bench/streams.py [--quick] [--levels 100,400,1000] [--chunks 256]
-                                      [--router-before CHECKOUT]
+                                      [--router-before CHECKOUT] [--routers N]
 
 An LLM router mostly carries long SSE answers of one small chunk per token, so users feel
 it as added time between tokens and as the number of streams it holds before that grows.
@@ -14,7 +14,9 @@ end; each client (its own process, raw asyncio) stamps every chunk's arrival.
 Paths, one after another at each level: direct to the backend, through the router started
 as the product starts it, and through nginx (one worker, ``proxy_buffering off``); with
 ``--router-before``, also through the router of another checkout (before a change), e.g.
-``git archive <commit> serving | tar -x -C /tmp/before``.
+``git archive <commit> serving | tar -x -C /tmp/before``; with ``--routers N``, also through N
+router processes on one socket under the local keeper (the router scaled out), as the path
+``router xN``. The project's routers publish their measurements every second, as in the product.
 
 Per level: inter-token gap p50/p99 and what each path adds to direct's, time to first byte,
 streams that failed or stalled (> 1 s without a chunk), and CPU seconds per 10,000 chunks
@@ -75,6 +77,7 @@ TARGET_CPU_RATIO = 2.0
 HOLD_ADDED_P99_MS = 10.0
 
 BEFORE = "before"  # the path of --router-before
+KEEPER = "serving.platforms.local.router_keeper"
 SSE_END = b"0\r\n\r\n"  # the chunked body's last chunk
 
 
@@ -331,14 +334,14 @@ def _measure(paths: list[_Path], backend: Cpu, levels: list[int], tokens: int
 def _print_level(level: int, by_path: dict[str, dict[str, Any]]) -> None:
     direct = by_path["direct"]
     print(f"\n{level} streams")
-    print(f"  {'path':7s}{'gap p50':>9s}{'gap p99':>9s}{'+p50':>8s}{'+p99':>8s}{'ttfb p50':>10s}"
+    print(f"  {'path':10s}{'gap p50':>9s}{'gap p99':>9s}{'+p50':>8s}{'+p99':>8s}{'ttfb p50':>10s}"
           f"{'ttfb p99':>10s}{'failed':>8s}{'stalled':>8s}{'CPU s/10k':>11s}")
     for name, r in by_path.items():
         added = ("", "") if name == "direct" else (
             f"{(r['gap_p50'] - direct['gap_p50']) * MS:.2f}",
             f"{(r['gap_p99'] - direct['gap_p99']) * MS:.2f}")
         cpu = f"{r['cpu_per_10k']:.3f}" if "cpu_per_10k" in r else "-"
-        print(f"  {name:7s}{r['gap_p50'] * MS:9.2f}{r['gap_p99'] * MS:9.2f}{added[0]:>8s}"
+        print(f"  {name:10s}{r['gap_p50'] * MS:9.2f}{r['gap_p99'] * MS:9.2f}{added[0]:>8s}"
               f"{added[1]:>8s}{r['ttfb_p50'] * MS:10.2f}{r['ttfb_p99'] * MS:10.2f}"
               f"{r['failed']:8d}{r['stalled']:8d}{cpu:>11s}")
     # On 2 cores the backend and the clients compete with the proxy for the same CPU.
@@ -355,22 +358,23 @@ def _summary(results: dict[int, dict[str, dict[str, Any]]]) -> None:
     levels = sorted(results)
     proxies = [name for name in results[levels[0]] if name != "direct"]
     has_nginx = "nginx" in proxies
-    baselines = [name for name in proxies if name != "router"]
+    baselines = [name for name in proxies if not name.startswith("router")]
     print("\n================ router (project) vs " + " and ".join(baselines or ["nothing"])
           + " (baseline) ================")
-    print(f"{'streams':>8s}" + "".join(f"{name + ' +p99 ms':>16s}" for name in proxies)
-          + "".join(f"{name + ' CPU/10k':>16s}" for name in proxies)
+    print(f"{'streams':>8s}" + "".join(f"{name + ' +p99 ms':>19s}" for name in proxies)
+          + "".join(f"{name + ' CPU/10k':>19s}" for name in proxies)
           + "".join(f"{'router/' + name + ' CPU':>19s}" for name in baselines))
     for level in levels:
         r = results[level]
-        print(f"{level:8d}" + "".join(f"{_added_p99_ms(r, n):16.2f}" for n in proxies)
-              + "".join(f"{r[n]['cpu_per_10k']:16.3f}" for n in proxies)
+        print(f"{level:8d}" + "".join(f"{_added_p99_ms(r, n):19.2f}" for n in proxies)
+              + "".join(f"{r[n]['cpu_per_10k']:19.3f}" for n in proxies)
               + "".join(f"{r['router']['cpu_per_10k'] / r[n]['cpu_per_10k']:18.2f}x"
                         for n in baselines))
-    holding = [lv for lv in levels if _added_p99_ms(results[lv], "router") <= HOLD_ADDED_P99_MS
-               and results[lv]["router"]["failed"] == 0]
-    print(f"\nhighest level where the router adds <= {HOLD_ADDED_P99_MS:.0f} ms at p99: "
-          f"{max(holding) if holding else 'none'} (of {', '.join(map(str, levels))})")
+    for router in (name for name in proxies if name.startswith("router")):
+        holding = [lv for lv in levels if _added_p99_ms(results[lv], router) <= HOLD_ADDED_P99_MS
+                   and results[lv][router]["failed"] == 0]
+        print(f"\nhighest level where {router} adds <= {HOLD_ADDED_P99_MS:.0f} ms at p99: "
+              f"{max(holding) if holding else 'none'} (of {', '.join(map(str, levels))})")
     _targets(results, has_nginx)
 
 
@@ -405,6 +409,16 @@ def _router_saw(port: int, token: str, streams: int) -> None:
           f"{(backend['ttft_s']['p50'] or 0) * MS:.2f} ms, {backend['in_flight']} in flight")
 
 
+def _keeper_command(replicas: int, port: int, state: Path, stats_dir: Path) -> list[str]:
+    """`replicas` routers on one socket the keeper listens on, as the local platform runs them
+    (serving.platforms.local.router_process)."""
+    router = router_command(sys.executable, port, state)
+    at = router.index("--port")
+    del router[at : at + 2]  # the keeper passes its socket instead (--fd)
+    return [sys.executable, "-m", KEEPER, "--replicas", str(replicas), "--listen-port",
+            str(port), "--", *router, "--stats-dir", str(stats_dir)]
+
+
 def _bench(args: argparse.Namespace) -> None:
     levels = [int(x) for x in args.levels.split(",")] if args.levels else \
         list(QUICK_LEVELS if args.quick else LEVELS)
@@ -426,9 +440,17 @@ def _bench(args: argparse.Namespace) -> None:
         routers = {"router": REPO, **({BEFORE: args.router_before} if args.router_before else {})}
         for name, repo in routers.items():
             port = router_port if name == "router" else free_port()
+            command = router_command(sys.executable, port, state)
+            if repo == REPO:
+                command += ["--stats-dir", str(workdir / f"{name}-stats")]
             proc = running.enter_context(process(
-                router_command(sys.executable, port, state), port, workdir / f"{name}.log",
-                env={ADMIN_TOKEN_ENV: token}, repo=repo))
+                command, port, workdir / f"{name}.log", env={ADMIN_TOKEN_ENV: token}, repo=repo))
+            paths.append(_Path(name, port, Cpu.of(proc)))
+        if args.routers > 1:
+            name, port = f"router x{args.routers}", free_port()
+            proc = running.enter_context(process(
+                _keeper_command(args.routers, port, state, workdir / "replicas-stats"), port,
+                workdir / "replicas.log", env={ADMIN_TOKEN_ENV: token}))
             paths.append(_Path(name, port, Cpu.of(proc)))
         if nginx is None:
             print("nginx not installed (apt-get install -y nginx): skipping the nginx path")
@@ -453,6 +475,9 @@ def main() -> None:
     parser.add_argument("--router-before", type=Path, metavar="CHECKOUT",
                         help="also run the router of another checkout (e.g. a worktree of the "
                              "commit before a change), as the path 'before'")
+    parser.add_argument("--routers", type=int, default=1, metavar="N",
+                        help="also run N router processes on one socket (the router scaled "
+                             "out), as the path 'router xN'")
     parser.add_argument("--backend", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)

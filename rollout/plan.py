@@ -52,6 +52,7 @@ class Plan(BaseModel):
     tp: int
     ep: int
     apps: list[str]
+    router_replicas: int
     volumes: dict[str, str]
     secrets: dict[str, str | None]
     serve: CommandPlan
@@ -104,6 +105,7 @@ def build_plan(profile: Profile, revision: str | None = None) -> Plan:
         tp=profile.resources.tp,
         ep=profile.resources.ep,
         apps=_app_names(profile, commit),
+        router_replicas=profile.router.replicas,
         volumes={str(WEIGHTS_MOUNT): profile.volumes.weights}
         | ({str(DEEPGEMM_MOUNT): profile.volumes.deepgemm} if profile.deepgemm else {}),
         secrets=profile.secrets.model_dump(),
@@ -151,6 +153,8 @@ def render_text(plan: Plan) -> str:
            " promoted"] if plan.dummy_weights else []),
         f"gpu       {plan.gpu or 'cpu'}  tp={plan.tp} ep={plan.ep}",
         f"apps      {', '.join(plan.apps) or '- (local target)'}",
+        f"router    {plan.router_replicas} replica{'s' * (plan.router_replicas > 1)}"
+        " (the gates merge every replica's measurements)",
         "volumes   " + ", ".join(f"{mount} ← {name}" for mount, name in plan.volumes.items()),
         "secrets   " + ", ".join(f"{k}={v}" for k, v in plan.secrets.items() if v),
         "serve     " + " ".join(plan.serve.argv),

@@ -67,6 +67,10 @@ class FakeDict:
         with self.lock:
             return self.data.pop(key, default)
 
+    def keys(self) -> list[str]:
+        with self.lock:
+            return list(self.data)
+
 
 class FakeVolume:
     """Records reload/commit in a shared event list, like a mounted modal.Volume would see them."""

@@ -18,8 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
+from serving.control.measured import StatsStore
 from serving.core.files import write_atomically
 from serving.core.procs import free_port, wait_for
+from serving.router.replicas import Chunk, Head
 from tests.server_fixtures import POLL_SECONDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,3 +262,16 @@ def router(log_dir: Path) -> Iterator[RouterProc]:
         yield r
     finally:
         r.proc.stop()
+
+
+def served_by_replica(store: StatsStore, model: str) -> list[int]:
+    """The attempts each router replica published for the model, from its head and chunks:
+    how the load balancer (the kernel, or the test standing in for Modal's) split the clients."""
+    served = []
+    for raw in store.heads().values():
+        head = Head.model_validate_json(raw)
+        chunks = [Chunk.model_validate_json(store.chunk(head.replica, index) or b'{"models":{}}')
+                  for index in head.chunks]  # fmt: skip
+        served.append(sum(piece.tally[0] for chunk in chunks
+                          for slices in chunk.models.get(model, {}).values() for piece in slices))
+    return served

@@ -23,7 +23,8 @@ from pydantic import (
 from serving.router.table import DEFAULT_SHADOW_SEND, ShadowSend
 
 MINUTES = 60
-
+# Each replica publishes its measurements every second, and the gates read them all.
+MAX_ROUTER_REPLICAS = 16
 
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 # What git accepts as a branch or tag name, minus the exotic corners (no "..", no "@{", no
@@ -312,6 +313,14 @@ class Scaling(_Strict):
     scaledown_window_seconds: int = Field(20 * MINUTES, ge=2)
 
 
+class Router(_Strict):
+    """The model's router. Replicas share the load behind one address (Modal's load balancer;
+    locally, processes accepting on one socket); the gates merge their measurements."""
+
+    replicas: int = Field(1, ge=1, le=MAX_ROUTER_REPLICAS,
+                          description="router containers (processes) serving the model")
+
+
 class Profile(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]*$")
     hub: HubSource
@@ -329,6 +338,7 @@ class Profile(_Strict):
     volumes: Volumes
     secrets: Secrets = Field(default_factory=Secrets)
     scaling: Scaling = Field(default_factory=Scaling)
+    router: Router = Field(default_factory=Router)
 
     @model_validator(mode="after")
     def _consistent(self) -> Profile:

@@ -1,21 +1,27 @@
 """The drain before a release stops: wait until the router counts no request in flight to it,
 or the deadline. One loop for both platforms; the clock and the sleep are the caller's, so a
-test can run it on a fake clock."""
+test can run it on a fake clock. The count is a RouterClient's (one router) or every replica's
+(serving.control.measured.Replicas)."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
-from serving.control.router_client import RouterAdminError, RouterClient
+from serving.control.router_client import RouterAdminError
 from serving.control.routes import PROPAGATION_SECONDS, Outcome
 
 logger = logging.getLogger(__name__)
 
 
+class InFlight(Protocol):
+    def in_flight(self, model: str, backend: str) -> int: ...
+
+
 def drain(
-    router: RouterClient,
+    router: InFlight,
     model: str,
     backend: str,
     deadline: float,
@@ -45,7 +51,7 @@ def drain(
         sleep(min(poll_seconds, remaining))
 
 
-def _in_flight(router: RouterClient, model: str, backend: str) -> int | None:
+def _in_flight(router: InFlight, model: str, backend: str) -> int | None:
     try:
         return router.in_flight(model, backend)
     except (RouterAdminError, ValueError) as exc:  # ValueError: an answer that is not JSON

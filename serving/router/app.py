@@ -5,8 +5,9 @@ splits OpenAI-compatible traffic between backends (releases) by integer weight, 
 the ``model`` field of the JSON body (``balancing``); forwards, retries and relays through
 ``proxy``; measures every attempt and exports Prometheus ``/metrics``; copies a share of chat
 requests to a shadow canary and compares its answers (``shadow``); and serves an admin API
-(``admin``). It can poll an external routing source (a Modal Dict, a JSON state file) through
-a plain callable -- this package imports neither prefect nor modal.
+(``admin``). It can poll an external routing source (a Modal Dict, a JSON state file) and
+publish its measurements for the merge of N replicas' (``publishing``) through plain
+callables -- this package imports neither prefect nor modal.
 
 This module holds the routing state: the installed table (a table of an older generation than
 the one here is ignored, from a poll or a push), the poll loop, the lifespan, and the dispatch
@@ -44,6 +45,7 @@ from serving.router.config import RouterConfig
 from serving.router.measurements import Measurements
 from serving.router.pinning import Pinning, Refusal
 from serving.router.proxy import Forwarder, open_client
+from serving.router.publishing import Publisher
 from serving.router.shadow import Shadower
 from serving.router.table import Backend, RoutingTable, _check_unique
 from serving.router.upstream import UpstreamClient
@@ -70,6 +72,8 @@ class RouterApp:
         self._pinning = Pinning(admin_token, config.retention_s)
         self._pinned_forwarder: Forwarder | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._publisher = None if config.stats_publish is None else Publisher(
+            config.stats_publish, self.measurements, config.publish_interval_s)
         tokens = [t.get_secret_value() for t in (config.admin_token, config.client_api_key) if t]
         self._shadow = Shadower(self.upstream, tokens, config.retention_s, config.total_timeout_s)
         self._admin = AdminApi(self, self.measurements, self._shadow, bearer(admin_token),
@@ -153,6 +157,8 @@ class RouterApp:
         if self.config.routing_poll is not None and self._poller is None:
             await self._poll_once()
             self._poller = asyncio.create_task(self._poll_forever())
+        if self._publisher is not None:
+            self._publisher.start()
 
     async def shutdown(self) -> None:
         if self._poller is not None:
@@ -160,6 +166,8 @@ class RouterApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
+        if self._publisher is not None:
+            await self._publisher.stop()
         await self._shadow.aclose()
         if self._forwarder is not None:
             await self._forwarder.client.aclose()

@@ -1,12 +1,14 @@
 """Per-backend request measurements for the canary router.
 
-Two views of the same events:
+Three views of the same events:
 
 * a sliding window of per-request records (bounded deque, pruned by age) from which
   the orchestrator's questions -- "error rate and TTFT p99 of the canary since the bake
   started" -- are computed on demand;
 * cumulative counters and histogram buckets exported as Prometheus text, because
-  Prometheus wants monotonic counters, not windows.
+  Prometheus wants monotonic counters, not windows;
+* time slices of counters and fixed buckets (``slices``), which this router publishes so that
+  the windows of N replicas merge exactly (``replicas``).
 
 Accounting choice for retries: an attempt that failed on backend A before any byte reached
 the client and was retried on backend B is recorded as one *error* on A (flagged
@@ -23,8 +25,6 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import NamedTuple
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -32,7 +32,16 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 from prometheus_client.registry import Collector
-from pydantic import BaseModel
+
+from serving.router.slices import Publication, Slices
+from serving.router.windows import (
+    BackendStats,
+    ErrorKind,
+    ModelStats,
+    Percentiles,
+    Record,
+    Tally,
+)
 
 # Bounds memory even at high request rates: at 1000 req/s a 15 min window would need
 # 900k records per backend; beyond this cap the oldest records go first.
@@ -42,72 +51,6 @@ DEFAULT_RETENTION_S = 15 * 60.0
 HISTOGRAM_BUCKETS_S: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 )
-
-
-class ErrorKind(StrEnum):
-    """Why an attempt failed. Counted separately because they mean different things."""
-
-    HTTP_5XX = "http_5xx"  # backend answered with a 5xx status
-    CONNECT = "connect"  # could not connect (refused, reset, connect timeout)
-    TIMEOUT = "timeout"  # first-byte, idle or total deadline exceeded
-    PROTOCOL = "protocol"  # backend closed before headers or mid-body
-
-
-class Record(NamedTuple):
-    """One attempt on one backend. Tuples keep the hot path cheap."""
-
-    started_at: float  # unix time, for "since" queries
-    ttft_s: float | None  # None if no body byte ever arrived
-    latency_s: float
-    status: int  # HTTP status returned (0 if none)
-    error: ErrorKind | None
-    retried: bool  # failed here, then retried on another backend (client did not see it)
-    is_retry: bool  # this attempt is the retry of a failure elsewhere
-    client_disconnected: bool
-
-
-class Percentiles(BaseModel):
-    count: int
-    mean: float | None
-    p50: float | None
-    p90: float | None
-    p99: float | None
-    max: float | None
-
-
-class ErrorCounts(BaseModel):
-    total: int
-    http_5xx: int
-    connect: int
-    timeout: int
-    protocol: int
-    # errors hidden from the client by a successful retry on another backend
-    retried: int
-
-
-class BackendStats(BaseModel):
-    name: str
-    requests: int
-    successes: int
-    errors: ErrorCounts
-    error_rate: float
-    client_errors: int  # errors the client actually received (not retried away)
-    status_4xx: int
-    retries_served: int  # requests this backend served as the retry of another's failure
-    client_disconnects: int
-    in_flight: int
-    ttft_s: Percentiles
-    latency_s: Percentiles
-
-
-class ModelStats(BaseModel):
-    model: str
-    since: float
-    until: float
-    # When this router's measurements begin (it started then): a window starting earlier has
-    # lost its first part with the router that measured it.
-    measured_since: float
-    backends: dict[str, BackendStats]
 
 
 def percentiles(values: list[float]) -> Percentiles:
@@ -169,6 +112,7 @@ class Measurements:
         self.started_at = time.time()
         self._series: dict[tuple[str, str], _BackendSeries] = {}
         self._retries_total: dict[str, int] = {}
+        self._slices = Slices(retention_s)
 
     def _get(self, model: str, backend: str) -> _BackendSeries:
         key = (model, backend)
@@ -190,6 +134,7 @@ class Measurements:
         if record.ttft_s is not None:
             series.ttft.observe(record.ttft_s)
         series.latency.observe(record.latency_s)
+        self._slices.count(model, backend, record)
         if record.is_retry:
             self._retries_total[model] = self._retries_total.get(model, 0) + 1
         self._prune(series.records, record.started_at)
@@ -214,6 +159,18 @@ class Measurements:
         return ModelStats(model=model, since=since, until=until,
                           measured_since=self.started_at, backends=backends)
 
+    def publication(self, replica: str, *, final: bool = False) -> Publication:
+        """What this router publishes now for the merge of every replica's measurements
+        (serving.router.slices)."""
+        in_flight = {key: series.in_flight for key, series in self._series.items()}
+        return self._slices.publication(
+            replica=replica, started_at=self.started_at, now=time.time(), final=final,
+            in_flight=in_flight,
+        )
+
+    def unpublished(self, publication: Publication) -> None:
+        self._slices.unpublished(publication)
+
     def collector(self) -> Collector:
         return _PrometheusCollector(self)
 
@@ -223,46 +180,17 @@ class Measurements:
 
 
 def _backend_stats(name: str, window: Iterable[Record], in_flight: int) -> BackendStats:
-    errors = dict.fromkeys(ErrorKind, 0)
-    requests = successes = retried = status_4xx = retries_served = disconnects = 0
+    tally = Tally()
     ttfts: list[float] = []
     latencies: list[float] = []
     for r in window:
-        requests += 1
-        if r.error is not None:
-            errors[r.error] += 1
-            retried += r.retried
-        else:
-            successes += 1
+        tally.count(r)
+        if r.error is None:
             # latency of failures would mix "fast refusal" with "real work"; keep them out
             latencies.append(r.latency_s)
             if r.ttft_s is not None:
                 ttfts.append(r.ttft_s)
-        status_4xx += 400 <= r.status < 500
-        retries_served += r.is_retry
-        disconnects += r.client_disconnected
-    total_errors = sum(errors.values())
-    return BackendStats(
-        name=name,
-        requests=requests,
-        successes=successes,
-        errors=ErrorCounts(
-            total=total_errors,
-            http_5xx=errors[ErrorKind.HTTP_5XX],
-            connect=errors[ErrorKind.CONNECT],
-            timeout=errors[ErrorKind.TIMEOUT],
-            protocol=errors[ErrorKind.PROTOCOL],
-            retried=retried,
-        ),
-        error_rate=total_errors / requests if requests else 0.0,
-        client_errors=total_errors - retried,
-        status_4xx=status_4xx,
-        retries_served=retries_served,
-        client_disconnects=disconnects,
-        in_flight=in_flight,
-        ttft_s=percentiles(ttfts),
-        latency_s=percentiles(latencies),
-    )
+    return tally.stats(name, in_flight, percentiles(ttfts), percentiles(latencies))
 
 
 class _PrometheusCollector(Collector):

@@ -2,7 +2,9 @@
 
 It listens on --port, or serves on a socket its parent already listens on (--fd): the local
 keeper holds that socket across router restarts, so connections wait in its backlog instead
-of being refused while the next router starts.
+of being refused while the next router starts, and splits it among N replicas. With
+--stats-dir, each replica publishes its measurements there every second (a head file and chunk
+files per replica), for the orchestrator to merge.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from serving.core.files import write_atomically
 from serving.router.app import RouterApp
 from serving.router.config import (
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -22,6 +25,7 @@ from serving.router.config import (
     DEFAULT_TOTAL_TIMEOUT_S,
     RouterConfig,
 )
+from serving.router.slices import Published
 from serving.router.table import RoutingTable
 
 logger = logging.getLogger("rollout.router")
@@ -47,6 +51,31 @@ def state_file_poll(path: Path) -> Callable[[], RoutingTable | None]:
         return table
 
     return poll
+
+
+HEAD_SUFFIX = ".head.json"
+
+
+def head_file(directory: Path, replica: str) -> Path:
+    return directory / f"{replica}{HEAD_SUFFIX}"
+
+
+def chunk_file(directory: Path, replica: str, chunk: int) -> Path:
+    return directory / f"{replica}.{chunk}.chunk.json"
+
+
+def stats_dir_publish(directory: Path) -> Callable[[Published], None]:
+    """A stats_publish writing a replica's changed chunks, then its head, into `directory`,
+    each file replaced atomically: a reader never sees half of one."""
+
+    def publish(published: Published) -> None:
+        for chunk, data in published.chunks.items():
+            write_atomically(chunk_file(directory, published.replica, chunk), data.decode())
+        for chunk in published.gone:
+            chunk_file(directory, published.replica, chunk).unlink(missing_ok=True)
+        write_atomically(head_file(directory, published.replica), published.head.decode())
+
+    return publish
 
 
 def fastest_uvicorn_impls() -> tuple[str, str]:
@@ -81,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         total_timeout_s=args.total_timeout,
         routing_poll=state_file_poll(args.state_file) if args.state_file else None,
         poll_interval_s=args.poll_interval,
+        stats_publish=stats_dir_publish(args.stats_dir) if args.stats_dir else None,
     )
     loop, http = fastest_uvicorn_impls()
     listening = f"inherited socket (fd {args.fd})" if args.fd is not None else (
@@ -107,6 +137,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     listen.add_argument("--port", type=int)
     listen.add_argument("--fd", type=int, help="serve on this inherited, listening socket")
     parser.add_argument("--state-file", type=Path, help="JSON RoutingTable, polled every second")
+    parser.add_argument("--stats-dir", type=Path,
+                        help="publish this replica's measurements here every second")
     parser.add_argument("--admin-token-env", help="env var holding the admin Bearer token")
     parser.add_argument("--client-api-key-env", help="env var holding the client API key")
     parser.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT_S)

@@ -94,6 +94,13 @@ class StorageRpcs:
         self.dict_touched.pop((named.object_id, request.key), None)
         await stream.send_message(api_pb2.DictPopResponse(found=found, value=value))
 
+    async def DictContents(self, stream: Stream) -> None:
+        request = await stream.recv_message()
+        named = self._dict(request.dict_id)
+        for key, value in list(named.data.items()):
+            await stream.send_message(api_pb2.DictEntry(key=key if request.keys else b"",
+                                                        value=value if request.values else b""))
+
     # Volume files.
 
     def _volume(self, volume_id: str) -> Named:

@@ -122,7 +122,7 @@ class LocalReleases:
         weights = place(self._weights_root(profile), profile, revision)
         if not weights.is_dir():
             raise DeployFailed(f"{rid}: no weights at {weights} (download and verify first)")
-        router = self._router()
+        router = self._router(profile.router.replicas)
         try:
             router.ensure_running()  # fails before an engine is paid for
         except RouterUnavailable as exc:
@@ -165,7 +165,7 @@ class LocalReleases:
         backends = traffic_backends(
             profile, weights, self.running_releases(profile), profile.secrets.api_key, shadow
         )
-        router = self._router()
+        router = self._router(profile.router.replicas)
         router.ensure_running()
         router.routes(profile.served_model_name).set(backends)
 
@@ -184,10 +184,11 @@ class LocalReleases:
         return self._router().url
 
     def stats(self, profile: Profile, since: float) -> dict[str, Any]:
-        """GET /admin/stats of the model since `since` (unix time): per-backend requests,
-        errors, TTFT and latency percentiles, in-flight counts and weights."""
+        """The model's window since `since` (unix time), merged from every router replica:
+        per-backend requests, errors, TTFT and latency percentiles, in-flight counts and
+        weights (serving.control.measured)."""
         # An unanswered query is an error, never an empty window: empty reads as "no traffic".
-        return self._router().client().stats(profile.served_model_name, since)
+        return self._router().replicas().window(profile.served_model_name, since)
 
     def ask(
         self, profile: Profile, release_id: str, chat: dict[str, Any], timeout: float
@@ -254,13 +255,13 @@ class LocalReleases:
 
     # -- serving internals ----------------------------------------------------------------------
 
-    def _router(self) -> LocalRouter:
+    def _router(self, replicas: int = 1) -> LocalRouter:
         # A live router of this home is used where it runs, even if the configured port
         # changed since it started: one router per home.
         record = self.inventory.get(ROUTER_RECORD)
         port = record.port if record is not None and record.running() else self.router_port
         return LocalRouter(self.home, port, self.inventory, self.owner, keep=self.keep_serving,
-                           restarts=self.restarts)
+                           restarts=self.restarts, replicas=replicas)
 
     def _release_workdir(self, profile: Profile, rid: str, weights: Path) -> Path:
         """The release's working directory, where the served model name is a symlink to the
@@ -358,8 +359,10 @@ class LocalReleases:
             # Unlike a Modal router, a local one that does not answer carries no requests:
             # there is nothing to drain through it.
             if record.running() and router.answers():
-                drain(router.client(), record.route, record.name, deadline,
-                      unrouted=unrouted, poll_seconds=DRAIN_POLL_SECONDS)  # fmt: skip
+                replicas = router.replicas()
+                drain(replicas, record.route, record.name, deadline,
+                      unrouted=replicas.unrouted(unrouted),
+                      poll_seconds=DRAIN_POLL_SECONDS)  # fmt: skip
         grace = max(deadline - time.monotonic(), STOP_GRACE_SECONDS)
         gone = stop_process(record.pid, record.ticks, groups=record.extra_groups(),
                             term_seconds=grace)  # fmt: skip

@@ -1,6 +1,8 @@
-"""The local platform's router: one `python -m serving.router` per ROLLOUT_HOME, under a keeper
-(router_keeper.py) that restarts it when it dies, as Modal replaces a router container. The
-inventory's router record is the keeper; `server_pid()` finds the router process itself.
+"""The local platform's router: `python -m serving.router` per ROLLOUT_HOME, N replicas on one
+listening socket under a keeper (router_keeper.py) that restarts each when it dies, as Modal
+replaces a router container. The inventory's router record is the keeper; `server_pids()` finds
+the router processes themselves. Each replica publishes its measurements to
+`state/router-stats/` (stats.DirectoryStatsStore), where the gates' window is merged.
 
 Routing state lives in `$ROLLOUT_HOME/state/routes.json` (routes.FileRouteStore): the router
 polls it every second, so a restarted router comes back with the right weights. Changes are
@@ -19,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from serving.control.measured import Replicas
 from serving.control.router_client import RouterAdminError, RouterClient
 from serving.control.routes import ModelRoutes
 from serving.core.files import locked
@@ -34,6 +37,7 @@ from serving.core.procs import (
 from serving.core.restarts import RestartPolicy
 from serving.platforms.local.inventory import Inventory, Owner, ProcessRecord
 from serving.platforms.local.routes import FileRouteStore
+from serving.platforms.local.stats import DirectoryStatsStore
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,7 @@ DEFAULT_ROUTER_PORT = 8400
 ADMIN_TOKEN_ENV = "ROLLOUT_ROUTER_ADMIN_TOKEN"
 ADMIN_TOKEN_FILE = "router-admin-token"
 ROUTES_FILE = "routes.json"
+STATS_DIR = "router-stats"
 ROUTER_RECORD = "router"
 PRIVATE_FILE_MODE = 0o600
 ADMIN_TOKEN_BYTES = 32
@@ -59,7 +64,7 @@ class RouterUnavailable(RuntimeError):
 class LocalRouter:
     def __init__(
         self, home: Path, port: int, inventory: Inventory, owner: Owner, *, keep: bool,
-        restarts: RestartPolicy | None = None,
+        restarts: RestartPolicy | None = None, replicas: int = 1,
     ) -> None:
         # Absolute: the router process runs in another working directory.
         self.state = home.absolute() / "state"
@@ -71,6 +76,9 @@ class LocalRouter:
         self.keep = keep
         self.restarts = restarts or RestartPolicy()
         self.routes_file = self.state / ROUTES_FILE
+        self.stats_dir = self.state / STATS_DIR
+        # Applies when this starts the home's router; a running one keeps its count.
+        self.replicas_to_start = replicas
 
     # -- the process ---------------------------------------------------------------------------
 
@@ -100,11 +108,15 @@ class LocalRouter:
         return record is not None and record.running()
 
     def server_pid(self) -> int | None:
-        """The router process now running under its keeper (None while it is restarted)."""
+        """A router process now running under its keeper (None while none runs)."""
+        return next(iter(self.server_pids()), None)
+
+    def server_pids(self) -> list[int]:
+        """The router processes (replicas) now running under the keeper."""
         record = self.inventory.get(ROUTER_RECORD)
         if record is None or not record.running():
-            return None
-        return next(iter(group_members(record.pgid) - {record.pid}), None)
+            return []
+        return sorted(group_members(record.pgid) - {record.pid})
 
     def answers(self) -> bool:
         """True when a router holding this home's admin token listens on the port."""
@@ -121,10 +133,12 @@ class LocalRouter:
             sys.executable, "-m", "serving.platforms.local.router_keeper",
             "--restart-limit", str(self.restarts.limit),
             "--restart-backoff", f"{self.restarts.first_backoff_seconds:g}",
+            "--replicas", str(self.replicas_to_start),
             # The keeper holds the port: clients wait while it restarts the router.
             "--listen-port", str(self.port),
             "--", sys.executable, "-m", "serving.router",
             "--state-file", str(self.routes_file),
+            "--stats-dir", str(self.stats_dir),
             "--admin-token-env", ADMIN_TOKEN_ENV,
         ]  # fmt: skip
         env = {**os.environ, ADMIN_TOKEN_ENV: self.admin_token(), "PYTHONPATH": repo_pythonpath()}
@@ -173,6 +187,12 @@ class LocalRouter:
         return path.read_text().strip()
 
     # -- routing -------------------------------------------------------------------------------
+
+    def stats_store(self) -> DirectoryStatsStore:
+        return DirectoryStatsStore(self.stats_dir)
+
+    def replicas(self) -> Replicas:
+        return Replicas(self.client(), self.stats_store())
 
     def client(self) -> RouterClient:
         return RouterClient(self.url, self.admin_token)

@@ -326,8 +326,9 @@ def build_release_app(profile: Profile, revision: str) -> ReleaseApp:
 
 
 def build_router_app(profile: Profile) -> RouterApp:
-    """The router for one model: CPU, always on, exactly one container, because the canary
-    gates compare measurements that must all be taken in one place."""
+    """The router for one model: CPU, always on, up to the profile's `router.replicas`
+    containers behind Modal's load balancing. Each publishes its measurements to the routes
+    Dict, where the gates merge them (serving.control.measured)."""
     app = modal.App(router_app_name(profile))
     routes = modal.Dict.from_name(routes_dict_name(profile), create_if_missing=True)
     profile_name = profile.name
@@ -354,7 +355,7 @@ def build_router_app(profile: Profile) -> RouterApp:
         startup_timeout=ROUTER_STARTUP_TIMEOUT,
         exit_grace_period=ROUTER_EXIT_GRACE,
         min_containers=1,
-        max_containers=1,
+        max_containers=profile.router.replicas,
         # Clients hold the model's API key and the orchestrator the admin token; OpenAI
         # clients cannot be expected to send Modal proxy-auth headers.
         unauthenticated=True,

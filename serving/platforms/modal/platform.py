@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from serving.config.profile import Profile, Shadow
 from serving.control.drain import drain
+from serving.control.measured import Replicas
 from serving.control.router_client import RouterClient, RouterUnreachable
 from serving.control.routes import ModelRoutes, release_backend, traffic_backends
 from serving.core.errors import DeployFailed
@@ -56,6 +57,7 @@ from serving.platforms.modal.prep import (
     Preparation,
 )
 from serving.platforms.modal.routes import DictRouteStore
+from serving.platforms.modal.stats import DictStatsStore
 from serving.platforms.modal.stores import VolumeReleaseStore
 from serving.weights.hub import require_commit
 from serving.weights.models import DownloadResult, ProgressCallback
@@ -196,7 +198,8 @@ class ModalPlatform:
         deadline = self._clock() + drain_seconds
         routes = self._model_routes(profile)
         unrouted = routes.take_out(release.id)
-        drain(routes.router, routes.model, release.id, deadline, unrouted=unrouted,
+        replicas = self._replicas(profile)
+        drain(replicas, routes.model, release.id, deadline, unrouted=replicas.unrouted(unrouted),
               poll_seconds=RETIRE_POLL_SECONDS, clock=self._clock, sleep=self._sleep)  # fmt: skip
         # The App is named by the release id: a dummy release of the stable revision is another
         # App, which the profile (never dummy here) would not name.
@@ -205,8 +208,9 @@ class ModalPlatform:
 
     def router_url(self, profile: Profile) -> str:
         """The model's router URL; its App is deployed first if it is not running. A running
-        router is never redeployed from here: a redeploy restarts its single container, and
-        its measurements with it, perhaps in the middle of someone's canary."""
+        router is never redeployed from here: a redeploy restarts its containers, and the
+        measurements they have not published yet with them, perhaps in the middle of someone's
+        canary."""
         with self._deploy_lock:
             url = self._router_urls.get(profile.name)
             if url is None:
@@ -219,9 +223,10 @@ class ModalPlatform:
         return url
 
     def stats(self, profile: Profile, since: float) -> dict[str, Any]:
-        """GET /admin/stats of the model since `since` (unix time): per-backend requests,
-        errors, TTFT and latency percentiles, in-flight counts and weights."""
-        return self._router_client(profile).stats(profile.served_model_name, since)
+        """The model's window since `since` (unix time), merged from every router replica:
+        per-backend requests, errors, TTFT and latency percentiles, in-flight counts and
+        weights (serving.control.measured)."""
+        return self._replicas(profile).window(profile.served_model_name, since)
 
     def running_releases(self, profile: Profile) -> list[Release]:
         """The model's deployed release Apps (`<model>-<rev8>`, `<model>-<rev8>-dummy`), whoever
@@ -299,6 +304,10 @@ class ModalPlatform:
             self._router_client(profile),
             profile.served_model_name,
         )
+
+    def _replicas(self, profile: Profile) -> Replicas:
+        """The router's replicas: each publishes its measurements to the routes Dict."""
+        return Replicas(self._router_client(profile), DictStatsStore(self._routes(profile)))
 
     def _router_client(self, profile: Profile) -> RouterClient:
         return RouterClient(self.router_url(profile), _admin_token, self._http)

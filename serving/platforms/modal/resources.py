@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import modal
@@ -107,6 +107,8 @@ ROUTER_POLL_SECONDS = 1.0
 # gives again for a deployed release App (ModalPlatform.running_releases).
 ROUTES_KEY = "routes"
 RELEASE_KEY_PREFIX = "release:"
+# One snapshot of its measurements per router replica (serving.platforms.modal.stats).
+STATS_KEY_PREFIX = "stats:"
 # The release records of every model, one file per model (serving.platforms.modal.stores).
 STATE_VOLUME_NAME = "rollout-state"
 # The records' leases; it held the records themselves before STATE_VOLUME_NAME did.
@@ -277,4 +279,6 @@ class KeyValue(Protocol):
         ...
 
     def pop(self, key: str, default: Any = None) -> Any: ...
+
+    def keys(self) -> Iterable[Any]: ...
 

@@ -43,6 +43,7 @@ from serving.platforms.modal.resources import (
     release_app_name,
     reload_read_only,
 )
+from serving.platforms.modal.stats import dict_publish
 from serving.supervisor.supervisor import CrashCallback, Supervisor, exit_process_on_crash
 from serving.weights.download import read_sentinel
 
@@ -216,6 +217,8 @@ def router_config(profile: Profile, routes: KeyValue) -> RouterConfig:
         client_api_key=container_api_key(profile),
         routing_poll=routes_poll(routes),
         poll_interval_s=ROUTER_POLL_SECONDS,
+        stats_publish=dict_publish(routes),
+
     )
 
 

@@ -1,0 +1,157 @@
+"""Two router processes on one socket (the local keeper's stand-in for Modal's load balancing),
+clients split across them: the merged window of their published measurements equals what the
+clients saw, to the request, and the gates decide on it as on one router's window of the same
+traffic. Real keeper, routers and HTTP in front of FAKE engines (tests/fake_engine.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from serving.config.profile import Gates
+from serving.core.procs import free_port, stop_process
+from serving.domain.analysis import Analysis, Window, analyse
+from serving.platforms.local.inventory import Inventory, Owner
+from serving.platforms.local.router_process import ROUTER_RECORD, LocalRouter
+from tests.router_fixtures import (
+    Proc,
+    backend,
+    chat_body,
+    served_by_replica,
+    start_fake_engine,
+    write_state_file,
+)
+
+MODEL = "replicas-model"
+REQUESTS = 48
+CONCURRENCY = 8
+GONE_SECONDS = 5.0
+REQUEST_TIMEOUT_SECONDS = 30.0
+# Far from every gate's limit, so that timing on a busy machine cannot move a decision: the
+# canary fails on errors (1 in 4, retried on stable), and is 10x faster than stable.
+CANARY = {"error_rate": 0.25, "delay_s": 0.01}
+STABLE = {"delay_s": 0.1}
+
+
+@dataclass
+class Seen:
+    """What a client saw of one request: the status, the release that answered, whether the
+    router answered it from a retry after another release failed."""
+
+    status: int
+    backend: str | None
+    retried: bool
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Proc]]:
+    logs = tmp_path_factory.mktemp("replica-engines")
+    procs = {"canary": start_fake_engine("replicas-canary", logs, CANARY),
+             "stable": start_fake_engine("replicas-stable", logs, STABLE)}  # fmt: skip
+    yield procs
+    for proc in procs.values():
+        proc.stop()
+
+
+def _start(home: Path, engines: dict[str, Proc], replicas: int) -> LocalRouter:
+    router = LocalRouter(home, free_port(), Inventory(home / "state" / "processes"),
+                         Owner.current(), keep=False, replicas=replicas)  # fmt: skip
+    write_state_file(router.routes_file, {"models": {MODEL: [
+        backend(engines["canary"], 50), backend(engines["stable"], 50)]}})
+    router.ensure_running()
+    return router
+
+
+def _stop(router: LocalRouter) -> None:
+    record = router.inventory.get(ROUTER_RECORD)
+    assert record is not None
+    stop_process(record.pid, record.ticks, groups=set(), term_seconds=GONE_SECONDS)
+
+
+async def _send(url: str) -> list[Seen]:
+    """Each request on a new connection: the kernel hands each to one of the replicas."""
+    seen: list[Seen] = []
+    requests = iter(range(REQUESTS))
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_SECONDS, limits=limits,
+                                 trust_env=False) as client:  # fmt: skip
+
+        async def worker() -> None:
+            for _ in requests:
+                response = await client.post(f"{url}/v1/chat/completions", json=chat_body(MODEL))
+                seen.append(Seen(response.status_code, response.headers.get("x-rollout-backend"),
+                                 response.headers.get("x-rollout-retried") == "1"))
+
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return seen
+
+
+def _expected(seen: list[Seen], engines: dict[str, Proc]) -> dict[str, dict[str, int]]:
+    """The router's per-release counts implied by the clients' answers: a retried answer from
+    stable is a failed (and retried) attempt on the canary, and a retry served by stable."""
+    canary, stable = engines["canary"].name, engines["stable"].name
+    by = Counter((s.backend, s.retried) for s in seen if s.status == 200)
+    failed_over = by[(stable, True)]
+    return {
+        canary: {"requests": by[(canary, False)] + failed_over, "errors": failed_over,
+                 "retried": failed_over, "retries_served": 0},
+        stable: {"requests": by[(stable, False)] + failed_over, "errors": 0, "retried": 0,
+                 "retries_served": failed_over},
+    }  # fmt: skip
+
+
+def _counted(stats: dict[str, Any]) -> dict[str, dict[str, int]]:
+    return {name: {"requests": b["requests"], "errors": b["errors"]["total"],
+                   "retried": b["errors"]["retried"], "retries_served": b["retries_served"]}
+            for name, b in stats["backends"].items()}  # fmt: skip
+
+
+def _decision(stats: dict[str, Any], engines: dict[str, Proc]) -> Analysis:
+    backends = stats["backends"]
+    return analyse(Gates(), Window.from_router_stats(backends[engines["canary"].name]),
+                   Window.from_router_stats(backends[engines["stable"].name]))  # fmt: skip
+
+
+def _traffic(router: LocalRouter) -> tuple[float, list[Seen]]:
+    since = time.time()
+    seen = asyncio.run(_send(router.url))
+    assert all(s.status == 200 for s in seen), Counter(s.status for s in seen)
+    return since, seen
+
+
+def test_two_routers_merged_window_is_what_the_clients_saw_and_decides_as_one(
+    tmp_path: Path, engines: dict[str, Proc],
+) -> None:
+    one = _start(tmp_path / "one", engines, replicas=1)
+    try:
+        since, seen_by_one = _traffic(one)
+        # The reference: one router's own window, exact nearest-rank over its records.
+        alone = one.client().stats(MODEL, since)
+    finally:
+        _stop(one)
+    assert _counted(alone) == _expected(seen_by_one, engines)
+
+    two = _start(tmp_path / "two", engines, replicas=2)
+    try:
+        assert len(two.server_pids()) == 2
+        since, seen_by_two = _traffic(two)
+        merged = two.replicas().window(MODEL, since)
+        served = served_by_replica(two.stats_store(), MODEL)
+    finally:
+        _stop(two)
+
+    assert _counted(merged) == _expected(seen_by_two, engines)
+    assert merged["measured_since"] <= since
+    assert len(served) == 2 and all(served), f"the clients were not split: {served}"
+
+    ours, theirs = _decision(merged, engines), _decision(alone, engines)
+    assert ours.verdict == theirs.verdict == "fail"
+    assert [(g.gate, g.passed) for g in ours.gates] == [(g.gate, g.passed) for g in theirs.gates]
