@@ -22,6 +22,7 @@ from serving.control.measured import StatsStore
 from serving.core.files import write_atomically
 from serving.core.procs import free_port, wait_for
 from serving.router.replicas import Chunk, Head
+from serving.router.slices import Traffic
 from tests.server_fixtures import POLL_SECONDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -264,14 +265,17 @@ def router(log_dir: Path) -> Iterator[RouterProc]:
         r.proc.stop()
 
 
-def served_by_replica(store: StatsStore, model: str) -> list[int]:
-    """The attempts each router replica published for the model, from its head and chunks:
-    how the load balancer (the kernel, or the test standing in for Modal's) split the clients."""
+def served_by_replica(store: StatsStore, model: str,
+                      traffic: Traffic = Traffic.WEIGHTED) -> list[int]:  # fmt: skip
+    """The attempts (of shadow traffic: the copies compared) each router replica published for
+    the model, from its head and chunks: how the load balancer (the kernel, or the test
+    standing in for Modal's) split the clients."""
     served = []
     for raw in store.heads().values():
         head = Head.model_validate_json(raw)
-        chunks = [Chunk.model_validate_json(store.chunk(head.replica, index) or b'{"models":{}}')
+        chunks = [Chunk.model_validate_json(store.chunk(head.replica, index) or b"{}")
                   for index in head.chunks]  # fmt: skip
         served.append(sum(piece.tally[0] for chunk in chunks
-                          for slices in chunk.models.get(model, {}).values() for piece in slices))
+                          for slices in getattr(chunk, traffic.value).get(model, {}).values()
+                          for piece in slices))  # fmt: skip
     return served

@@ -20,7 +20,15 @@ from pydantic import ValidationError
 from serving.control.router_client import RouterClient
 from serving.control.routes import Outcome
 from serving.router.measurements import DEFAULT_RETENTION_S
-from serving.router.replicas import STALE_AFTER_SECONDS, Chunk, Head, Snapshot, merge
+from serving.router.replicas import (
+    STALE_AFTER_SECONDS,
+    Chunk,
+    Head,
+    Snapshot,
+    merge,
+    merge_shadow,
+)
+from serving.router.slices import Traffic
 
 logger = logging.getLogger(__name__)
 
@@ -59,21 +67,25 @@ class Replicas:
         self._clock = clock
         self._sleep = sleep
 
-    def window(self, model: str, since: float) -> dict[str, Any]:
-        """The model's stats over [since, now]: per-backend counts, errors and percentiles,
-        in-flight counts and `measured_since` of every replica; weights and shadow comparisons
-        from the replica that answers (shadow comparisons of its own copies only)."""
+    def window(self, model: str, since: float, *, pinned: bool = False) -> dict[str, Any]:
+        """The model's stats over [since, now] of every replica: per-backend counts, errors and
+        percentiles, in-flight counts and `measured_since` (of the header-pinned requests instead
+        when `pinned`), and each canary's shadow comparisons. The weights are the answering
+        replica's (every replica reads the same routes)."""
         until = self._clock()
         heads = self._fresh(until)
         if heads is None:
-            return self.router.stats(model, since)
-        merged = merge([self._snapshot(head, since, until) for head in heads], model, since,
-                       until)  # fmt: skip
-        view = self.router.stats(model, since, until)
+            return self.router.stats(model, since, pinned=pinned)
+        snapshots = [self._snapshot(head, since, until) for head in heads]
+        traffic = Traffic.PINNED if pinned else Traffic.WEIGHTED
+        merged = merge(snapshots, model, since, until, traffic)
+        view = self.router.stats(model, since, until, pinned=pinned)
         weights: dict[str, int] = view.get("weights", {})
         backends = {name: {**stats.model_dump(), "weight": weights.get(name)}
                     for name, stats in merged.backends.items()}  # fmt: skip
-        return {**view, "since": since, "until": until, "backends": backends,
+        shadow = {name: copies.model_dump()
+                  for name, copies in merge_shadow(snapshots, model, since, until).items()}
+        return {**view, "since": since, "until": until, "backends": backends, "shadow": shadow,
                 "measured_since": merged.measured_since, "replicas": len(heads)}  # fmt: skip
 
     def in_flight(self, model: str, backend: str) -> int:

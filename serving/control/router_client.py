@@ -98,14 +98,17 @@ class RouterClient:
         view = self._view(_ok(response, "PUT /admin/routes"))
         return PushAnswer(generation=view.generation, routes=view)
 
-    def stats(self, model: str, since: float, until: float | None = None) -> dict[str, Any]:
+    def stats(self, model: str, since: float, until: float | None = None, *,
+              pinned: bool = False) -> dict[str, Any]:  # fmt: skip
         """Per-backend measurements of the model over [since, until] (until: now), with the
-        in-flight counts and weights of this moment. Asked up to STATS_ATTEMPTS times,
-        STATS_RETRY_SECONDS apart; then the last RouterAdminError (RouterUnreachable when
-        nothing answered) is raised."""
+        in-flight counts and weights of this moment; of the header-pinned requests when
+        `pinned`. Asked up to STATS_ATTEMPTS times, STATS_RETRY_SECONDS apart; then the last
+        RouterAdminError (RouterUnreachable when nothing answered) is raised."""
         params: dict[str, Any] = {"model": model, "since": since}
         if until is not None:
             params["until"] = until
+        if pinned:
+            params["traffic"] = "pinned"
         for attempt in range(1, STATS_ATTEMPTS):
             try:
                 return self._stats(params)

@@ -69,13 +69,15 @@ class RouterApp:
         self._last_polled: RoutingTable | None = None
         self._forwarder: Forwarder | None = None
         admin_token = config.admin_token.get_secret_value() if config.admin_token else None
-        self._pinning = Pinning(admin_token, config.retention_s)
+        self._pinning = Pinning(admin_token, config.retention_s, self.measurements.slices)
         self._pinned_forwarder: Forwarder | None = None
         self._poller: asyncio.Task[None] | None = None
-        self._publisher = None if config.stats_publish is None else Publisher(
-            config.stats_publish, self.measurements, config.publish_interval_s)
         tokens = [t.get_secret_value() for t in (config.admin_token, config.client_api_key) if t]
-        self._shadow = Shadower(self.upstream, tokens, config.retention_s, config.total_timeout_s)
+        self._shadow = Shadower(self.upstream, tokens, config.retention_s, config.total_timeout_s,
+                                self.measurements.slices)  # fmt: skip
+        self._publisher = None if config.stats_publish is None else Publisher(
+            config.stats_publish, self.measurements, config.publish_interval_s,
+            also=[self._pinning.measurements, self._shadow])  # fmt: skip
         self._admin = AdminApi(self, self.measurements, self._shadow, bearer(admin_token),
                                config.retention_s, self._pinning.measurements)  # fmt: skip
         self._client_auth = bearer(config.client_api_key.get_secret_value()) \

@@ -14,6 +14,10 @@ By kind of request:
 
 A comparison *agrees* when every check that applies holds. The gate judges the deterministic
 ones (serving.domain.analysis); the others are shown, since sampled answers differ anyway.
+
+A window's comparisons are summed up in a ShadowTally: counters that add and the worst few
+disagreements, so that the tallies of N router replicas merge into exactly the summary one
+router would make of the same comparisons (serving.router.slices, replicas).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from serving.router.measurements import Percentiles, percentiles
+from serving.router.windows import Percentiles, percentiles
 
 TOKEN = re.compile(r"\w+|[^\w\s]")
 # How much of a prompt and of each answer a disagreement shows.
@@ -126,25 +130,79 @@ def compare(request: dict[str, Any], stable: Answer, canary: Answer, *, at: floa
     )  # fmt: skip
 
 
-def summarise(comparisons: list[Comparison], errors: int, skipped: int, in_flight: int,
-              latencies: Iterable[float] = ()) -> ShadowStats:  # fmt: skip
-    deterministic = [c.agree for c in comparisons if c.deterministic]
-    tools = [c.tools_match for c in comparisons if c.tools_match is not None]
-    formats = [c.json_valid for c in comparisons if c.json_valid is not None]
-    copies = len(comparisons) + errors
-    disagreeing = sorted((c for c in comparisons if not c.agree), key=lambda c: c.similarity)
-    return ShadowStats(
-        copies=copies, compared=len(comparisons), errors=errors,
-        error_rate=errors / copies if copies else 0.0, skipped=skipped, in_flight=in_flight,
-        latency_s=percentiles(list(latencies)),
-        deterministic=len(deterministic), agreement=_share(deterministic),
-        tool_calls=len(tools), tool_agreement=_share(tools),
-        json_requests=len(formats), json_agreement=_share(formats),
-        finish_reason_agreement=_share(c.finish_reasons[0] == c.finish_reasons[1]
-                                       for c in comparisons),
-        length_ratio_mean=_mean([c.length_ratio for c in comparisons]),
-        worst=disagreeing[:WORST_SHOWN],
-    )  # fmt: skip
+class ShadowTally:
+    """The comparisons, failed copies and skipped copies of one canary: of a window of one
+    router, or of one time slice that replicas publish and the orchestrator adds up."""
+
+    FIELDS = ("compared", "errors", "skipped", "deterministic", "deterministic_agreeing",
+              "tool_calls", "tools_agreeing", "json_requests", "json_agreeing",
+              "finish_agreeing")  # fmt: skip
+    __slots__ = (*FIELDS, "length_ratio_sum", "worst")
+
+    def __init__(self, values: tuple[int, ...] | None = None, length_ratio_sum: float = 0.0,
+                 worst: Iterable[Comparison] = ()) -> None:  # fmt: skip
+        for name, value in zip(self.FIELDS, values or (0,) * len(self.FIELDS), strict=True):
+            setattr(self, name, value)
+        self.length_ratio_sum = length_ratio_sum
+        self.worst: list[Comparison] = []
+        self._keep_worst(worst)
+
+    def note(self, comparison: Comparison | None, skipped: bool) -> None:
+        """A copy compared, or failed, or skipped at the cap on copies in flight."""
+        if comparison is not None:
+            self._count(comparison)
+        elif skipped:
+            self.skipped += 1
+        else:
+            self.errors += 1
+
+    def _count(self, comparison: Comparison) -> None:
+        self.compared += 1
+        if comparison.deterministic:
+            self.deterministic += 1
+            self.deterministic_agreeing += comparison.agree
+        if comparison.tools_match is not None:
+            self.tool_calls += 1
+            self.tools_agreeing += comparison.tools_match
+        if comparison.json_valid is not None:
+            self.json_requests += 1
+            self.json_agreeing += comparison.json_valid
+        self.finish_agreeing += comparison.finish_reasons[0] == comparison.finish_reasons[1]
+        self.length_ratio_sum += comparison.length_ratio
+        if not comparison.agree:
+            self._keep_worst([comparison])
+
+    def add(self, other: ShadowTally) -> None:
+        for name in self.FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.length_ratio_sum += other.length_ratio_sum
+        self._keep_worst(other.worst)
+
+    def values(self) -> tuple[int, ...]:
+        return tuple(getattr(self, name) for name in self.FIELDS)
+
+    def stats(self, in_flight: int, latency: Percentiles) -> ShadowStats:
+        copies = self.compared + self.errors
+        compared = self.compared
+        return ShadowStats(
+            copies=copies, compared=compared, errors=self.errors,
+            error_rate=self.errors / copies if copies else 0.0, skipped=self.skipped,
+            in_flight=in_flight, latency_s=latency,
+            deterministic=self.deterministic,
+            agreement=_share(self.deterministic_agreeing, self.deterministic),
+            tool_calls=self.tool_calls, tool_agreement=_share(self.tools_agreeing, self.tool_calls),
+            json_requests=self.json_requests,
+            json_agreement=_share(self.json_agreeing, self.json_requests),
+            finish_reason_agreement=_share(self.finish_agreeing, compared),
+            length_ratio_mean=self.length_ratio_sum / compared if compared else None,
+            worst=self.worst,
+        )  # fmt: skip
+
+    def _keep_worst(self, more: Iterable[Comparison]) -> None:
+        # Least similar first, then earliest: a total order, so the worst of a union of
+        # slices are the worst of the whole, whichever replica compared them.
+        self.worst = sorted([*self.worst, *more], key=lambda c: (c.similarity, c.at))
+        del self.worst[WORST_SHOWN:]
 
 
 # -- answers -------------------------------------------------------------------------------
@@ -255,10 +313,5 @@ def _head(text: str, mask: Mask) -> str:
     return mask(text)[:HEAD_CHARS]
 
 
-def _share(flags: Iterable[bool | None]) -> float | None:
-    values = list(flags)
-    return sum(bool(v) for v in values) / len(values) if values else None
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+def _share(part: int, whole: int) -> float | None:
+    return part / whole if whole else None

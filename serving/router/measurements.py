@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -33,14 +34,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from serving.router.slices import Publication, Slices
+from serving.router.slices import Publication, Series, Slices, Traffic
 from serving.router.windows import (
     BackendStats,
     ErrorKind,
     ModelStats,
-    Percentiles,
     Record,
     Tally,
+    percentiles,
 )
 
 # Bounds memory even at high request rates: at 1000 req/s a 15 min window would need
@@ -51,26 +52,6 @@ DEFAULT_RETENTION_S = 15 * 60.0
 HISTOGRAM_BUCKETS_S: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 )
-
-
-def percentiles(values: list[float]) -> Percentiles:
-    """Nearest-rank percentiles: exact sample values, no interpolation surprises."""
-    if not values:
-        return Percentiles(count=0, mean=None, p50=None, p90=None, p99=None, max=None)
-    ordered = sorted(values)
-    n = len(ordered)
-
-    def rank(p: int) -> float:
-        return ordered[max(0, math.ceil(p / 100 * n) - 1)]
-
-    return Percentiles(
-        count=n,
-        mean=sum(ordered) / n,
-        p50=rank(50),
-        p90=rank(90),
-        p99=rank(99),
-        max=ordered[-1],
-    )
 
 
 @dataclass
@@ -104,15 +85,25 @@ class _BackendSeries:
     latency: _Histogram = field(default_factory=_Histogram)
 
 
-class Measurements:
-    """All per-(model, backend) measurements of one router. Single event loop, no locks."""
+class InFlight(Protocol):
+    def in_flight(self) -> dict[Series, int]:
+        """What is in flight now, by series."""
+        ...
 
-    def __init__(self, retention_s: float = DEFAULT_RETENTION_S) -> None:
+
+class Measurements:
+    """All per-(model, backend) measurements of one kind of a router's traffic. Single event
+    loop, no locks. Its slices (serving.router.slices) may be shared with the router's other
+    kinds of traffic, to be published together."""
+
+    def __init__(self, retention_s: float = DEFAULT_RETENTION_S, *, slices: Slices | None = None,
+                 traffic: Traffic = Traffic.WEIGHTED) -> None:  # fmt: skip
         self.retention_s = retention_s
         self.started_at = time.time()
+        self.traffic = traffic
+        self.slices = Slices(retention_s) if slices is None else slices
         self._series: dict[tuple[str, str], _BackendSeries] = {}
         self._retries_total: dict[str, int] = {}
-        self._slices = Slices(retention_s)
 
     def _get(self, model: str, backend: str) -> _BackendSeries:
         key = (model, backend)
@@ -134,7 +125,7 @@ class Measurements:
         if record.ttft_s is not None:
             series.ttft.observe(record.ttft_s)
         series.latency.observe(record.latency_s)
-        self._slices.count(model, backend, record)
+        self.slices.count(self.traffic, model, backend, record)
         if record.is_retry:
             self._retries_total[model] = self._retries_total.get(model, 0) + 1
         self._prune(series.records, record.started_at)
@@ -159,17 +150,25 @@ class Measurements:
         return ModelStats(model=model, since=since, until=until,
                           measured_since=self.started_at, backends=backends)
 
-    def publication(self, replica: str, *, final: bool = False) -> Publication:
+    def in_flight(self) -> dict[Series, int]:
+        return {(self.traffic, model, backend): series.in_flight
+                for (model, backend), series in self._series.items()}  # fmt: skip
+
+    def publication(self, replica: str, *, final: bool = False,
+                    also: Iterable[InFlight] = ()) -> Publication:  # fmt: skip
         """What this router publishes now for the merge of every replica's measurements
-        (serving.router.slices)."""
-        in_flight = {key: series.in_flight for key, series in self._series.items()}
-        return self._slices.publication(
+        (serving.router.slices): the slices, and the in-flight counts of these measurements
+        and of the others (`also`) that count into the same slices."""
+        in_flight = self.in_flight()
+        for other in also:
+            in_flight.update(other.in_flight())
+        return self.slices.publication(
             replica=replica, started_at=self.started_at, now=time.time(), final=final,
             in_flight=in_flight,
         )
 
     def unpublished(self, publication: Publication) -> None:
-        self._slices.unpublished(publication)
+        self.slices.unpublished(publication)
 
     def collector(self) -> Collector:
         return _PrometheusCollector(self)

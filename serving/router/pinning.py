@@ -9,6 +9,8 @@ request reaches the backend.
 
 A pinned request is never retried on another release (the operator asked for this one), and
 it is measured on its own ``Measurements``: it never enters the window a canary's gate reads.
+Its slices are published with the weighted ones, apart, so that pinned requests sent through
+any router replica are all counted.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from serving.router.asgi import Scope
 from serving.router.balancing import ModelRoute, Target
 from serving.router.measurements import Measurements
+from serving.router.slices import Slices, Traffic
 
 RELEASE_HEADER = b"x-rollout-release"
 ADMIN_TOKEN_HEADER = b"x-rollout-admin-token"
@@ -38,9 +41,10 @@ class Pinning:
     """Decides pinned requests; the router forwards them with ``reroute`` and measures them
     in ``measurements``, apart from weighted traffic."""
 
-    def __init__(self, admin_token: str | None, retention_s: float) -> None:
+    def __init__(self, admin_token: str | None, retention_s: float, slices: Slices) -> None:
         self._token = admin_token.encode() if admin_token else None
-        self.measurements = Measurements(retention_s=retention_s)
+        self.measurements = Measurements(retention_s=retention_s, slices=slices,
+                                         traffic=Traffic.PINNED)  # fmt: skip
 
     @staticmethod
     def requested(scope: Scope) -> str | None:

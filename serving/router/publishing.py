@@ -1,6 +1,7 @@
-"""A router replica publishes its measurements every second, and once more as it stops, through
-the platform's `stats_publish` (files of the replica locally, keys of the model's Dict on
-Modal): the orchestrator merges every replica's (serving.router.replicas)."""
+"""A router replica publishes its measurements (weighted and pinned requests, shadow copies)
+every second, and once more as it stops, through the platform's `stats_publish` (files of the
+replica locally, keys of the model's Dict on Modal): the orchestrator merges every replica's
+(serving.router.replicas)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from serving.router.measurements import Measurements
+from serving.router.measurements import InFlight, Measurements
 from serving.router.slices import Published
 
 logger = logging.getLogger("rollout.router")
@@ -25,10 +26,13 @@ def new_replica_id() -> str:
 
 
 class Publisher:
-    def __init__(self, publish: Publish, measurements: Measurements, interval_s: float) -> None:
+    def __init__(self, publish: Publish, measurements: Measurements, interval_s: float,
+                 also: Sequence[InFlight] = ()) -> None:  # fmt: skip
+        """`measurements` of weighted traffic; `also`, the others sharing its slices."""
         self.replica = new_replica_id()
         self._publish = publish
         self._measurements = measurements
+        self._also = also
         self._interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
 
@@ -55,7 +59,7 @@ class Publisher:
     async def _once(self, *, final: bool) -> None:
         # Taken on the event loop (the measurements have no locks), encoded and written in a
         # thread.
-        publication = self._measurements.publication(self.replica, final=final)
+        publication = self._measurements.publication(self.replica, final=final, also=self._also)
         try:
             await asyncio.to_thread(lambda: self._publish(publication.encode()))
         except Exception as exc:  # a full disk or a Dict hiccup must not take the router down

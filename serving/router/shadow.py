@@ -17,7 +17,9 @@ its answer matters. The client never sees it.
 Costs are bounded: at most `max_in_flight` copies per canary at once, in either mode, counted
 from the send to the canary's answer; a copy over the cap is skipped and counted. Copies are
 counted here, on their own: they never enter the canary's client-facing measurements
-(serving.router.measurements), nor its error rate. The copies' own latency is kept too.
+(serving.router.measurements), nor its error rate. The copies' own latency is kept too. Each
+copy is also counted into the router's published slices (serving.router.slices), for the merge
+of every replica's copies.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from typing import Any, NamedTuple
 from serving.core.redaction import Redactor, mask_credentials
 from serving.router.asgi import JSON_CT, Scope
 from serving.router.balancing import CHAT_PATH, ModelRoute, Target
-from serving.router.comparison import Answer, Comparison, ShadowStats, compare, summarise
+from serving.router.comparison import Answer, Comparison, ShadowStats, ShadowTally, compare
+from serving.router.slices import Series, Slices, Traffic
 from serving.router.table import RoutingTable, ShadowSend
 from serving.router.upstream import UpstreamClient, UpstreamError
+from serving.router.windows import percentiles
 
 logger = logging.getLogger("rollout.router")
 
@@ -103,8 +107,9 @@ class Shadower:
     """Decides which requests are copied, sends the copies, keeps their comparisons."""
 
     def __init__(self, upstream: Callable[[], Awaitable[UpstreamClient]], secrets: list[str],
-                 retention_s: float, timeout_s: float) -> None:  # fmt: skip
+                 retention_s: float, timeout_s: float, slices: Slices) -> None:  # fmt: skip
         self._upstream = upstream
+        self._slices = slices
         self._secrets = secrets
         self._mask = _masker(secrets)
         self._retention_s = retention_s
@@ -158,7 +163,7 @@ class Shadower:
     def _start(self, tap: Tap) -> None:
         series = self._get(tap.model, tap.shadow.target.name)
         if series.in_flight >= tap.shadow.max_in_flight:
-            self._add(series, _Event(tap.started_at, None, skipped=True))
+            self._add(tap, series, _Event(tap.started_at, None, skipped=True))
             return
         series.in_flight += 1
         task = asyncio.create_task(self._send(series, tap))
@@ -177,7 +182,7 @@ class Shadower:
         if request is None:
             return  # not a chat request stable could answer: nothing to compare
         if canary is None:
-            self._add(series, _Event(tap.started_at, None, skipped=False))
+            self._add(tap, series, _Event(tap.started_at, None, skipped=False))
             return
         latency_s = time.perf_counter() - sent
         await tap.settled.wait()
@@ -185,7 +190,7 @@ class Shadower:
         if stable is None:
             return  # stable's answer never came whole: the copy is dropped uncompared
         comparison = compare(request, stable, canary, at=tap.started_at, mask=self._mask)
-        self._add(series, _Event(tap.started_at, comparison, False, latency_s))
+        self._add(tap, series, _Event(tap.started_at, comparison, False, latency_s))
 
     async def _ask(self, target: Target, request: dict[str, Any]) -> Answer | None:
         """The canary's whole answer to the copy; None when the copy failed."""
@@ -215,6 +220,10 @@ class Shadower:
                 out[backend] = _summary(window, series.in_flight)
         return out
 
+    def in_flight(self) -> dict[Series, int]:
+        return {(Traffic.SHADOW, model, canary): series.in_flight
+                for (model, canary), series in self._series.items()}  # fmt: skip
+
     async def aclose(self) -> None:
         for task in list(self._copies):
             task.cancel()
@@ -223,7 +232,9 @@ class Shadower:
     def _get(self, model: str, backend: str) -> _Series:
         return self._series.setdefault((model, backend), _Series())
 
-    def _add(self, series: _Series, event: _Event) -> None:
+    def _add(self, tap: Tap, series: _Series, event: _Event) -> None:
+        self._slices.count_copy(tap.model, tap.shadow.target.name, event.at, event.comparison,
+                                event.skipped, event.latency_s)  # fmt: skip
         series.events.append(event)
         horizon = event.at - self._retention_s
         while series.events and series.events[0].at < horizon:
@@ -231,18 +242,12 @@ class Shadower:
 
 
 def _summary(events: Iterable[_Event], in_flight: int) -> ShadowStats:
-    comparisons: list[Comparison] = []
+    tally = ShadowTally()
     latencies: list[float] = []
-    errors = skipped = 0
     for event in events:
-        if event.comparison is not None:
-            comparisons.append(event.comparison)
-            latencies += [event.latency_s] if event.latency_s is not None else []
-        elif event.skipped:
-            skipped += 1
-        else:
-            errors += 1
-    return summarise(comparisons, errors, skipped, in_flight, latencies)
+        tally.note(event.comparison, event.skipped)
+        latencies += [event.latency_s] if event.latency_s is not None else []
+    return tally.stats(in_flight, percentiles(latencies))
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:

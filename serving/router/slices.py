@@ -2,9 +2,12 @@
 behind one load balancer can be merged exactly (serving.router.replicas).
 
 Attempts are counted in time slices of SLICE_SECONDS by the time they *started* (as a window's
-records are), per model and backend: a Tally of counters and fixed-bucket histograms of TTFT
-and latency (serving.router.buckets) with their sums and maxima. Everything in a slice adds
-up across replicas.
+records are), per kind of traffic, model and backend: a Tally of counters and fixed-bucket
+histograms of TTFT and latency (serving.router.buckets) with their sums and maxima. Weighted
+and header-pinned requests are counted apart (serving.router.pinning), and so are the shadow
+copies sent to a canary (serving.router.shadow), by the time the copied request started: a
+ShadowTally of counts, the slice's worst disagreements, and the copies' latency in the same
+buckets. Everything in a slice adds up across replicas.
 
 A replica publishes a small head every second (when it started, when it published, whether it
 stopped, its requests in flight, which chunks it holds) and the chunks that changed: a chunk is
@@ -21,8 +24,10 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 
 from serving.router.buckets import bucket_of
+from serving.router.comparison import Comparison, ShadowTally
 from serving.router.windows import Record, Tally
 
 # The window resolution: a window starting inside a slice counts that whole slice.
@@ -31,17 +36,46 @@ SLICE_SECONDS = 1.0
 CHUNK_SLICES = 60
 
 
+class Traffic(StrEnum):
+    """What a series counts, named as its key in a published chunk (weighted requests keep
+    the key they had before the other kinds were published)."""
+
+    WEIGHTED = "models"
+    PINNED = "pinned"
+    SHADOW = "shadow"
+
+
+# The head's key for each kind's in-flight counts, model -> backend -> count.
+IN_FLIGHT_KEYS = {Traffic.WEIGHTED: "in_flight", Traffic.PINNED: "pinned_in_flight",
+                  Traffic.SHADOW: "shadow_in_flight"}  # fmt: skip
+
+
+class _Latency:
+    """A fixed-bucket histogram with its sum and maximum, as published."""
+
+    __slots__ = ("buckets", "max", "sum")
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, int] = {}
+        self.sum = self.max = 0.0
+
+    def observe(self, seconds: float) -> None:
+        bucket = bucket_of(seconds)
+        self.buckets[bucket] = self.buckets.get(bucket, 0) + 1
+        self.sum += seconds
+        self.max = max(self.max, seconds)
+
+
 class _Slice:
-    __slots__ = ("latency", "latency_max", "latency_sum", "rendered", "start", "tally", "ttft",
-                 "ttft_max", "ttft_sum")  # fmt: skip
+    """A slice of requests (weighted or pinned) of one backend."""
+
+    __slots__ = ("latency", "rendered", "start", "tally", "ttft")
 
     def __init__(self, start: float) -> None:
         self.start = start
         self.tally = Tally()
-        self.ttft: dict[int, int] = {}
-        self.ttft_sum = self.ttft_max = 0.0
-        self.latency: dict[int, int] = {}
-        self.latency_sum = self.latency_max = 0.0
+        self.ttft = _Latency()
+        self.latency = _Latency()
         self.rendered: str | None = None
 
     def count(self, record: Record) -> None:
@@ -49,50 +83,93 @@ class _Slice:
         self.rendered = None
         if record.error is not None:
             return  # as in a window: latency of failures mixes refusals with real work
-        bucket = bucket_of(record.latency_s)
-        self.latency[bucket] = self.latency.get(bucket, 0) + 1
-        self.latency_sum += record.latency_s
-        self.latency_max = max(self.latency_max, record.latency_s)
+        self.latency.observe(record.latency_s)
         if record.ttft_s is not None:
-            bucket = bucket_of(record.ttft_s)
-            self.ttft[bucket] = self.ttft.get(bucket, 0) + 1
-            self.ttft_sum += record.ttft_s
-            self.ttft_max = max(self.ttft_max, record.ttft_s)
+            self.ttft.observe(record.ttft_s)
 
     def render(self) -> str:
         if self.rendered is None:
+            ttft, latency = self.ttft, self.latency
             self.rendered = json.dumps({
                 "start": self.start, "tally": self.tally.values(),
-                "ttft": self.ttft, "ttft_sum": self.ttft_sum, "ttft_max": self.ttft_max,
-                "latency": self.latency, "latency_sum": self.latency_sum,
-                "latency_max": self.latency_max,
+                "ttft": ttft.buckets, "ttft_sum": ttft.sum, "ttft_max": ttft.max,
+                "latency": latency.buckets, "latency_sum": latency.sum,
+                "latency_max": latency.max,
             }, separators=(",", ":"))  # fmt: skip
         return self.rendered
 
 
+class _ShadowSlice:
+    """A slice of the shadow copies sent to one canary."""
+
+    __slots__ = ("latency", "rendered", "start", "tally")
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.tally = ShadowTally()
+        self.latency = _Latency()
+        self.rendered: str | None = None
+
+    def count(self, comparison: Comparison | None, skipped: bool, latency_s: float | None) -> None:
+        self.tally.note(comparison, skipped)
+        self.rendered = None
+        if latency_s is not None:
+            self.latency.observe(latency_s)
+
+    def render(self) -> str:
+        if self.rendered is None:
+            tally, latency = self.tally, self.latency
+            self.rendered = json.dumps({
+                "start": self.start, "tally": tally.values(),
+                "length_ratio_sum": tally.length_ratio_sum,
+                "worst": [c.model_dump(mode="json") for c in tally.worst],
+                "latency": latency.buckets, "latency_sum": latency.sum,
+                "latency_max": latency.max,
+            }, separators=(",", ":"))  # fmt: skip
+        return self.rendered
+
+
+_Piece = _Slice | _ShadowSlice
+# (traffic, model, backend): the series a slice belongs to
+Series = tuple[Traffic, str, str]
+
+
 class Slices:
-    """The slices of one router's attempts, by chunk. Single event loop, no locks."""
+    """The slices of one router's traffic, by chunk: its weighted and pinned requests and its
+    shadow copies. Single event loop, no locks."""
 
     def __init__(self, retention_s: float, slice_seconds: float = SLICE_SECONDS) -> None:
         self.retention_s = retention_s
         self.slice_seconds = slice_seconds
-        # chunk -> (model, backend) -> slice index -> slice
-        self._chunks: dict[int, dict[tuple[str, str], dict[int, _Slice]]] = {}
+        # chunk -> series -> slice index -> slice
+        self._chunks: dict[int, dict[Series, dict[int, _Piece]]] = {}
         self._changed: set[int] = set()
         self._gone: set[int] = set()  # dropped here, still to delete where they were published
 
-    def count(self, model: str, backend: str, record: Record) -> None:
-        index = math.floor(record.started_at / self.slice_seconds)
+    def count(self, traffic: Traffic, model: str, backend: str, record: Record) -> None:
+        piece = self._piece((traffic, model, backend), record.started_at, _Slice)
+        assert isinstance(piece, _Slice)
+        piece.count(record)
+
+    def count_copy(self, model: str, canary: str, at: float, comparison: Comparison | None,
+                   skipped: bool, latency_s: float | None) -> None:  # fmt: skip
+        """A shadow copy of a request that started `at`: compared, failed or skipped."""
+        piece = self._piece((Traffic.SHADOW, model, canary), at, _ShadowSlice)
+        assert isinstance(piece, _ShadowSlice)
+        piece.count(comparison, skipped, latency_s)
+
+    def _piece(self, series: Series, at: float, kind: type[_Piece]) -> _Piece:
+        index = math.floor(at / self.slice_seconds)
         chunk = index // CHUNK_SLICES
-        slices = self._chunks.setdefault(chunk, {}).setdefault((model, backend), {})
+        slices = self._chunks.setdefault(chunk, {}).setdefault(series, {})
         piece = slices.get(index)
         if piece is None:
-            piece = slices[index] = _Slice(index * self.slice_seconds)
-        piece.count(record)
+            piece = slices[index] = kind(index * self.slice_seconds)
         self._changed.add(chunk)
+        return piece
 
     def publication(self, *, replica: str, started_at: float, now: float, final: bool,
-                    in_flight: Mapping[tuple[str, str], int]) -> Publication:  # fmt: skip
+                    in_flight: Mapping[Series, int]) -> Publication:  # fmt: skip
         """The head and the chunks changed since the last publication, chunks wholly older
         than the retention dropped (and named to delete). Only changed slices are rendered
         here. Until `unpublished` is called with it, it counts as published."""
@@ -101,16 +178,15 @@ class Slices:
             del self._chunks[chunk]
             self._gone.add(chunk)
         self._changed &= self._chunks.keys()
-        changed = {chunk: [(model, backend, [s.render() for _, s in sorted(slices.items())])
-                           for (model, backend), slices in sorted(self._chunks[chunk].items())]
+        changed = {chunk: [(*series, [s.render() for _, s in sorted(slices.items())])
+                           for series, slices in sorted(self._chunks[chunk].items())]
                    for chunk in sorted(self._changed)}  # fmt: skip
-        flying: dict[str, dict[str, int]] = {}
-        for (model, backend), count in sorted(in_flight.items()):
-            flying.setdefault(model, {})[backend] = count
+        flying: dict[str, dict[str, dict[str, int]]] = {key: {} for key in IN_FLIGHT_KEYS.values()}
+        for (traffic, model, backend), count in sorted(in_flight.items()):
+            flying[IN_FLIGHT_KEYS[traffic]].setdefault(model, {})[backend] = count
         head = {"replica": replica, "started_at": started_at, "published_at": now,
                 "final": final, "slice_seconds": self.slice_seconds,
-                "chunk_slices": CHUNK_SLICES, "chunks": sorted(self._chunks),
-                "in_flight": flying}  # fmt: skip
+                "chunk_slices": CHUNK_SLICES, "chunks": sorted(self._chunks), **flying}  # fmt: skip
         publication = Publication(replica, head, changed, sorted(self._gone))
         self._changed.clear()
         self._gone.clear()
@@ -137,17 +213,27 @@ class Published:
 class Publication:
     replica: str
     head: dict[str, object]
-    # chunk -> (model, backend, its slices' JSON)
-    changed: dict[int, list[tuple[str, str, list[str]]]]
+    # chunk -> (traffic, model, backend, its slices' JSON)
+    changed: dict[int, list[tuple[Traffic, str, str, list[str]]]]
     gone: list[int]
 
     def encode(self) -> Published:
-        """serving.router.replicas.Head and .Chunk, as JSON."""
+        """serving.router.replicas.Head and .Chunk, as JSON: the slices already rendered are
+        joined, not parsed again."""
         chunks = {}
         for chunk, series in self.changed.items():
-            models: dict[str, list[str]] = {}
-            for model, backend, rendered in series:
-                models.setdefault(model, []).append(f'{json.dumps(backend)}:[{",".join(rendered)}]')
-            body = ",".join(f'{json.dumps(m)}:{{{",".join(bs)}}}' for m, bs in models.items())
-            chunks[chunk] = f'{{"models":{{{body}}}}}'.encode()
+            kinds: dict[str, dict[str, list[str]]] = {}
+            for traffic, model, backend, rendered in series:
+                backends = kinds.setdefault(traffic.value, {}).setdefault(model, [])
+                backends.append(f'{json.dumps(backend)}:[{",".join(rendered)}]')
+            chunks[chunk] = _object({json.dumps(kind): _object({json.dumps(model): _object(backends)
+                                                    for model, backends in models.items()})
+                                     for kind, models in kinds.items()}).encode()  # fmt: skip
         return Published(self.replica, json.dumps(self.head).encode(), chunks, self.gone)
+
+
+def _object(members: Mapping[str, str] | list[str]) -> str:
+    """A JSON object of members already rendered ("key":value), or of keys and values."""
+    if isinstance(members, Mapping):
+        members = [f"{key}:{value}" for key, value in members.items()]
+    return f'{{{",".join(members)}}}'

@@ -4,6 +4,7 @@ what the orchestrator's gates read."""
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 from typing import NamedTuple
 
@@ -39,6 +40,26 @@ class Percentiles(BaseModel):
     p90: float | None
     p99: float | None
     max: float | None
+
+
+def percentiles(values: list[float]) -> Percentiles:
+    """Nearest-rank percentiles: exact sample values, no interpolation surprises."""
+    if not values:
+        return Percentiles(count=0, mean=None, p50=None, p90=None, p99=None, max=None)
+    ordered = sorted(values)
+    n = len(ordered)
+
+    def rank(p: int) -> float:
+        return ordered[max(0, math.ceil(p / 100 * n) - 1)]
+
+    return Percentiles(
+        count=n,
+        mean=sum(ordered) / n,
+        p50=rank(50),
+        p90=rank(90),
+        p99=rank(99),
+        max=ordered[-1],
+    )
 
 
 class ErrorCounts(BaseModel):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from serving.router.comparison import Answer, Comparison, compare, summarise
+from serving.router.comparison import Answer, Comparison, ShadowStats, ShadowTally, compare
+from serving.router.windows import percentiles
 
 QUESTION = {"messages": [{"role": "system", "content": "be brief"},
                          {"role": "user", "content": "What is 2+2?"}]}  # fmt: skip
@@ -17,6 +18,15 @@ def answer(text: str = "", *calls: tuple[str, str], finish: str = "stop") -> Ans
 
 def check(stable: Answer, canary: Answer, **request: Any) -> Comparison:
     return compare({**QUESTION, **request}, stable, canary, at=0.0, mask=str.upper)
+
+
+def summarise(comparisons: list[Comparison], errors: int, skipped: int) -> ShadowStats:
+    tally = ShadowTally()
+    for comparison in comparisons:
+        tally.note(comparison, skipped=False)
+    for failed in [True] * errors + [False] * skipped:
+        tally.note(None, skipped=not failed)
+    return tally.stats(in_flight=0, latency=percentiles([]))
 
 
 def test_deterministic_answers_match_exactly_or_show_where_they_part() -> None:
@@ -83,7 +93,7 @@ def test_a_window_counts_agreement_over_deterministic_requests_and_keeps_the_wor
         check(answer("a b c d"), answer("a x c d"), temperature=0),
         check(answer("a"), answer("b"), temperature=1),
     ]
-    stats = summarise(comparisons, errors=1, skipped=2, in_flight=0)
+    stats = summarise(comparisons, errors=1, skipped=2)
     assert (stats.copies, stats.compared, stats.errors, stats.skipped) == (6, 5, 1, 2)
     assert (stats.deterministic, stats.agreement) == (4, 0.25)
     assert [c.first_difference for c in stats.worst] == [0, 1, 3]

@@ -160,7 +160,7 @@ def test_a_publication_carries_the_changed_chunks_and_names_those_too_old_to_kee
     second = measurements.publication("r0").encode()
     assert len(first.chunks) == len(Head.model_validate_json(first.head).chunks) >= 1
     assert len(second.chunks) == 1 and not second.gone  # only the chunk that changed
-    measurements._slices.retention_s = 30  # time passes: the first attempt's chunk is too old
+    measurements.slices.retention_s = 30  # time passes: the first attempt's chunk is too old
     third = measurements.publication("r0").encode()
     head = Head.model_validate_json(third.head)
     assert not third.chunks and third.gone and not set(third.gone) & set(head.chunks)

@@ -1,7 +1,9 @@
 """Two router processes on one socket (the local keeper's stand-in for Modal's load balancing),
 clients split across them: the merged window of their published measurements equals what the
 clients saw, to the request, and the gates decide on it as on one router's window of the same
-traffic. Real keeper, routers and HTTP in front of FAKE engines (tests/fake_engine.py)."""
+traffic; the shadow copies both sent are merged into what the canary received, and the
+header-pinned requests through both are all counted. Real keeper, routers and HTTP in front of
+FAKE engines (tests/fake_engine.py)."""
 
 from __future__ import annotations
 
@@ -21,10 +23,12 @@ from serving.core.procs import free_port, stop_process
 from serving.domain.analysis import Analysis, Window, analyse
 from serving.platforms.local.inventory import Inventory, Owner
 from serving.platforms.local.router_process import ROUTER_RECORD, LocalRouter
+from serving.router.slices import Traffic
 from tests.router_fixtures import (
     Proc,
     backend,
     chat_body,
+    configure_engine,
     served_by_replica,
     start_fake_engine,
     write_state_file,
@@ -39,6 +43,9 @@ REQUEST_TIMEOUT_SECONDS = 30.0
 # canary fails on errors (1 in 4, retried on stable), and is 10x faster than stable.
 CANARY = {"error_rate": 0.25, "delay_s": 0.01}
 STABLE = {"delay_s": 0.1}
+# The router's 50/50 split is drawn: 48 requests give the canary fewer than the default 20 about
+# one run in ten. A fifth of them is over 4 standard deviations below the expected half.
+GATES = Gates(min_requests=REQUESTS // 5)
 
 
 @dataclass
@@ -61,11 +68,15 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Proc
         proc.stop()
 
 
-def _start(home: Path, engines: dict[str, Proc], replicas: int) -> LocalRouter:
+def _start(home: Path, engines: dict[str, Proc], replicas: int,
+           shadow: dict[str, Any] | None = None) -> LocalRouter:  # fmt: skip
+    """Canary and stable at 50% each; with `shadow`, the canary at 0% and shadowing stable."""
     router = LocalRouter(home, free_port(), Inventory(home / "state" / "processes"),
                          Owner.current(), keep=False, replicas=replicas)  # fmt: skip
+    canary = backend(engines["canary"], 0, shadow=shadow) if shadow else backend(
+        engines["canary"], 50)
     write_state_file(router.routes_file, {"models": {MODEL: [
-        backend(engines["canary"], 50), backend(engines["stable"], 50)]}})
+        canary, backend(engines["stable"], 100 if shadow else 50)]}})
     router.ensure_running()
     return router
 
@@ -76,17 +87,19 @@ def _stop(router: LocalRouter) -> None:
     stop_process(record.pid, record.ticks, groups=set(), term_seconds=GONE_SECONDS)
 
 
-async def _send(url: str) -> list[Seen]:
+async def _send(url: str, bodies: list[dict[str, Any]],
+                headers: dict[str, str] | None = None) -> list[Seen]:  # fmt: skip
     """Each request on a new connection: the kernel hands each to one of the replicas."""
     seen: list[Seen] = []
-    requests = iter(range(REQUESTS))
+    requests = iter(bodies)
     limits = httpx.Limits(max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_SECONDS, limits=limits,
                                  trust_env=False) as client:  # fmt: skip
 
         async def worker() -> None:
-            for _ in requests:
-                response = await client.post(f"{url}/v1/chat/completions", json=chat_body(MODEL))
+            for body in requests:
+                response = await client.post(f"{url}/v1/chat/completions", json=body,
+                                             headers=headers)  # fmt: skip
                 seen.append(Seen(response.status_code, response.headers.get("x-rollout-backend"),
                                  response.headers.get("x-rollout-retried") == "1"))
 
@@ -116,13 +129,13 @@ def _counted(stats: dict[str, Any]) -> dict[str, dict[str, int]]:
 
 def _decision(stats: dict[str, Any], engines: dict[str, Proc]) -> Analysis:
     backends = stats["backends"]
-    return analyse(Gates(), Window.from_router_stats(backends[engines["canary"].name]),
+    return analyse(GATES, Window.from_router_stats(backends[engines["canary"].name]),
                    Window.from_router_stats(backends[engines["stable"].name]))  # fmt: skip
 
 
 def _traffic(router: LocalRouter) -> tuple[float, list[Seen]]:
     since = time.time()
-    seen = asyncio.run(_send(router.url))
+    seen = asyncio.run(_send(router.url, [chat_body(MODEL)] * REQUESTS))
     assert all(s.status == 200 for s in seen), Counter(s.status for s in seen)
     return since, seen
 
@@ -155,3 +168,76 @@ def test_two_routers_merged_window_is_what_the_clients_saw_and_decides_as_one(
     ours, theirs = _decision(merged, engines), _decision(alone, engines)
     assert ours.verdict == theirs.verdict == "fail"
     assert [(g.gate, g.passed) for g in ours.gates] == [(g.gate, g.passed) for g in theirs.gates]
+
+
+SHADOW_EVERY_REQUEST = {"percent": 100, "max_in_flight": 4 * CONCURRENCY, "send": "after"}
+DIFFERENT_ANSWER = "Four, I would say."
+PINNED_REQUESTS = 24
+COPIES_SETTLE_SECONDS = 30.0
+POLL_SECONDS = 0.2
+
+
+def _received(engine: Proc) -> int:
+    response = httpx.get(f"{engine.url}/fake/requests", timeout=5)
+    response.raise_for_status()
+    return int(response.json()["requests"])
+
+
+def _settled(router: LocalRouter, since: float, canary: Proc, copies: int,
+             received_before: int) -> dict[str, Any]:  # fmt: skip
+    """The merged window once the canary has every copy and no replica has one in flight."""
+    deadline = time.monotonic() + COPIES_SETTLE_SECONDS
+    while time.monotonic() < deadline:
+        if _received(canary) - received_before >= copies:
+            window = router.replicas().window(MODEL, since)
+            if window["shadow"].get(canary.name, {}).get("in_flight", 1) == 0:
+                return window
+        time.sleep(POLL_SECONDS)
+    raise AssertionError(f"{copies} shadow copies not settled in {COPIES_SETTLE_SECONDS}s")
+
+
+def test_two_routers_merge_their_shadow_copies_and_their_pinned_requests(
+    tmp_path: Path, engines: dict[str, Proc],
+) -> None:
+    canary, stable = engines["canary"], engines["stable"]
+    # No injected errors: the FAKE engine draws them per burst of concurrent requests, and a
+    # burst of copies could all fail. Failed copies are merged like compared ones (unit tests).
+    configure_engine(canary, delay_s=CANARY["delay_s"], answer=DIFFERENT_ANSWER)
+    router = _start(tmp_path, engines, replicas=2, shadow=SHADOW_EVERY_REQUEST)
+    try:
+        received_before, since = _received(canary), time.time()
+        # every other request deterministic: the agreement is over those only
+        bodies = [{**chat_body(MODEL), **({"temperature": 0} if i % 2 else {})}
+                  for i in range(REQUESTS)]  # fmt: skip
+        seen = asyncio.run(_send(router.url, bodies))
+        window = _settled(router, since, canary, REQUESTS, received_before)
+        received = _received(canary) - received_before
+        copied = served_by_replica(router.stats_store(), MODEL, Traffic.SHADOW)
+
+        token = {"x-rollout-release": canary.name, "x-rollout-admin-token": router.admin_token()}
+        pinned_since = time.time()
+        pinned_seen = asyncio.run(_send(router.url, [chat_body(MODEL)] * PINNED_REQUESTS, token))
+        pinned = router.replicas().window(MODEL, pinned_since, pinned=True)
+        weighted = router.replicas().window(MODEL, pinned_since)
+        pinned_by_replica = served_by_replica(router.stats_store(), MODEL, Traffic.PINNED)
+    finally:
+        _stop(router)
+        configure_engine(canary, **CANARY)
+
+    assert {(s.status, s.backend) for s in seen} == {(200, stable.name)}
+    shadow = window["shadow"][canary.name]
+    # what the canary received, copied by both replicas, every copy compared
+    assert shadow["copies"] == shadow["compared"] == received == REQUESTS
+    assert (shadow["errors"], shadow["skipped"]) == (0, 0)
+    assert len(copied) == 2 and all(copied), f"the copies were not split: {copied}"
+    assert sum(copied) == shadow["latency_s"]["count"] == REQUESTS
+    assert shadow["deterministic"] == REQUESTS // 2 and shadow["agreement"] == 0.0
+    assert [c["canary"] for c in shadow["worst"]] == [DIFFERENT_ANSWER] * 3
+    assert window["backends"].get(canary.name, {}).get("requests", 0) == 0  # copies apart
+
+    assert {(s.status, s.backend) for s in pinned_seen} == {(200, canary.name)}
+    assert len(pinned_by_replica) == 2 and all(pinned_by_replica), pinned_by_replica
+    counted = pinned["backends"][canary.name]
+    assert counted["requests"] == counted["successes"] == sum(pinned_by_replica) == PINNED_REQUESTS
+    assert counted["latency_s"]["count"] == PINNED_REQUESTS
+    assert weighted["backends"].get(canary.name, {}).get("requests", 0) == 0
