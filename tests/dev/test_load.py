@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from dev.load import ChatLoad
+from tests.threaded_http import http_peer
 
 MODEL = "m"
 REQUESTS = 2
@@ -51,12 +52,8 @@ class EveryOtherUnavailable(BaseHTTPRequestHandler):
 @pytest.fixture
 def flaky_router() -> Iterator[str]:
     EveryOtherUnavailable.served = 0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), EveryOtherUnavailable)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
+    with http_peer(EveryOtherUnavailable) as url:
+        yield url
 
 
 def test_a_retried_attempt_is_kept_with_the_request_it_did_not_fail(flaky_router: str) -> None:

@@ -9,9 +9,8 @@ context (35-70 ms of CPU) every time, on a machine whose engines already share t
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import psutil
@@ -26,6 +25,7 @@ from serving.control.router_client import (
 )
 from serving.core.procs import free_port
 from tests.router_fixtures import RouterProc, new_secret, start_router
+from tests.threaded_http import http_peer
 
 CALLS = 5
 
@@ -87,12 +87,8 @@ class FlakyStats(BaseHTTPRequestHandler):
 @pytest.fixture
 def flaky_router() -> Iterator[tuple[str, type[FlakyStats]]]:
     handler = type("Flaky", (FlakyStats,), {"failures": 1, "asked": 0})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", handler
-    server.shutdown()
-    server.server_close()
+    with http_peer(handler) as url:
+        yield url, handler
 
 
 def test_stats_are_asked_again_after_a_refusal(
