@@ -45,7 +45,7 @@ serve: install
 TRIALS ?= 20
 SEED ?= 1
 chaos: install
-	$(BIN)/python -m dev.chaos --trials $(TRIALS) --seed $(SEED)
+	$(BIN)/python -m dev.chaos --trials $(TRIALS) --seed $(SEED) $(if $(FLOW_SECONDS),--flow-seconds $(FLOW_SECONDS))
 
 clean:
 	rm -rf $(VENV) .rollout .pytest_cache .ruff_cache
