@@ -594,7 +594,8 @@ def test_thin_traffic_extends_the_bake_until_enough_requests_arrive(
 ) -> None:
     """One client of engines that take 0.4 s a chat: at most 5 requests in a 2 s bake, about
     half of them to the canary. Before: two separate 2 s windows, both short of 6, rolled the
-    canary back as inconclusive."""
+    canary back as inconclusive. The extension is sized from the canary's rate so far: at
+    least 1.25 x 2 s x 1/5 = 0.5 s when the drawn split sent all 5 to the canary."""
     slow = {"delay_s": 0.4}
     inject_fake_engines(monkeypatch, THIN_MODEL, {revisions["v1"]: slow, revisions["v2"]: slow})
     rollout(THIN_MODEL, "v1")
@@ -602,4 +603,4 @@ def test_thin_traffic_extends_the_bake_until_enough_requests_arrive(
         report = rollout(THIN_MODEL, "v2")
     assert report.decision == "promoted", report.reason
     [step] = report.steps  # the extended window's analysis supersedes the short one's
-    assert step.analysis.canary.requests >= 6 and step.seconds > 2 * 2
+    assert step.analysis.canary.requests >= 6 and step.seconds > 2 + 0.4
