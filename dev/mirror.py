@@ -4,7 +4,7 @@ It serves a directory of model repos over loopback with exactly the routes that 
 `huggingface_hub` client uses (snapshot_download, hf_hub_download, HfApi.model_info/list_repo_tree/
 list_repo_refs), so the production download path runs unchanged against it via `HF_ENDPOINT`.
 Fault knobs (throttle, cut, 5xx, corrupt: dev/mirror_faults.py) make failure modes reproducible;
-the repos on disk are dev/mirror_store.py.
+the repos on disk are dev/mirror_store.py, the JSON the Hub answers dev/mirror_api.py.
 
     with run_mirror(root) as mirror:
         snapshot_download(repo_id, revision=sha, endpoint=mirror.url, local_dir=...)
@@ -16,30 +16,35 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from types import FrameType
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import BaseModel
 
+from dev.mirror_api import (
+    HubError,
+    entry_not_found,
+    model_info_json,
+    parse_range,
+    refs_json,
+    repo_not_found,
+    revision_not_found,
+    tree_json,
+)
 from dev.mirror_faults import CutFault, ErrorFault, Faults, FaultState
 from dev.mirror_store import (
     STREAM_CHUNK,
-    FileMeta,
     MirrorStore,
-    Refs,
     RevisionMeta,
-    check_repo_id,
 )
 
 # Throttled responses send small slices so the pacing is smooth rather than bursty.
@@ -49,19 +54,7 @@ LISTEN_BACKLOG = 128
 # An idle keep-alive connection is dropped after this long so a crashed client cannot pin a thread.
 IDLE_CONNECTION_TIMEOUT_S = 60.0
 
-HF_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S.000Z"
 CONTROL_PREFIX = "/_mirror/"
-
-
-# --------------------------------------------------------------------------------------------
-# On-disk store
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Fault knobs
-# --------------------------------------------------------------------------------------------
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,52 +68,6 @@ class RequestRecord(BaseModel):
     query: str = ""
     status: int
     range: str | None = None
-
-
-class HubError(Exception):
-    """An error answered the way the Hub does, so huggingface_hub raises its typed errors."""
-
-    def __init__(
-        self, status: int, code: str | None, message: str, commit: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.commit = commit
-
-
-def _repo_not_found(repo_id: str) -> HubError:
-    return HubError(404, "RepoNotFound", f"Repository not found: {repo_id}")
-
-
-def _revision_not_found(revision: str) -> HubError:
-    return HubError(404, "RevisionNotFound", f"Invalid rev id: {revision}")
-
-
-def _entry_not_found(path: str, commit: str) -> HubError:
-    return HubError(404, "EntryNotFound", f"Entry not found: {path}", commit=commit)
-
-
-def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """`bytes=a-b`, `bytes=a-` or `bytes=-n` -> inclusive (start, end); None = whole file.
-
-    Raises ValueError for a syntactically valid but unsatisfiable range (-> 416).
-    """
-    if not header or not header.startswith("bytes=") or "," in header:
-        return None  # no range, or a multi-range we choose not to support: serve the whole file
-    first, _, last = header.removeprefix("bytes=").strip().partition("-")
-    try:
-        if first == "":
-            start, end = max(size - int(last), 0), size - 1
-        else:
-            start = int(first)
-            end = min(int(last), size - 1) if last else size - 1
-    except ValueError:
-        return None
-    if start >= size or start > end:
-        raise ValueError(header)
-    return start, end
 
 
 class _MirrorHTTPServer(ThreadingHTTPServer):
@@ -281,10 +228,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _revision(self, repo_id: str, revision: str) -> RevisionMeta:
         store = self.mirror.store
         if not store.has_repo(repo_id):
-            raise _repo_not_found(repo_id)
+            raise repo_not_found(repo_id)
         sha = store.resolve(repo_id, revision)
         if sha is None:
-            raise _revision_not_found(revision)
+            raise revision_not_found(revision)
         return store.revision(repo_id, sha)
 
     def _model_info(self, repo_id: str, revision: str, query: dict[str, list[str]]) -> None:
@@ -302,19 +249,19 @@ class _Handler(BaseHTTPRequestHandler):
         recursive = query.get("recursive", [""])[0].lower() in ("true", "1")
         entries = tree_json(rev, sub.strip("/"), recursive=recursive)
         if entries is None:
-            raise _entry_not_found(sub, rev.sha)
+            raise entry_not_found(sub, rev.sha)
         self._send_json(200, entries)
 
     def _refs(self, repo_id: str) -> None:
         if not self.mirror.store.has_repo(repo_id):
-            raise _repo_not_found(repo_id)
+            raise repo_not_found(repo_id)
         self._send_json(200, refs_json(self.mirror.store.refs(repo_id)))
 
     def _resolve(self, repo_id: str, revision: str, path: str) -> None:
         rev = self._revision(repo_id, revision)
         meta = rev.file(path)
         if meta is None:
-            raise _entry_not_found(path, rev.sha)
+            raise entry_not_found(path, rev.sha)
         try:
             span = parse_range(self.headers.get("Range"), meta.size)
         except ValueError:
@@ -378,90 +325,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
-
-
-def _iso(dt: datetime) -> str:
-    return dt.astimezone(UTC).strftime(HF_DATE_FORMAT)
-
-
-def model_info_json(repo_id: str, rev: RevisionMeta, *, with_blobs: bool) -> dict[str, Any]:
-    org, _ = check_repo_id(repo_id)
-    siblings: list[dict[str, Any]] = []
-    for f in rev.files:
-        sibling: dict[str, Any] = {"rfilename": f.path}
-        if with_blobs:
-            sibling |= {"size": f.size, "blobId": f.blob_id}
-            if f.lfs is not None:
-                sibling["lfs"] = {
-                    "sha256": f.lfs.sha256,
-                    "size": f.size,
-                    "pointerSize": f.lfs.pointer_size,
-                }
-        siblings.append(sibling)
-    return {
-        "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24],
-        "id": repo_id,
-        "modelId": repo_id,
-        "author": org,
-        "sha": rev.sha,
-        "lastModified": _iso(rev.created_at),
-        "createdAt": _iso(rev.created_at),
-        "private": False,
-        "disabled": False,
-        "gated": False,
-        "downloads": 0,
-        "likes": 0,
-        "tags": [],
-        "siblings": siblings,
-    }
-
-
-def _file_entry(f: FileMeta) -> dict[str, Any]:
-    entry: dict[str, Any] = {"type": "file", "oid": f.blob_id, "size": f.size, "path": f.path}
-    if f.lfs is not None:
-        entry["lfs"] = {"oid": f.lfs.sha256, "size": f.size, "pointerSize": f.lfs.pointer_size}
-    return entry
-
-
-def _dir_entry(rev: RevisionMeta, path: str) -> dict[str, Any]:
-    tree_id = hashlib.sha1(f"{rev.sha}:{path}".encode()).hexdigest()
-    return {"type": "directory", "oid": tree_id, "size": 0, "path": path}
-
-
-def tree_json(rev: RevisionMeta, sub: str, *, recursive: bool) -> list[dict[str, Any]] | None:
-    """Entries under directory `sub` ("" = root), or None if there is no such directory."""
-    prefix = f"{sub}/" if sub else ""
-    files = [f for f in rev.files if f.path.startswith(prefix)]
-    if sub and not files:
-        return None
-    dirs: set[str] = set()
-    entries: list[dict[str, Any]] = []
-    for f in files:
-        parents = PurePosixPath(f.path).parents
-        for parent in (p.as_posix() for p in parents):
-            if parent != "." and parent.startswith(prefix) and parent != sub:
-                dirs.add(parent)
-        if recursive or "/" not in f.path.removeprefix(prefix):
-            entries.append(_file_entry(f))
-    for d in dirs:
-        if recursive or "/" not in d.removeprefix(prefix):
-            entries.append(_dir_entry(rev, d))
-    return sorted(entries, key=lambda e: e["path"])
-
-
-def refs_json(refs: Refs) -> dict[str, Any]:
-    def ref_list(table: dict[str, str], kind: str) -> list[dict[str, str]]:
-        return [
-            {"name": name, "ref": f"refs/{kind}/{name}", "targetCommit": sha}
-            for name, sha in sorted(table.items())
-        ]
-
-    return {
-        "branches": ref_list(refs.branches, "heads"),
-        "tags": ref_list(refs.tags, "tags"),
-        "converts": [],
-        "pullRequests": [],
-    }
 
 
 class MirrorServer:

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from dev.demo_model import make_synthetic_repo
-from dev.mirror import MirrorServer, parse_range
+from dev.mirror import MirrorServer
+from dev.mirror_api import parse_range
 from dev.mirror_faults import CutFault, ErrorFault
 from dev.mirror_store import KiB, MiB, MirrorStore
 from serving.config.layout import SENTINEL_NAME, weights_dir
