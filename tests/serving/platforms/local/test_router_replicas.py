@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from serving.config.profile import Gates
-from serving.core.procs import free_port, stop_process
+from serving.core.procs import free_port, stop_process, wait_for
 from serving.domain.analysis import Analysis, Window, analyse
 from serving.domain.interruptions import router_restart_finding
 from serving.platforms.local.inventory import Inventory, Owner
@@ -255,22 +255,24 @@ PUBLISHED_WITHIN_SECONDS = 30.0  # a replica publishes every second; generous fo
 def _published(router: LocalRouter, since: float, seen: list[Seen],
                engines: dict[str, Proc]) -> dict[str, Any]:  # fmt: skip
     """The merged window once the replicas have published every request the clients saw."""
-    deadline = time.monotonic() + PUBLISHED_WITHIN_SECONDS
-    while True:
-        window = router.replicas().window(MODEL, since)
-        if _counted(window) == _expected(seen, engines) or time.monotonic() > deadline:
-            return window
-        time.sleep(POLL_SECONDS)
+    last: dict[str, Any] = {}
+
+    def complete() -> bool:
+        last["window"] = router.replicas().window(MODEL, since)
+        return _counted(last["window"]) == _expected(seen, engines)
+
+    wait_for(complete, timeout=PUBLISHED_WITHIN_SECONDS, interval=POLL_SECONDS)
+    return last["window"]  # the test asserts it complete
 
 
 def _replaced(router: LocalRouter, killed: int) -> list[int]:
-    deadline = time.monotonic() + PUBLISHED_WITHIN_SECONDS
-    while time.monotonic() < deadline:
+    def two_without_the_killed() -> bool:
         pids = router.server_pids()
-        if len(pids) == 2 and killed not in pids:
-            return pids
-        time.sleep(POLL_SECONDS)
-    raise AssertionError(f"the keeper did not replace router pid {killed}: {router.server_pids()}")
+        return len(pids) == 2 and killed not in pids
+
+    assert wait_for(two_without_the_killed, timeout=PUBLISHED_WITHIN_SECONDS,
+                    interval=POLL_SECONDS), f"router pid {killed} not replaced"  # fmt: skip
+    return router.server_pids()
 
 
 def test_one_of_two_routers_killed_the_other_serves_and_the_window_says_what_may_be_lost(
