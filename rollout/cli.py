@@ -30,7 +30,6 @@ from serving.platforms import get_platform, get_serving
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
-ABORT_REASON = "aborted (rollout abort)"
 # The CLI prints its own summary: Prefect's INFO lines stay in the flow runs' logs, unless the
 # caller's environment asks for them here too (=INFO).
 CONSOLE_LEVEL = {"PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING"}
@@ -211,7 +210,7 @@ def abort_command(args: argparse.Namespace) -> None:
     profile = _checked(args, read_profile)
     platform = get_serving(args.target)
     # Decided on the record under the store's lock: if the canary is promoted first, it stays.
-    entry = lifecycle.revert(profile, platform, ABORT_REASON, flow_run_id=None)
+    entry = lifecycle.revert(profile, platform, lifecycle.ABORT_REASON, flow_run_id=None)
     if entry is None:
         print(f"{profile.name}: no canary to abort")
         return

@@ -13,6 +13,8 @@ from prefect.input import RunInput
 from pydantic import BaseModel
 
 from serving.config.loader import load_profile
+from serving.config.profile import Shadow
+from serving.control.lifecycle import ABORT_REASON
 from serving.domain.analysis import Analysis
 from serving.domain.canary import Action, Outcome, canary_machine
 from serving.domain.release import Release
@@ -36,6 +38,7 @@ class StepRecord(BaseModel):
     weight: int
     seconds: float
     analysis: Analysis
+    shadow: Shadow | None = None  # how a shadow step copied stable's requests
 
 
 class CanaryRun:
@@ -54,7 +57,7 @@ class CanaryRun:
         action = next(machine)
         while action.kind not in ("promote", "rollback"):
             if self._aborted():
-                return Action(kind="rollback", reason="aborted (rollout abort)")
+                return Action(kind="rollback", reason=ABORT_REASON)
             action = machine.send(self._perform(action))
         return action
 
@@ -86,7 +89,7 @@ class CanaryRun:
                                       self._bake, shadow=action.shadow is not None)  # fmt: skip
             seconds = self._bake.ended - self._bake.started
             self.steps.append(StepRecord(weight=self._bake.weight, seconds=seconds,
-                                         analysis=analysis))  # fmt: skip
+                                         analysis=analysis, shadow=action.shadow))  # fmt: skip
             return analysis
         elif action.kind == "await_approval":
             return self.pre_approved or self._ask(action.reason)

@@ -8,11 +8,17 @@ from typing import Literal
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
+from serving.config.profile import Shadow
 from serving.domain.analysis import Window
 from serving.router.comparison import ShadowStats
+from serving.router.table import ShadowSend
 from tasks.canary import StepRecord
 
 Decision = Literal["promoted", "rolled-back", "no-op", "failed", "dummy"]
+SENT: dict[ShadowSend, str] = {
+    "after": "sent once stable had answered",
+    "parallel": "sent alongside stable's request",
+}
 
 
 class Stage(BaseModel):
@@ -61,7 +67,7 @@ class RolloutReport(BaseModel):
                 )
             for step in self.steps:
                 if step.analysis.shadow is not None:
-                    lines += ["", *_shadow(step.weight, step.analysis.shadow)]
+                    lines += ["", *_shadow(step.weight, step.analysis.shadow, step.shadow)]
         return "\n".join(lines)
 
 
@@ -73,16 +79,23 @@ def _window(window: Window | None) -> str:
     return f"{window.requests} / {window.errors} / {p50} / {p99}"
 
 
-def _shadow(weight: int, shadow: ShadowStats) -> list[str]:
-    """A shadow step's copies and its worst disagreements (texts masked by the router)."""
+def _shadow(weight: int, shadow: ShadowStats, step: Shadow | None) -> list[str]:
+    """A shadow step's copies, how they were sent and answered, and its worst disagreements
+    (texts masked by the router)."""
+    sent = "" if step is None else f" of {step.percent:g}% of stable's requests, {SENT[step.send]},"
+    latency = shadow.latency_s
+    answered = ("" if latency.p50 is None or latency.p99 is None else
+                f"; copies answered in {latency.p50 * 1000:.0f} ms p50, "
+                f"{latency.p99 * 1000:.0f} ms p99")  # fmt: skip
     lines = [
-        f"**Shadow at {weight}%**: {shadow.copies} copies ({shadow.errors} failed, "
+        f"**Shadow at {weight}%**: {shadow.copies} copies{sent} ({shadow.errors} failed, "
         f"{shadow.skipped} skipped at the in-flight cap); agreement {_share(shadow.agreement)} "
         f"over {shadow.deterministic} deterministic requests; tool calls "
         f"{_share(shadow.tool_agreement)} of {shadow.tool_calls}; JSON "
         f"{_share(shadow.json_agreement)} of {shadow.json_requests}; finish reasons "
         f"{_share(shadow.finish_reason_agreement)}; mean length ratio "
-        f"{'—' if shadow.length_ratio_mean is None else f'{shadow.length_ratio_mean:.2f}'}",
+        f"{'—' if shadow.length_ratio_mean is None else f'{shadow.length_ratio_mean:.2f}'}"
+        f"{answered}",
     ]
     if shadow.worst:
         lines += ["", "| prompt | stable | canary | first differing token |", "|---|---|---|---:|"]

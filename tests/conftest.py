@@ -20,6 +20,7 @@ pytest_plugins = [  # a module that another imports comes first, so pytest can r
     "tests.modal_serving_fixtures",
     "tests.modal_double.fixtures",
     "tests.flows.synthetic_fixtures",
+    "tests.flows.tiny_chat_fixtures",
 ]
 
 _original_connect = socket.socket.connect

@@ -35,6 +35,9 @@ from serving.domain.records import HistoryEntry, Outcome, ReleaseRecord, RunMark
 from serving.domain.release import Release
 from serving.platform import Serving
 
+# The reason `rollout abort` records; the flow that owned the canary then ends with it too.
+ABORT_REASON = "aborted (rollout abort)"
+
 
 def start_canary(platform: Serving, release: Release, owner: str) -> ReleaseRecord:
     """The release, deployed at 0%, is the model's canary, owned by flow run `owner`."""

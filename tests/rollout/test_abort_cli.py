@@ -3,7 +3,8 @@ its time was the interpreter importing what an abort never uses: the Hub client,
 verification, the compiler, Prefect. The real CLI, run as a process, must do its work with none
 of them loaded, and must work while the profile names an engine flag SGLang rejects: a rollback
 starts no engine, and an operator's typo must not hold the brake. (An abort of a running canary,
-end to end, is tests/flows/test_rollout_flow.py's; every module it uses is imported here too.)
+end to end, is tests/flows/test_rollout_interrupted_flow.py's; every module it uses is imported
+here too.)
 """
 
 from __future__ import annotations
