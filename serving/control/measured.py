@@ -79,14 +79,15 @@ class Replicas:
         snapshots = [self._snapshot(head, since, until) for head in heads]
         traffic = Traffic.PINNED if pinned else Traffic.WEIGHTED
         merged = merge(snapshots, model, since, until, traffic)
-        view = self.router.stats(model, since, until, pinned=pinned)
-        weights: dict[str, int] = view.get("weights", {})
+        # Only the weights from a replica: its own window is in the merge already.
+        weights = self.router.weights(model)
         backends = {name: {**stats.model_dump(), "weight": weights.get(name)}
                     for name, stats in merged.backends.items()}  # fmt: skip
         shadow = {name: copies.model_dump()
                   for name, copies in merge_shadow(snapshots, model, since, until).items()}
-        return {**view, "since": since, "until": until, "backends": backends, "shadow": shadow,
-                "measured_since": merged.measured_since, "replicas": len(heads)}  # fmt: skip
+        return {"model": model, "since": since, "until": until, "backends": backends,
+                "weights": weights, "shadow": shadow, "measured_since": merged.measured_since,
+                "replicas": len(heads)}  # fmt: skip
 
     def in_flight(self, model: str, backend: str) -> int:
         """The requests in flight to `backend` on every replica, as each published after the

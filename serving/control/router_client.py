@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 # The admin token, read when a call is made; raises RouterUnreachable when there is none.
 TokenSource = Callable[[], str]
+Answer = TypeVar("Answer")
 
 
 class RouterAdminError(RuntimeError):
@@ -102,21 +103,17 @@ class RouterClient:
               pinned: bool = False) -> dict[str, Any]:  # fmt: skip
         """Per-backend measurements of the model over [since, until] (until: now), with the
         in-flight counts and weights of this moment; of the header-pinned requests when
-        `pinned`. Asked up to STATS_ATTEMPTS times, STATS_RETRY_SECONDS apart; then the last
-        RouterAdminError (RouterUnreachable when nothing answered) is raised."""
+        `pinned`. Asked up to STATS_ATTEMPTS times (`_retried`)."""
         params: dict[str, Any] = {"model": model, "since": since}
         if until is not None:
             params["until"] = until
         if pinned:
             params["traffic"] = "pinned"
-        for attempt in range(1, STATS_ATTEMPTS):
-            try:
-                return self._stats(params)
-            except RouterAdminError as exc:
-                logger.warning("%s: router stats, attempt %d of %d: %s", model, attempt,
-                               STATS_ATTEMPTS, one_line(exc))  # fmt: skip
-                self._sleep(STATS_RETRY_SECONDS)
-        return self._stats(params)
+        return self._retried(model, "stats", lambda: self._stats(params))
+
+    def weights(self, model: str) -> dict[str, int]:
+        """The model's weights in the table the router serves now, asked as `stats` is."""
+        return self._retried(model, "routes", lambda: self.routes().weights(model))
 
     def ask(self, backend: str, chat: dict[str, Any], timeout: float) -> dict[str, Any]:
         """One chat completion from one named backend, sent by the router with that backend's
@@ -129,6 +126,18 @@ class RouterClient:
         # a drain polls it anyway.
         stats = self._stats({"model": model, "since": time.time()})
         return int(stats.get("backends", {}).get(backend, {}).get("in_flight", 0))
+
+    def _retried(self, model: str, what: str, ask: Callable[[], Answer]) -> Answer:
+        """Up to STATS_ATTEMPTS tries, STATS_RETRY_SECONDS apart; then the last
+        RouterAdminError (RouterUnreachable when nothing answered) is raised."""
+        for attempt in range(1, STATS_ATTEMPTS):
+            try:
+                return ask()
+            except RouterAdminError as exc:
+                logger.warning("%s: router %s, attempt %d of %d: %s", model, what, attempt,
+                               STATS_ATTEMPTS, one_line(exc))  # fmt: skip
+                self._sleep(STATS_RETRY_SECONDS)
+        return ask()
 
     def _stats(self, params: dict[str, Any]) -> dict[str, Any]:
         return dict(self._checked("GET", "/admin/stats", params=params).json())

@@ -64,8 +64,14 @@ def test_each_call_still_carries_its_own_token(router: RouterProc) -> None:
         RouterClient(router.url, lambda: "not-the-token").routes()
 
 
+ANSWERS = {  # what the flaky router answers once it does
+    "/admin/stats": {"backends": {"a": {"requests": 7}}},
+    "/admin/routes": {"generation": 3, "models": {"m": [{"name": "a", "weight": 40}]}},
+}
+
+
 class FlakyStats(BaseHTTPRequestHandler):
-    """FAULT: a router whose /admin/stats answers 503 the first `failures` times (the real
+    """FAULT: a router whose admin API answers 503 the first `failures` times (the real
     router has no such mode; a starved or restarting one does this)."""
 
     failures = 0
@@ -74,7 +80,8 @@ class FlakyStats(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         type(self).asked += 1
         failing = type(self).asked <= self.failures
-        body = b"starting" if failing else json.dumps({"backends": {"a": {"requests": 7}}}).encode()
+        answer = ANSWERS[self.path.split("?")[0]]
+        body = b"starting" if failing else json.dumps(answer).encode()
         self.send_response(503 if failing else 200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -98,6 +105,17 @@ def test_stats_are_asked_again_after_a_refusal(
     slept: list[float] = []
     stats = RouterClient(url, lambda: "token", sleep=slept.append).stats("m", since=0.0)
     assert stats["backends"]["a"]["requests"] == 7
+    assert handler.asked == 2 and slept == [STATS_RETRY_SECONDS]
+
+
+def test_weights_are_asked_again_after_a_refusal(
+    flaky_router: tuple[str, type[FlakyStats]],
+) -> None:
+    """The merged window of router replicas takes only the weights from one of them."""
+    url, handler = flaky_router
+    slept: list[float] = []
+    weights = RouterClient(url, lambda: "token", sleep=slept.append).weights("m")
+    assert weights == {"a": 40}
     assert handler.asked == 2 and slept == [STATS_RETRY_SECONDS]
 
 

@@ -168,6 +168,8 @@ def test_two_routers_merged_window_is_what_the_clients_saw_and_decides_as_one(
         _stop(two)
 
     assert _counted(merged) == _expected(seen_by_two, engines)
+    assert merged["weights"] == {engines["canary"].name: 50, engines["stable"].name: 50}
+    assert {b["weight"] for b in merged["backends"].values()} == {50}
     assert merged["measured_since"] <= since
     assert len(served) == 2 and all(served), f"the clients were not split: {served}"
 
