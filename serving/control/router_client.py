@@ -27,8 +27,9 @@ from serving.router.table import RoutingTable
 ADMIN_TIMEOUT_SECONDS = 20.0
 # Enough of a refusal's body to say why, not enough to flood a log line.
 REFUSAL_CHARS = 200
-# The router answers /admin/stats in milliseconds; a miss is a starved host or a router coming
-# back, worth a few more tries before a bake window is left unjudged.
+# The router answers /admin/stats (and /admin/routes) in milliseconds; a miss is a starved host
+# or a router coming back, worth a few more tries before a bake window is left unjudged. The
+# analysis's reads use them (`_retried`): the stats, or a merged window's weights.
 STATS_ATTEMPTS = 3
 STATS_RETRY_SECONDS = 5.0
 
