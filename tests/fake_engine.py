@@ -85,7 +85,7 @@ class FakeEngine:
         body = json.loads(await request.body() or b"{}")
         delay_ms = request.headers.get("x-fake-delay-ms")
         async with self._slots or contextlib.nullcontext():
-            await asyncio.sleep(float(delay_ms) / 1000 if delay_ms else cfg.delay_s)
+            await _take_at_least(float(delay_ms) / 1000 if delay_ms else cfg.delay_s)
         if self._fails(cfg.error_rate):
             return JSONResponse({"error": {"message": "injected failure"}},
                                 status_code=cfg.error_status)
@@ -138,6 +138,15 @@ class FakeEngine:
             Route("/fake/config", self.set_config, methods=["PUT"]),
             Route("/fake/requests", self.requests_seen),
         ])
+
+
+async def _take_at_least(seconds: float) -> None:
+    """Sleep no less than `seconds`: uvicorn runs on uvloop, whose timers round to whole
+    milliseconds against a clock read once per loop turn, so a bare sleep can end up to ~1 ms
+    early, and a test bounding the router's latency from below by the delay would see that."""
+    deadline = time.perf_counter() + seconds
+    while (left := deadline - time.perf_counter()) > 0:
+        await asyncio.sleep(left)
 
 
 def _completion(answer: str, model: str, chat: bool, engine: str) -> dict[str, object]:
