@@ -190,9 +190,9 @@ def render_text(plan: Plan) -> str:
 def _step(step: CanaryStep) -> str:
     if step.shadow is None:
         return f"{step.weight}% for {step.bake_seconds:.0f}s"
-    sent = "after stable's answer" if step.shadow.send == "after" else "in parallel"
-    return (f"shadow {step.shadow.percent:g}% of stable's requests for "
-            f"{step.shadow.seconds:.0f}s (sent {sent}, ≤ {step.shadow.max_in_flight} in flight)")
+    shadow = step.shadow
+    return (f"shadow {shadow.percent:g}% of stable's requests for {shadow.seconds:.0f}s "
+            f"({shadow.how_sent}, ≤ {shadow.max_in_flight} in flight)")
 
 
 def _ttft_limit(ratio: float, seconds: float | None) -> str:

@@ -11,14 +11,9 @@ from pydantic import BaseModel, Field
 from serving.config.profile import Shadow
 from serving.domain.analysis import Window
 from serving.router.comparison import ShadowStats
-from serving.router.table import ShadowSend
 from tasks.canary import StepRecord
 
 Decision = Literal["promoted", "rolled-back", "no-op", "failed", "dummy"]
-SENT: dict[ShadowSend, str] = {
-    "after": "sent once stable had answered",
-    "parallel": "sent alongside stable's request",
-}
 
 
 class Stage(BaseModel):
@@ -82,7 +77,7 @@ def _window(window: Window | None) -> str:
 def _shadow(weight: int, shadow: ShadowStats, step: Shadow | None) -> list[str]:
     """A shadow step's copies, how they were sent and answered, and its worst disagreements
     (texts masked by the router)."""
-    sent = "" if step is None else f" of {step.percent:g}% of stable's requests, {SENT[step.send]},"
+    sent = "" if step is None else f" of {step.percent:g}% of stable's requests, {step.how_sent},"
     latency = shadow.latency_s
     answered = ("" if latency.p50 is None or latency.p99 is None else
                 f"; copies answered in {latency.p50 * 1000:.0f} ms p50, "

@@ -221,6 +221,12 @@ class Shadow(_Strict):
     send: ShadowSend = Field(DEFAULT_SHADOW_SEND, description="'after' stable's whole answer, "
                              "or 'parallel' with stable's request")
 
+    @property
+    def how_sent(self) -> str:
+        """The send mode in words, as the plan and the report tell it."""
+        return {"after": "sent once stable had answered",
+                "parallel": "sent alongside stable's request"}[self.send]
+
 
 class CanaryStep(_Strict):
     """A weighted step {weight, bake_seconds}, or a shadow step {shadow: {percent, seconds}}

@@ -54,8 +54,9 @@ def test_plan_shows_how_long_a_thin_bake_may_go_on() -> None:
     assert "extends up to twice its length" in render_text(build_plan(load_profile("glm-5.1")))
 
 
-@pytest.mark.parametrize(("send", "shown"), [("after", "after stable's answer"),
-                                             ("parallel", "in parallel")])  # fmt: skip
+@pytest.mark.parametrize(("send", "shown"), [
+    ("after", "sent once stable had answered"), ("parallel", "sent alongside stable's request"),
+])
 def test_plan_shows_a_shadow_step(send: str, shown: str) -> None:
     profile = load_profile("smollm2-135m")
     shadow = Shadow.model_validate({"percent": 10, "seconds": 60, "send": send})
@@ -64,7 +65,7 @@ def test_plan_shows_a_shadow_step(send: str, shown: str) -> None:
         update={"canary": profile.canary.model_copy(update={"steps": steps})}
     )
     text = render_text(build_plan(shadowed))
-    assert (f"canary    shadow 10% of stable's requests for 60s (sent {shown}, ≤ 8 in flight)"
+    assert (f"canary    shadow 10% of stable's requests for 60s ({shown}, ≤ 8 in flight)"
             " → 25% for 30s") in text
     assert "shadow ≥ 95% agreement" in text
 
