@@ -27,11 +27,11 @@ from serving.router.table import RoutingTable
 ADMIN_TIMEOUT_SECONDS = 20.0
 # Enough of a refusal's body to say why, not enough to flood a log line.
 REFUSAL_CHARS = 200
-# The router answers /admin/stats (and /admin/routes) in milliseconds; a miss is a starved host
-# or a router coming back, worth a few more tries before a bake window is left unjudged. The
-# analysis's reads use them (`_retried`): the stats, or a merged window's weights.
-STATS_ATTEMPTS = 3
-STATS_RETRY_SECONDS = 5.0
+# The analysis's reads (`_retried`: the stats, or a merged window's weights) take a router
+# milliseconds; a miss is a starved host or a router coming back, worth a few more tries
+# before a bake window is left unjudged.
+ANALYSIS_READ_ATTEMPTS = 3
+ANALYSIS_READ_RETRY_SECONDS = 5.0
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class RouterClient:
               pinned: bool = False) -> dict[str, Any]:  # fmt: skip
         """Per-backend measurements of the model over [since, until] (until: now), with the
         in-flight counts and weights of this moment; of the header-pinned requests when
-        `pinned`. Asked up to STATS_ATTEMPTS times (`_retried`)."""
+        `pinned`. Asked up to ANALYSIS_READ_ATTEMPTS times (`_retried`)."""
         params: dict[str, Any] = {"model": model, "since": since}
         if until is not None:
             params["until"] = until
@@ -129,15 +129,15 @@ class RouterClient:
         return int(stats.get("backends", {}).get(backend, {}).get("in_flight", 0))
 
     def _retried(self, model: str, what: str, ask: Callable[[], Answer]) -> Answer:
-        """Up to STATS_ATTEMPTS tries, STATS_RETRY_SECONDS apart; then the last
+        """Up to ANALYSIS_READ_ATTEMPTS tries, ANALYSIS_READ_RETRY_SECONDS apart; then the last
         RouterAdminError (RouterUnreachable when nothing answered) is raised."""
-        for attempt in range(1, STATS_ATTEMPTS):
+        for attempt in range(1, ANALYSIS_READ_ATTEMPTS):
             try:
                 return ask()
             except RouterAdminError as exc:
                 logger.warning("%s: router %s, attempt %d of %d: %s", model, what, attempt,
-                               STATS_ATTEMPTS, one_line(exc))  # fmt: skip
-                self._sleep(STATS_RETRY_SECONDS)
+                               ANALYSIS_READ_ATTEMPTS, one_line(exc))  # fmt: skip
+                self._sleep(ANALYSIS_READ_RETRY_SECONDS)
         return ask()
 
     def _stats(self, params: dict[str, Any]) -> dict[str, Any]:

@@ -17,8 +17,8 @@ import psutil
 import pytest
 
 from serving.control.router_client import (
-    STATS_ATTEMPTS,
-    STATS_RETRY_SECONDS,
+    ANALYSIS_READ_ATTEMPTS,
+    ANALYSIS_READ_RETRY_SECONDS,
     RouterAdminError,
     RouterClient,
     RouterUnreachable,
@@ -105,7 +105,7 @@ def test_stats_are_asked_again_after_a_refusal(
     slept: list[float] = []
     stats = RouterClient(url, lambda: "token", sleep=slept.append).stats("m", since=0.0)
     assert stats["backends"]["a"]["requests"] == 7
-    assert handler.asked == 2 and slept == [STATS_RETRY_SECONDS]
+    assert handler.asked == 2 and slept == [ANALYSIS_READ_RETRY_SECONDS]
 
 
 def test_weights_are_asked_again_after_a_refusal(
@@ -116,7 +116,7 @@ def test_weights_are_asked_again_after_a_refusal(
     slept: list[float] = []
     weights = RouterClient(url, lambda: "token", sleep=slept.append).weights("m")
     assert weights == {"a": 40}
-    assert handler.asked == 2 and slept == [STATS_RETRY_SECONDS]
+    assert handler.asked == 2 and slept == [ANALYSIS_READ_RETRY_SECONDS]
 
 
 def test_stats_of_a_router_that_never_answers_raise_unreachable_after_every_attempt() -> None:
@@ -124,4 +124,4 @@ def test_stats_of_a_router_that_never_answers_raise_unreachable_after_every_atte
     client = RouterClient(f"http://127.0.0.1:{free_port()}", lambda: "token", sleep=slept.append)
     with pytest.raises(RouterUnreachable, match="does not answer"):
         client.stats("m", since=0.0)
-    assert slept == [STATS_RETRY_SECONDS] * (STATS_ATTEMPTS - 1)
+    assert slept == [ANALYSIS_READ_RETRY_SECONDS] * (ANALYSIS_READ_ATTEMPTS - 1)
