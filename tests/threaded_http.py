@@ -11,6 +11,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 POLL_SECONDS = 0.05  # how soon shutdown() is noticed
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """A handler that answers with `answer` and keeps stderr free of access lines."""
+
+    def answer(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 @contextmanager
 def http_peer(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     """`handler` answering on a free loopback port until the block ends; its base URL."""

@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from dev.load import ChatLoad
-from tests.threaded_http import http_peer
+from tests.threaded_http import QuietHandler, http_peer
 
 MODEL = "m"
 REQUESTS = 2
@@ -24,7 +23,7 @@ ANSWER = {
 }  # fmt: skip
 
 
-class EveryOtherUnavailable(BaseHTTPRequestHandler):
+class EveryOtherUnavailable(QuietHandler):
     """Answers 503 + Retry-After to every odd request, as the router does when the one serving
     release is down, and a chat completion to every even one."""
 
@@ -36,17 +35,11 @@ class EveryOtherUnavailable(BaseHTTPRequestHandler):
         with self.lock:
             type(self).served += 1
             unavailable = self.served % 2 == 1
-        body = b"{}" if unavailable else json.dumps(ANSWER).encode()
-        self.send_response(503 if unavailable else 200)
+        json_type = {"Content-Type": "application/json"}
         if unavailable:
-            self.send_header("Retry-After", "0.1")
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+            self.answer(503, b"{}", {"Retry-After": "0.1", **json_type})
+        else:
+            self.answer(200, json.dumps(ANSWER).encode(), json_type)
 
 
 @pytest.fixture

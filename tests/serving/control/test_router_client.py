@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import psutil
@@ -25,7 +24,7 @@ from serving.control.router_client import (
 )
 from serving.core.procs import free_port
 from tests.router_fixtures import RouterProc, new_secret, start_router
-from tests.threaded_http import http_peer
+from tests.threaded_http import QuietHandler, http_peer
 
 CALLS = 5
 
@@ -70,7 +69,7 @@ ANSWERS = {  # what the flaky router answers once it does
 }
 
 
-class FlakyStats(BaseHTTPRequestHandler):
+class FlakyStats(QuietHandler):
     """FAULT: a router whose admin API answers 503 the first `failures` times (the real
     router has no such mode; a starved or restarting one does this)."""
 
@@ -81,14 +80,10 @@ class FlakyStats(BaseHTTPRequestHandler):
         type(self).asked += 1
         failing = type(self).asked <= self.failures
         answer = ANSWERS[self.path.split("?")[0]]
-        body = b"starting" if failing else json.dumps(answer).encode()
-        self.send_response(503 if failing else 200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        if failing:
+            self.answer(503, b"starting")
+        else:
+            self.answer(200, json.dumps(answer).encode())
 
 
 @pytest.fixture
