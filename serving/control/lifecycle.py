@@ -78,10 +78,12 @@ def revert(
     flow_run_id: str | None,
     *,
     owner: str | None = None,
+    interrupted: bool = False,
 ) -> HistoryEntry | None:
     """All the traffic back to stable, the canary out of routing (left to `retire_released`),
     the reason in the history. None, and nothing changed, when there is no canary any more (a
-    promotion or another revert won), or, given `owner`, when that flow run does not own it."""
+    promotion or another revert won), or, given `owner`, when that flow run does not own it.
+    `interrupted`: the canary's run was killed before it decided (see HistoryEntry)."""
 
     def decide(record: ReleaseRecord) -> ReleaseRecord | None:
         canary = record.canary
@@ -94,7 +96,7 @@ def revert(
         # `rollout abort` runs in no flow run of its own: its line ends the run that owns the
         # canary, whose mark would otherwise read as interrupted at the next reconcile.
         ended = flow_run_id if flow_run_id is not None else record.canary_owner
-        entry = _entry(canary.revision, outcome, reason, ended)
+        entry = _entry(canary.revision, outcome, reason, ended, interrupted)
         return record.model_copy(update=change).with_history(entry)
 
     after = _transition(platform, profile.name, decide)
@@ -178,7 +180,7 @@ def reconcile(
     orphans = platform.reconcile_orphans()
     owner = platform.release_store().read(profile.name).canary_owner
     reason = f"reconciled: canary left behind by flow run {owner}"
-    reverted = revert(profile, platform, reason, flow_run_id)
+    reverted = revert(profile, platform, reason, flow_run_id, interrupted=True)
     retired = retire_released(profile, platform)
     running = {release.id for release in platform.running_releases(profile)}
     forgotten: list[Release] = []
@@ -197,9 +199,10 @@ def reconcile(
     )  # fmt: skip
 
 
-def _entry(revision: str, outcome: Outcome, reason: str, flow_run_id: str | None) -> HistoryEntry:
+def _entry(revision: str, outcome: Outcome, reason: str, flow_run_id: str | None,
+           interrupted: bool = False) -> HistoryEntry:  # fmt: skip
     return HistoryEntry(revision=revision, at=now(), outcome=outcome, reason=reason,
-                        flow_run_id=flow_run_id)  # fmt: skip
+                        flow_run_id=flow_run_id, interrupted=interrupted)  # fmt: skip
 
 
 def _transition(

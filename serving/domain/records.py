@@ -3,9 +3,10 @@
 Written by the release lifecycle (serving.control.lifecycle), from a rollout flow or from
 `rollout abort`; read by `rollout status`, by the reconcile step at the start of every run (a
 SIGKILLed orchestrator leaves `canary` set, and its run's mark with no line in the history),
-and by `refresh` (which skips the revision that last failed). Durable and atomic on both
-targets: a JSON file replaced atomically under a file lock locally; on Modal a JSON file
-written whole to the state Volume under a lease (a Dict entry would expire after a week idle).
+and by `refresh` (which skips the revision that last failed, unless its run was killed).
+Durable and atomic on both targets: a JSON file replaced atomically under a file lock locally;
+on Modal a JSON file written whole to the state Volume under a lease (a Dict entry would
+expire after a week idle).
 
 Every write is a read-modify-write under the store's lock (`ReleaseStore.update`): two writers
 (a promotion and an abort) each decide on the record as the other left it, never on a copy
@@ -40,6 +41,9 @@ class HistoryEntry(BaseModel):
     outcome: Outcome
     reason: str
     flow_run_id: str | None = None
+    # Written for a run that was killed before it decided (its line, or its canary's revert by
+    # the next run's reconcile): no verdict on the revision, so a refresh rolls it out again.
+    interrupted: bool = False
 
 
 class RunMark(BaseModel):
@@ -76,9 +80,11 @@ class ReleaseRecord(BaseModel):
     def recorded(self, flow_run_id: str) -> bool:
         return any(entry.flow_run_id == flow_run_id for entry in self.history)
 
-    def with_failure(self, flow_run_id: str, revision: str, reason: str) -> ReleaseRecord:
+    def with_failure(self, flow_run_id: str, revision: str, reason: str,
+                     interrupted: bool = False) -> ReleaseRecord:  # fmt: skip
         return self.with_history(HistoryEntry(revision=revision, at=now(), outcome="failed",
-                                              reason=reason, flow_run_id=flow_run_id))  # fmt: skip
+                                              reason=reason, flow_run_id=flow_run_id,
+                                              interrupted=interrupted))  # fmt: skip
 
     def beginning(self, run: RunMark) -> ReleaseRecord:
         """`run` marked as begun; the run marked before it, if it never wrote its line (it was
@@ -89,11 +95,15 @@ class ReleaseRecord(BaseModel):
                 and not self.recorded(before.flow_run_id)):  # fmt: skip
             reason = (f"interrupted: flow run {before.flow_run_id} ended without a decision "
                       f"(found by flow run {run.flow_run_id})")  # fmt: skip
-            record = self.with_failure(before.flow_run_id, before.revision, reason)
+            record = self.with_failure(before.flow_run_id, before.revision, reason,
+                                       interrupted=True)
         return record.model_copy(update={"run": run})
 
     def last_failed_revision(self) -> str | None:
+        """The revision of the last rollout judged bad since the last promotion, if any."""
         for entry in reversed(self.history):
+            if entry.interrupted:
+                continue
             if entry.outcome in ("rolled-back", "failed"):
                 return entry.revision
             if entry.outcome == "promoted":

@@ -117,6 +117,8 @@ def test_killed_orchestrator_mid_canary_is_reconciled_by_the_next_run(
     # The killed run wrote no line of its own: the next run's reconcile wrote it for it.
     assert any(outcome == "failed" and why.startswith("interrupted: flow run")
                for outcome, why in history())  # fmt: skip
+    # Killed, v2 was never judged: a refresh would roll it out again.
+    assert LocalPlatform.from_env().release_store().read(MODEL).last_failed_revision() is None
 
 
 def test_terminated_orchestrator_rolls_back_its_own_canary(

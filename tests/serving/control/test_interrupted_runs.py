@@ -48,6 +48,23 @@ def test_a_run_killed_before_its_line_gets_one_from_the_next_runs_reconcile(
     assert record.history[0].reason.startswith(f"interrupted: flow run {KILLED}")
     assert done.interrupted == record.history[0]
     assert record.run is not None and record.run.flow_run_id == NEXT
+    # A killed run judged nothing: a refresh rolls its revision out again.
+    assert record.history[0].interrupted and record.last_failed_revision() is None
+
+
+def test_a_refresh_skips_a_revision_judged_bad_even_after_a_later_run_of_it_was_killed(
+    platform: LocalPlatform, profile: Profile
+) -> None:
+    lifecycle.reconcile(profile, platform, KILLED, REVISION)
+    lifecycle.record_failure(platform, MODEL, REVISION, "flow run failed: VerifyFailed", KILLED)
+    lifecycle.reconcile(profile, platform, NEXT, REVISION)  # ... and then SIGKILL
+    lifecycle.reconcile(profile, platform, "0f9d6a0e-0000-4000-8000-00000000000c", REVISION)
+
+    record = platform.release_store().read(MODEL)
+    assert [(e.flow_run_id, e.interrupted) for e in record.history] == [
+        (KILLED, False), (NEXT, True)
+    ]
+    assert record.last_failed_revision() == REVISION
 
 
 def test_a_run_that_wrote_its_own_line_is_not_called_interrupted(
