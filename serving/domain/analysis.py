@@ -24,6 +24,8 @@ from serving.router.comparison import ShadowStats
 
 Verdict = Literal["pass", "fail", "inconclusive"]
 Side = Literal["canary", "stable"]
+# The finding of a window the router restarted in (serving.domain.interruptions).
+ROUTER_RESTARTED = "router_restarted"
 
 
 class Window(BaseModel):
@@ -94,6 +96,12 @@ class Analysis(BaseModel):
     def short_of_requests(self) -> bool:
         """Inconclusive only for want of canary requests: more bake time can fix it."""
         return [g.gate for g in self.gates if not g.passed] == ["min_requests"]
+
+    @property
+    def lost_for_good(self) -> bool:
+        """Inconclusive because part of the window was never measured (the router restarted
+        in it): a longer bake keeps the same start, so no more bake time can fix it."""
+        return any(g.gate == ROUTER_RESTARTED for g in self.gates if not g.passed)
 
 
 def enough_requests(gates: Gates, canary: Window) -> bool:

@@ -8,7 +8,8 @@ actions; all the decisions are here, in the order a reader would expect:
                     (a shadow step: the weight the canary has, plus shadow copies, judged on
                     the copies; the next step ends them)
                     inconclusive → extend the bake (the same window grows) → analyse, until
-                        it is judged or the bake reaches the profile's max_bake_seconds
+                        it is judged or the bake reaches the profile's max_bake_seconds (not
+                        when the router restarted in the window: that hole stays in it)
                     still inconclusive → pause or roll back (on_inconclusive)
                     fail → roll back
     all steps held → promote
@@ -94,7 +95,7 @@ def _bake_until_judged(
     while True:
         analysis = yield Action(kind="analyse", weight=weight, shadow=shadow)
         assert isinstance(analysis, Analysis), "analyse must be answered with an Analysis"
-        if analysis.verdict != "inconclusive" or baked >= limit:
+        if analysis.verdict != "inconclusive" or baked >= limit or analysis.lost_for_good:
             return analysis, baked
         more = min(limit - baked, _extension(analysis, canary.gates.min_requests, baked, step))
         yield Action(kind="extend_bake", weight=weight, seconds=more, reason=analysis.reason,

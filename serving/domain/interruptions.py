@@ -3,12 +3,13 @@
 
     the canary's engine crashed   fail, even if it was restarted and its numbers look fine
     the router restarted          inconclusive: its measurements of the window are lost, and a
-                                  canary is never promoted on missing data
+                                  canary is never promoted on missing data (nor is the bake
+                                  extended: a longer window has the same hole)
 """
 
 from __future__ import annotations
 
-from serving.domain.analysis import Analysis, GateResult, Window
+from serving.domain.analysis import ROUTER_RESTARTED, Analysis, GateResult, Window
 
 
 def crash_finding(crashes: int, running: bool) -> GateResult | None:
@@ -31,7 +32,7 @@ def router_restart_finding(
         return None
     lost = measured_since - window_started
     return GateResult(
-        gate="router_restarted", passed=False, observed=round(lost, 3), limit=0,
+        gate=ROUTER_RESTARTED, passed=False, observed=round(lost, 3), limit=0,
         detail=f"the router restarted {lost:.1f} s into the window: its measurements are lost",
         inconclusive=True,
     )  # fmt: skip

@@ -21,6 +21,7 @@ from serving.domain.analysis import (
     unmeasured,
 )
 from serving.domain.canary import Action, Machine, Outcome, canary_machine
+from serving.domain.interruptions import interrupted, router_restart_finding
 from serving.domain.records import HistoryEntry, ReleaseRecord, now
 from serving.domain.release import Release
 from serving.platforms.local.stores import FileReleaseStore
@@ -113,6 +114,17 @@ def test_an_empty_window_or_no_measurements_wait_one_more_step_bake() -> None:
                          [unjudged, verdict(HEALTHY), verdict(HEALTHY)])  # fmt: skip
         assert baked(trace, 10) == [5, 5]
         assert trace[-1].kind == "promote"
+
+
+def test_a_window_the_router_restarted_in_is_not_extended() -> None:
+    """A longer bake keeps the window's start, and the measurements lost at the restart: it
+    could never be judged, so the inconclusive policy applies at once."""
+    restart = router_restart_finding(measured_since=103.0, window_started=100.0)
+    lost = interrupted(HEALTHY, STABLE, None, restart)
+    assert lost is not None and lost.lost_for_good and not lost.short_of_requests
+    trace = steps_of(canary(max_bake_seconds=60), [lost])
+    assert baked(trace, 10) == [5]
+    assert trace[-1].kind == "rollback" and "the router restarted 3.0 s into" in trace[-1].reason
 
 
 def test_no_extension_when_the_limit_is_the_bake_itself() -> None:
