@@ -53,7 +53,7 @@ def promote(
     """`canary` becomes stable and takes all the traffic; the old stable is left to
     `retire_released`. None, and nothing changed, when the record's canary is no longer this
     one (an abort won)."""
-    entry = _entry(canary.revision, "promoted", reason, flow_run_id)
+    entry = HistoryEntry.stamped(canary.revision, "promoted", reason, flow_run_id)
 
     def decide(record: ReleaseRecord) -> ReleaseRecord | None:
         if record.canary is None or record.canary.id != canary.id:
@@ -96,7 +96,7 @@ def revert(
         # `rollout abort` runs in no flow run of its own: its line ends the run that owns the
         # canary, whose mark would otherwise read as interrupted at the next reconcile.
         ended = flow_run_id if flow_run_id is not None else record.canary_owner
-        entry = _entry(canary.revision, outcome, reason, ended, interrupted)
+        entry = HistoryEntry.stamped(canary.revision, outcome, reason, ended, interrupted)
         return record.model_copy(update=change).with_history(entry)
 
     after = _transition(platform, profile.name, decide)
@@ -130,7 +130,7 @@ def record_outcome(
     flow_run_id: str | None,
 ) -> HistoryEntry:
     """A line in the history for a rollout that changed no release (no-op, failed early)."""
-    entry = _entry(revision, outcome, reason, flow_run_id)
+    entry = HistoryEntry.stamped(revision, outcome, reason, flow_run_id)
     platform.release_store().update(model, lambda record: record.with_history(entry))
     return entry
 
@@ -197,12 +197,6 @@ def reconcile(
         orphans_stopped=orphans, reverted=reverted, retired=retired,
         forgotten=forgotten[0] if forgotten else None,
     )  # fmt: skip
-
-
-def _entry(revision: str, outcome: Outcome, reason: str, flow_run_id: str | None,
-           interrupted: bool = False) -> HistoryEntry:  # fmt: skip
-    return HistoryEntry(revision=revision, at=now(), outcome=outcome, reason=reason,
-                        flow_run_id=flow_run_id, interrupted=interrupted)  # fmt: skip
 
 
 def _transition(

@@ -45,6 +45,13 @@ class HistoryEntry(BaseModel):
     # the next run's reconcile): no verdict on the revision, so a refresh rolls it out again.
     interrupted: bool = False
 
+    @classmethod
+    def stamped(cls, revision: str, outcome: Outcome, reason: str, flow_run_id: str | None,
+                interrupted: bool = False) -> HistoryEntry:  # fmt: skip
+        """The line for what happened just now."""
+        return cls(revision=revision, at=now(), outcome=outcome, reason=reason,
+                   flow_run_id=flow_run_id, interrupted=interrupted)  # fmt: skip
+
 
 class RunMark(BaseModel):
     """A rollout flow run that began, marked at its start: a run ends by writing its own line
@@ -82,9 +89,9 @@ class ReleaseRecord(BaseModel):
 
     def with_failure(self, flow_run_id: str, revision: str, reason: str,
                      interrupted: bool = False) -> ReleaseRecord:  # fmt: skip
-        return self.with_history(HistoryEntry(revision=revision, at=now(), outcome="failed",
-                                              reason=reason, flow_run_id=flow_run_id,
-                                              interrupted=interrupted))  # fmt: skip
+        return self.with_history(
+            HistoryEntry.stamped(revision, "failed", reason, flow_run_id, interrupted)
+        )
 
     def beginning(self, run: RunMark) -> ReleaseRecord:
         """`run` marked as begun; the run marked before it, if it never wrote its line (it was
