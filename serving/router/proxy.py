@@ -36,7 +36,10 @@ from serving.router.upstream import (
 
 logger = logging.getLogger("rollout.router")
 
-KEEPALIVE_EXPIRY_S = 60.0
+# An idle upstream connection is dropped before the backend drops it: SGLang's server
+# (SGLANG_TIMEOUT_KEEP_ALIVE) and uvicorn (the local engines) close one idle for 5 s, and a
+# request written into a connection the backend is closing fails after it was sent.
+KEEPALIVE_EXPIRY_S = 4.0
 # Any 5xx before the first byte is retried once elsewhere: chat completions have no side
 # effects, and a failing canary must cost clients nothing. 501 says the request itself is
 # unsupported; another backend would answer the same.
